@@ -1,0 +1,197 @@
+"""
+The policy (SPEC §1): a Hugging Face causal LM whose next-token distribution is restricted to the task's
+actions (allowlisted tokens + EOS as the stop action), with L_min <= tau <= L_max enforced on the stop action.
+The same masked distribution is used to sample and to compute log-probabilities for the loss.
+"""
+import contextlib
+import copy
+import os
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_MODEL = os.path.join(HERE, "prior")  # the embedded SMILES prior that ships with the repo
+
+
+class ModelError(RuntimeError):
+    """A model or checkpoint that cannot be loaded; train.py and sample.py print it as one line."""
+
+
+def first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def resolve(name):
+    """'prior' means the embedded model wherever the scripts are run from; anything else is passed on."""
+    return DEFAULT_MODEL if name == "prior" else name
+
+
+def load_model(name, *, lora=False, adapter=None, dtype=torch.float32, trust_remote_code=False):
+    """Load a causal LM and its tokenizer by hub name or local path (from the local cache when offline).
+    With `lora`, wrap it in fresh LoRA adapters (paper: r=16, alpha=16, dropout 0.1 on every attention and MLP
+    projection); with `adapter`, load trained LoRA adapters from that folder instead."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # one bar per run (train.py's), not one per weight file
+    name = resolve(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as e:  # OSError, ValueError, safetensors errors, ...: all mean "this is not a usable model"
+        raise ModelError(f"cannot load model {name!r} (not a model folder, or not in the local Hugging Face "
+                         f"cache while offline): {first_line(e)}") from None
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"model {name!r}: its tokenizer has no EOS token to use as the stop action")
+    # GFlowNet residuals compare log-probs taken in different calls, so the base network must be deterministic:
+    # switch its dropout off (LoRA's own dropout, added below, is the paper's regulariser and stays).
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    if lora or adapter:
+        from peft import LoraConfig, PeftModel, get_peft_model
+        if adapter:
+            try:
+                model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+            except Exception as e:
+                raise ModelError(f"cannot load LoRA adapter {adapter!r} onto {name!r}: {first_line(e)}") from None
+        else:
+            config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear")
+            model = get_peft_model(model, config)
+    return model, tokenizer
+
+
+class Policy:
+    """Masked action space over a causal LM. Action columns: the allowlisted token ids, then EOS (= stop).
+    `reference` is the frozen starting model for log P_ref; None means "this model with LoRA disabled"."""
+
+    def __init__(self, model, tokenizer, allowed_ids, min_len, max_len, prompt="", reference=None):
+        if not 0 <= min_len <= max_len:
+            raise ValueError(f"need 0 <= min_len <= max_len, got {min_len}, {max_len}")
+        self.model, self.reference, self.tokenizer = model, reference, tokenizer
+        self.min_len, self.max_len = min_len, max_len
+        self.eos = tokenizer.eos_token_id
+        device = next(model.parameters()).device
+        self.actions = torch.tensor(sorted(set(allowed_ids) - {self.eos}) + [self.eos], device=device)
+        self.stop = len(self.actions) - 1
+        self.action_of = torch.full((max(len(tokenizer), int(self.actions.max()) + 1),), self.stop,
+                                    device=device)
+        self.action_of[self.actions] = torch.arange(len(self.actions), device=device)
+        # the text each action appends (decoded one token at a time, so prefixes can be scored cheaply)
+        texts = tokenizer.batch_decode([[int(a)] for a in self.actions[:-1]], clean_up_tokenization_spaces=False)
+        self.token_texts = dict(zip(self.actions[:-1].tolist(), texts))
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.eos
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+        self.prompt = torch.tensor([start] + prompt_ids, device=device)
+
+    @property
+    def device(self):
+        return self.prompt.device
+
+    def action_log_probs(self, logits, k):
+        """Masked log-softmax over the actions at states with k generated tokens: stop only once k >= L_min,
+        tokens only while k < L_max. logits [..., V]; k an int or a tensor broadcastable to logits[..., 0]."""
+        x = logits[..., self.actions].float()
+        k = torch.as_tensor(k, device=x.device)
+        go = (k < self.max_len).unsqueeze(-1).expand_as(x[..., :-1])
+        stop = (k >= self.min_len).unsqueeze(-1).expand_as(x[..., -1:])
+        return torch.log_softmax(x.masked_fill(~torch.cat([go, stop], -1), float("-inf")), -1)
+
+    def log_probs(self, tokens, lengths, reference=False):
+        """One teacher-forced pass over prompt + tokens: log_pf [B, T] (log q(y_{k+1} | s_k), k < tau) and
+        log_pterm [B, T] (log q(stop | s_k), k <= tau), zero past tau, T = L_max + 1."""
+        net = self.model if not reference else (self.reference or self.model)
+        depth = int(lengths.max()) if len(lengths) else 0
+        ids = torch.cat([self.prompt.expand(len(tokens), -1), tokens[:, :depth]], 1)
+        with self._adapters_off() if reference and self.reference is None else contextlib.nullcontext(), self._autocast():
+            logits = net(input_ids=ids).logits[:, len(self.prompt) - 1:]  # state k is read at prompt end + k
+        k = torch.arange(depth + 1, device=ids.device)
+        logp = self.action_log_probs(logits, k)
+        log_pterm = logp[..., self.stop]
+        next_action = self.action_of[tokens[:, :depth]]
+        log_pf = F.pad(logp[:, :-1].gather(-1, next_action.unsqueeze(-1)).squeeze(-1), (0, 1))
+        live = k[None] < lengths[:, None]
+        log_pf = torch.where(live, log_pf, 0.0)
+        log_pterm = torch.where(k[None] <= lengths[:, None], log_pterm, 0.0)
+        pad = self.max_len - depth  # back to the fixed width of the loss contract
+        return F.pad(log_pf, (0, pad)), F.pad(log_pterm, (0, pad))
+
+    @torch.no_grad()
+    def log_ref_stop(self, tokens, lengths):
+        """log P_ref(s_k T) = sum_{t<k} log p_ref(y_{t+1} | s_t) + log p_ref(stop | s_k), [B, T]."""
+        log_pf, log_pterm = self.log_probs(tokens, lengths, reference=True)
+        return torch.cumsum(log_pf, 1) - log_pf + log_pterm
+
+    def _adapters_off(self):
+        return self.model.disable_adapter()
+
+    def _autocast(self):  # bf16 matmuls on GPU; log-softmax and everything after it stay in float32
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    @torch.no_grad()
+    def sample(self, n, temperature=1.0):
+        """Sample n sequences with a KV cache at `temperature` (masked logits / temperature).
+        Returns tokens [n, L_max] (EOS past tau), lengths [n], and log_q [n, T]: the log-prob of each chosen
+        action under the temperature-1 policy (for checks and for the CSV's log-prob column)."""
+        was_training = self.model.training
+        self.model.eval()
+        T = self.max_len + 1
+        tokens = torch.full((n, self.max_len), self.eos, device=self.device)
+        lengths = torch.full((n,), self.max_len, device=self.device)
+        log_q = torch.zeros(n, T, device=self.device)
+        done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        ids, past = self.prompt.expand(n, -1), None
+        for k in range(T):
+            with self._autocast():
+                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logp = self.action_log_probs(out.logits[:, -1], k)
+            a = torch.multinomial(torch.softmax(logp / temperature, -1), 1).squeeze(-1)
+            log_q[:, k] = torch.where(done, 0.0, logp.gather(-1, a[:, None]).squeeze(-1))
+            stopping = (a == self.stop) & ~done
+            lengths[stopping] = k
+            done |= stopping
+            if done.all():
+                break
+            tokens[~done, k] = self.actions[a[~done]]
+            ids = tokens[:, k:k + 1]
+        self.model.train(was_training)
+        return tokens, lengths, log_q
+
+    def texts(self, tokens, lengths):
+        """The generated string of each row (concatenated token texts, no EOS)."""
+        return ["".join(self.token_texts[t] for t in row[:tau]) for row, tau in zip(tokens.tolist(), lengths.tolist())]
+
+
+def frozen_copy(model):
+    """The reference network without LoRA: a copy of the starting weights that never trains."""
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def build_scratch_model(path, alphabet, n_layer=3, n_embd=64, n_head=4, n_positions=32, seed=None):
+    """A tiny randomly initialised character-level GPT-2 for a task with a small alphabet (Expr24), saved with
+    save_pretrained into `path` so that load_model(path) and AutoTokenizer.from_pretrained(path) load it like any
+    hub model. One token per character plus <pad> <s> </s> <unk>; decoding concatenates without spaces. The
+    weights come from torch's global RNG (seed it first), or from `seed` alone, leaving the global RNG untouched."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = sorted(set(alphabet))
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # every character is a word
+    tok.decoder = decoders.Fuse()  # join tokens with nothing in between
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", clean_up_tokenization_spaces=False)
+    config = GPT2Config(vocab_size=len(vocab), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                        bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"])
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

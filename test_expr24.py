@@ -1,0 +1,214 @@
+"""Expr24: the exact evaluator, the solution enumeration, the metrics, and training + sampling end to end on CPU."""
+import itertools
+import json
+import math
+import random
+from collections import Counter
+from fractions import Fraction
+
+import pytest
+
+import rewards
+import sample
+import train
+from rewards import Expr24Task, evaluate_expression, expr24_solutions
+
+
+def oracle(text):
+    """An independent evaluator for short, well-formed test strings: Python's own parser and precedence on
+    Fractions (the task itself must not use eval). None on division by zero."""
+    try:
+        return eval("".join(f"F({c})" if c.isdigit() else c for c in text), {"F": Fraction, "__builtins__": {}})
+    except ZeroDivisionError:
+        return None
+
+
+def brute_force_solutions(max_numbers):
+    """itertools + Fraction, no vectorisation: every expression with 1..max_numbers numbers worth 24."""
+    found = set()
+    for n in range(1, max_numbers + 1):
+        for digits in itertools.product("0123456789", repeat=n):
+            for ops in itertools.product("+-*/", repeat=n - 1):
+                text = "".join(d + o for d, o in zip(digits, ops + ("",)))
+                if oracle(text) == 24:
+                    found.add(text)
+    return found
+
+
+# ----------------------------------------------------------------------------- evaluator
+
+@pytest.mark.parametrize("text, value", [
+    ("2+3*4", 14), ("8/3*9", 24), ("1/3*3", 1), ("1/3", Fraction(1, 3)), ("9-8/4*2", 5), ("4*6", 24),
+    ("1-2-3", -4), ("8/2/2", 2), ("7", 7), ("0*5+3", 3), ("6/4*8*2", 24), ("1+2*3-4/8", Fraction(13, 2)),
+])
+def test_hand_written_values(text, value):
+    assert evaluate_expression(text) == value and isinstance(evaluate_expression(text), Fraction)
+    assert evaluate_expression(text) == oracle(text)
+
+
+@pytest.mark.parametrize("text", ["", "3+", "+3", "12+3", "3++4", "3+4*", "3 + 4", "2**3", "(3)", "a+1", "3/0",
+                                  "0/0", "5*0/0+1", "1+2+3+4+5+6", "²+1", "24"])
+def test_invalid_strings(text):
+    task = Expr24Task()
+    assert evaluate_expression(text) is None
+    assert not task.is_valid(text) and task.score(text) == 0.0
+
+
+def test_scores_and_prefixes():
+    task = Expr24Task()
+    assert task.score("8/3*9") == 1.0 and task.is_valid("8/3*9")
+    assert task.score("2+3*4") == 0.0 and task.is_valid("2+3*4")
+    # a prefix already worth 24 scores 1 (what RapTB's absorption backs up); incomplete prefixes score 0
+    assert [task.score("4*6+0"[:k]) for k in range(6)] == [0, 0, 0, 1, 0, 1]
+    assert task.full("3*8") == task.canonical("3*8") == "3*8" and task.canonical("8*3") == "8*3"
+
+
+def test_prefix_scores_in_the_trainer_contract():
+    texts = {i: c for i, c in enumerate("0123456789+-*/")}
+    ids = {c: i for i, c in texts.items()}
+    import torch
+    tokens = torch.tensor([[ids[c] for c in "4*6+0"] + [0] * 4, [ids[c] for c in "9-9/0+24"][:8] + [0]])
+    scores = rewards.prefix_scores(Expr24Task(), texts, tokens, torch.tensor([5, 7]), 9)
+    assert scores[0].tolist() == [0, 0, 0, 1, 0, 1, 0, 0, 0, 0]
+    assert scores[1].tolist() == [0] * 10  # 9-9/0... divides by zero
+
+
+def test_allowlist_keeps_single_characters(tiny_gpt2):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    texts = {i: tokenizer.decode([i]) for i in rewards.allowed_token_ids(tokenizer, Expr24Task.charset, max_chars=1)}
+    assert texts and all(len(t) == 1 and t in Expr24Task.charset for t in texts.values())
+    longer = rewards.allowed_token_ids(tokenizer, Expr24Task.charset)  # the SMILES call is unchanged
+    assert set(texts) <= set(longer)
+
+
+# ----------------------------------------------------------------------------- enumeration
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_enumeration_matches_brute_force(n):
+    assert set(expr24_solutions(max_numbers=n)) == brute_force_solutions(n)
+    assert len(expr24_solutions(max_numbers=n)) == len(set(expr24_solutions(max_numbers=n)))
+
+
+def test_enumeration_other_target_matches_brute_force():
+    found = {t for n in (1, 2, 3) for d in itertools.product("0123456789", repeat=n)
+             for o in itertools.product("+-*/", repeat=n - 1)
+             for t in ["".join(a + b for a, b in zip(d, o + ("",)))] if oracle(t) == 0}
+    assert set(expr24_solutions(max_numbers=3, target=0)) == found
+
+
+def test_full_enumeration_structure():
+    solutions = expr24_solutions()
+    assert len(set(solutions)) == len(solutions)
+    assert {len(s) for s in solutions} == {3, 5, 7, 9}  # no single digit is 24
+    assert set(expr24_solutions(max_numbers=3)) == {s for s in solutions if len(s) <= 5}
+    rng = random.Random(0)
+    for text in rng.sample(solutions, 1000):
+        assert oracle(text) == 24 and evaluate_expression(text) == 24
+    # and the converse on random 4- and 5-number expressions: worth 24 <=> enumerated
+    members = set(solutions)
+    hits = 0
+    for _ in range(5000):
+        n = rng.choice([4, 5])
+        text = "".join(rng.choice("0123456789") + rng.choice("+-*/") for _ in range(n))[:-1]
+        hits += oracle(text) == 24
+        assert (oracle(text) == 24) == (text in members), text
+    assert hits > 0
+    task = Expr24Task()
+    assert task.solutions(3, 9) == solutions and task.solutions(3, 5) == expr24_solutions(max_numbers=3)
+    assert task.solutions(6, 7) == tuple(s for s in solutions if len(s) == 7)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def fake(text, task=Expr24Task()):
+    return dict(tokens=list(text), length=len(text), generated=text, molecule=text, valid=task.is_valid(text),
+                score=task.score(text))
+
+
+def test_metrics_by_hand():
+    solutions = ["3*8", "8*3", "4*6", "6*4"]  # a small made-up solution set, so everything is countable
+    samples = [fake(t) for t in ["3*8", "3*8", "8*3", "3+3", "3+", "9/0"]]
+    m = sample.expr24_metrics(samples, solutions)
+    assert m["n"] == 6 and m["n_correct"] == 3 and m["acc"] == 0.5
+    assert m["n_syntax_valid"] == 4 and m["valid_frac"] == pytest.approx(4 / 6)  # 3+ is cut short, 9/0 undefined
+    assert m["unique_correct"] == 2 and m["norm_cov"] == 2 / 4 and m["n_solutions"] == 4
+    assert m["cov_by_len"] == {3: 0.5}
+    assert m["len_mean"] == 3.0 and m["len_all_mean"] == pytest.approx((3 * 5 + 2) / 6)
+    # per position, with the sampler's counts smoothed by 0.5 over the target's support:
+    # k=0: target {3,8,4,6} uniform, sampler counts 3:2 8:1 -> (2.5, 1.5, .5, .5) / 5
+    # k=1: target {*: 1}, both degenerate -> 0;  k=2: same as k=0 with 8:2 3:1 (mirror image)
+    p0 = [2.5 / 5, 1.5 / 5, 0.5 / 5, 0.5 / 5]
+    kl_fwd0 = sum(p * math.log(p / 0.25) for p in p0)
+    kl_rev0 = sum(0.25 * math.log(0.25 / p) for p in p0)
+    js0 = sum(0.5 * p * math.log(p / ((p + .25) / 2)) + 0.5 * .25 * math.log(.25 / ((p + .25) / 2)) for p in p0)
+    assert m["pos_kl_fwd"] == pytest.approx([kl_fwd0, 0, kl_fwd0])
+    assert m["pos_kl_rev"] == pytest.approx([kl_rev0, 0, kl_rev0])
+    assert m["pos_js"] == pytest.approx([js0, 0, js0])
+    assert m["kl_fwd"] == pytest.approx(2 * kl_fwd0 / 3) and m["js"] == pytest.approx(2 * js0 / 3)
+    # whole expressions, unsmoothed: sampler (2/3, 1/3, 0, 0) vs uniform 1/4
+    q = [2 / 3, 1 / 3]
+    assert m["seq_kl"] == pytest.approx(sum(p * math.log(p * 4) for p in q))
+    mix = [(p + .25) / 2 for p in q]
+    js = sum(.5 * p * math.log(p / x) + .5 * .25 * math.log(.25 / x) for p, x in zip(q, mix)) + .5 * .5 * math.log(2)
+    assert m["seq_js"] == pytest.approx(js)
+    report = sample.format_report(m)
+    assert "Unique-correct 2" in report and "NormCov 0.500" in report and "Acc 0.500" in report
+
+
+def test_metrics_end_symbol_and_perfect_sampler():
+    solutions = ["3*8", "4*6", "6*2*2", "2*2*6"]
+    m = sample.expr24_metrics([fake(t) for t in solutions], solutions)
+    # a sampler that is exactly uniform over the solutions: zero divergence everywhere except smoothing
+    assert m["seq_kl"] == pytest.approx(0) and m["seq_js"] == pytest.approx(0)
+    assert m["norm_cov"] == 1.0 and m["cov_by_len"] == {3: 1.0, 5: 1.0}
+    counts = sample.position_counts(solutions, 5)
+    assert counts[3] == Counter({"$": 2, "*": 2}) and counts[4] == Counter({"$": 2, "2": 1, "6": 1})
+
+
+def test_metrics_without_correct_samples():
+    m = sample.expr24_metrics([fake("3+4"), fake("1")], ["3*8", "8*3"])
+    assert m["acc"] == 0 and m["unique_correct"] == 0 and m["norm_cov"] == 0
+    assert m["kl_fwd"] is None and m["seq_kl"] is None
+    assert "Acc 0.000" in sample.format_report(m)
+
+
+def test_metrics_reject_a_wrong_solution_set():
+    with pytest.raises(ValueError, match="not in the solution set"):
+        sample.expr24_metrics([fake("3*8")], ["8*3"])
+
+
+# ----------------------------------------------------------------------------- end to end on CPU
+
+@pytest.mark.parametrize("replay", ["none", "subm"])
+def test_train_and_sample_from_scratch(tmp_path, replay, capsys):
+    out = tmp_path / "run"
+    assert train.main(["--task", "expr24", "--out", str(out), "--steps", "3", "--batch-size", "8",
+                       "--grad-accum", "1", "--replay", replay]) == 0
+    assert (out / "init" / "config.json").is_file()  # the scratch model the run started from
+    with open(out / "metrics.jsonl") as f:
+        log = [json.loads(line) for line in f]
+    assert [m["step"] for m in log] == [1, 2, 3] and all(math.isfinite(m["loss"]) for m in log)
+    csv_path = tmp_path / "s.csv"
+    assert sample.main([str(out), "--n", "50", "--out", str(csv_path)]) == 0
+    metrics = json.load(open(tmp_path / "s_metrics.json"))
+    assert metrics["n"] == 50 and metrics["n_solutions"] == len(expr24_solutions())
+    assert 0 <= metrics["acc"] <= metrics["valid_frac"] <= 1
+    assert all(3 <= n <= 9 for n in map(int, metrics["len_all_hist"]))
+    assert "NormCov" in capsys.readouterr().out
+
+
+def test_scratch_model_is_a_character_model(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import model
+    for name in ("a", "b"):
+        torch.manual_seed(3)
+        model.build_scratch_model(str(tmp_path / name), sorted(Expr24Task.charset))
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "a"))
+    ids = tokenizer("8/3*9", add_special_tokens=False).input_ids
+    assert len(ids) == 5 and tokenizer.decode(ids) == "8/3*9"
+    assert len(tokenizer) == 14 + 4 and tokenizer.eos_token_id is not None and tokenizer.bos_token_id is not None
+    a, b = (AutoModelForCausalLM.from_pretrained(str(tmp_path / n)) for n in "ab")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # same torch seed, same model

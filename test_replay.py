@@ -1,0 +1,369 @@
+"""Tests for replay.py. Reference values come from independent code written here: f(S) straight
+from the SPEC §3 formula, brute-force greedy and exhaustive search over it, RDKit's own Tanimoto."""
+
+import io
+import itertools
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from rdkit import Chem, DataStructs
+from rdkit.Chem import rdFingerprintGenerator
+
+from replay import (GreedyState, Item, bigram_fp, jaccard_matrix, make_buffer, morgan_fp,
+                    subm_select, tanimoto_matrix)
+
+SIDE_CHAINS = ["C", "CC", "CCO", "CN", "C(=O)O", "c3ccccc3", "F", "Cl", "OC", "CC(C)C", "N", "C#N",
+               "CCCC", "OCC", "C(F)(F)F", "S", "CCN(C)C", "C=O"]
+MOLS = [f"O=C1Nc2cc({s})ccc2N1" for s in SIDE_CHAINS]
+
+
+# -----------------------------------------------------------------------------
+# f(S) from the SPEC formula, and greedy/optimum over it by brute force
+
+def f_direct(S, scores, sim, bins, w_div, w_len, a):
+    S = list(S)
+    rew = sum(scores[x] for x in S)
+    cover = sum(max((sim[v][x] for x in S), default=0.0) for v in range(len(scores)))
+    counts = {}
+    for x in S:
+        counts[bins[x]] = counts.get(bins[x], 0) + 1
+    length = sum(a[b] * math.log(1 + c) for b, c in counts.items())
+    return rew + w_div * cover + w_len * length
+
+
+def brute_greedy(k, *inst):
+    S = []
+    for _ in range(k):
+        base = f_direct(S, *inst)
+        gains = [(f_direct(S + [x], *inst) - base, -x) for x in range(len(inst[0])) if x not in S]
+        S.append(-max(gains)[1])
+    return S
+
+
+def random_instance(rng, n, n_bins=4, sim_kind="uniform"):
+    scores = rng.uniform(0, 2, n)
+    if sim_kind == "uniform":
+        sim = rng.uniform(0, 1, (n, n))
+        sim = (sim + sim.T) / 2
+        np.fill_diagonal(sim, 1.0)
+    else:  # Tanimoto of random sparse bit vectors: many exact zeros and repeated values
+        bits = rng.random((n, 64)) < 0.08
+        sim = tanimoto_matrix(np.packbits(np.pad(bits, ((0, 0), (0, 2048 - 64))), axis=1))
+    bins = rng.integers(0, n_bins, n)
+    a = rng.uniform(0.2, 2.0, n_bins)
+    return scores, sim, bins, a
+
+
+def test_matches_brute_force_greedy_and_gains():
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        n = int(rng.integers(5, 13))
+        k = int(rng.integers(1, n + 1))
+        w_div, w_len = rng.uniform(0, 2, 2)
+        scores, sim, bins, a = random_instance(rng, n, sim_kind=["uniform", "bits"][trial % 2])
+        inst = (scores, sim, bins, w_div, w_len, a)
+        for lazy in (True, False):
+            picks, gains = subm_select(scores, sim, bins, k, w_div, w_len, a, lazy=lazy, return_gains=True)
+            assert picks.tolist() == brute_greedy(k, *inst)
+            assert len(set(picks.tolist())) == k
+            # the gain used at each step is f(S + x) - f(S)
+            f_vals = [f_direct(picks[:t].tolist(), *inst) for t in range(k + 1)]
+            np.testing.assert_allclose(gains, np.diff(f_vals), rtol=1e-10, atol=1e-10)
+
+
+def test_edge_sizes():
+    rng = np.random.default_rng(12)
+    scores, sim, bins, a = random_instance(rng, 6)
+    assert sorted(subm_select(scores, sim, bins, 10).tolist()) == list(range(6))  # k > n: all
+    assert subm_select(scores, sim, bins, 0).tolist() == []
+    assert subm_select(np.zeros(0), np.zeros((0, 0)), np.zeros(0, int), 3).tolist() == []
+    for kind in ("subm", "rp", "prt"):
+        buf = make_buffer(kind)
+        assert len(buf) == 0 and buf.sample(0, rng) == []
+        with pytest.raises(ValueError):
+            buf.sample(1, rng)
+
+
+def test_greedy_reaches_1_minus_1_over_e_of_optimum():
+    rng = np.random.default_rng(1)
+    for trial in range(8):
+        n = int(rng.integers(6, 11))
+        k = int(rng.integers(2, n))
+        w_div, w_len = rng.uniform(0, 2, 2)
+        scores, sim, bins, a = random_instance(rng, n, sim_kind=["uniform", "bits"][trial % 2])
+        inst = (scores, sim, bins, w_div, w_len, a)
+        opt = max(f_direct(S, *inst) for S in itertools.combinations(range(n), k))
+        got = f_direct(subm_select(scores, sim, bins, k, w_div, w_len, a).tolist(), *inst)
+        assert (1 - 1 / math.e) * opt - 1e-9 <= got <= opt + 1e-9
+
+
+def test_state_gains_equal_f_differences_at_random_sets():
+    rng = np.random.default_rng(2)
+    n = 15
+    scores, sim, bins, a = random_instance(rng, n, sim_kind="bits")
+    w_div, w_len = 0.7, 1.3
+    for size in (0, 1, 4, 9):
+        S = rng.permutation(n)[:size].tolist()
+        st = GreedyState(scores, sim, bins, n, w_div, w_len, a)
+        for x in S:
+            st.add(x)
+        rest = [x for x in range(n) if x not in S]
+        base = f_direct(S, scores, sim, bins, w_div, w_len, a)
+        want = [f_direct(S + [x], scores, sim, bins, w_div, w_len, a) - base for x in rest]
+        np.testing.assert_allclose(st.gains(rest), want, rtol=1e-12, atol=1e-12)
+        # the authors' variant: s(x) + w_div (1 - max_{y in S} sim(x, y)) + the same length term
+        st.diversity = "authors"
+        counts = np.bincount(bins[S], minlength=len(a)) if S else np.zeros(len(a), int)
+        want = [scores[x] + w_div * (1 - max((sim[x, y] for y in S), default=0.0))
+                + w_len * a[bins[x]] * math.log((2 + counts[bins[x]]) / (1 + counts[bins[x]]))
+                for x in rest]
+        np.testing.assert_allclose(st.gains(rest), want, rtol=1e-12, atol=1e-12)
+
+
+def test_authors_variant_matches_brute_force():
+    rng = np.random.default_rng(3)
+    n, k = 12, 7
+    scores, sim, bins, a = random_instance(rng, n)
+    S = []
+    for _ in range(k):  # plain greedy on the authors' (non-submodular) gain, written out
+        counts = np.bincount(bins[S], minlength=len(a)) if S else np.zeros(len(a), int)
+        g = {x: scores[x] + (1 - max((sim[x, y] for y in S), default=0.0))
+             + a[bins[x]] * math.log((2 + counts[bins[x]]) / (1 + counts[bins[x]]))
+             for x in range(n) if x not in S}
+        S.append(max(g, key=lambda x: (g[x], -x)))
+    assert subm_select(scores, sim, bins, k, 1.0, 1.0, a, diversity="authors").tolist() == S
+    with pytest.raises(AssertionError):
+        subm_select(scores, sim, bins, k, diversity="authors", lazy=True)
+
+
+def test_lazy_equals_plain_on_bigger_instances_with_ties():
+    rng = np.random.default_rng(4)
+    for n in (100, 200, 300):
+        scores, sim, bins, a = random_instance(rng, n, n_bins=6, sim_kind="bits")
+        scores = rng.integers(0, 3, n) / 2.0  # many exactly tied scores
+        dup = rng.choice(n, 10, replace=False)  # exact duplicates: identical gains, tie by index
+        src = rng.choice(n, 10, replace=False)
+        sim[dup], scores[dup], bins[dup] = sim[src], scores[src], bins[src]
+        sim[:, dup] = sim[:, src]
+        for k in (n // 10, n // 2, n - 7, n):
+            for w_div, w_len in ((1.0, 1.0), (0.0, 1.0), (2.0, 0.0)):
+                lazy = subm_select(scores, sim, bins, k, w_div, w_len, lazy=True)
+                plain = subm_select(scores, sim, bins, k, w_div, w_len, lazy=False)
+                assert lazy.tolist() == plain.tolist()
+
+
+def test_gains_bitwise_same_alone_or_in_a_block():
+    # lazy and plain greedy agree because one candidate's gain is computed to the same bits
+    rng = np.random.default_rng(5)
+    scores, sim, bins, a = random_instance(rng, 700)
+    st = GreedyState(scores, sim, bins, 700, 1.0, 1.0, a)
+    for x in rng.permutation(700)[:50]:
+        st.add(x)
+    for diversity in ("coverage", "authors"):
+        st.diversity = diversity
+        block = st.gains(np.arange(700))
+        assert np.array_equal(block, [st.gains(np.array([i]))[0] for i in range(700)])
+        assert np.array_equal(block, [st.gain(i) for i in range(700)])  # lazy greedy's fast path
+
+
+# -----------------------------------------------------------------------------
+# similarities
+
+def test_tanimoto_equals_rdkit():
+    gen = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=2048)
+    ref_fps = [gen.GetFingerprint(Chem.MolFromSmiles(s)) for s in MOLS]
+    want = np.array([[DataStructs.TanimotoSimilarity(x, y) for y in ref_fps] for x in ref_fps])
+    got = tanimoto_matrix(np.stack([morgan_fp(s) for s in MOLS]))
+    assert np.array_equal(got, want)  # the same double, not merely close
+    assert want[0, 1] not in (0.0, 1.0)
+    # invalid molecules: all-zero fingerprint, similarity 0 to everything including itself
+    fps = np.stack([morgan_fp(MOLS[0]), morgan_fp("C1CC(", True), morgan_fp(MOLS[1], valid=False)])
+    assert not fps[1].any() and not fps[2].any()
+    sim = tanimoto_matrix(fps)
+    assert sim[0, 0] == 1.0 and not sim[1:].any() and not sim[:, 1:].any()
+
+
+def test_bigram_jaccard_hand_cases():
+    def jac(x, y):
+        return jaccard_matrix([bigram_fp(x), bigram_fp(y)])[0, 1]
+    assert jac("abc", "abd") == pytest.approx(1 / 3)         # {ab,bc} vs {ab,bd}
+    assert jac("1+2*3", "2*3+1") == pytest.approx(2 / 6)     # {1+,+2,2*,*3} vs {2*,*3,3+,+1}
+    assert jac("aaaa", "aa") == 1.0                          # sets, not multisets
+    assert jac("ab", "ba") == 0.0
+    assert jac("abcd", "abcd") == 1.0
+    assert jac("a", "a") == 1.0 and jac("a", "ab") == 0.0    # one character: its own shingle
+    assert jac("", "") == 0.0                                # empty vs empty defined as 0
+    assert jaccard_matrix([bigram_fp(""), bigram_fp("")]).sum() == 0.0
+
+
+# -----------------------------------------------------------------------------
+# buffers
+
+def mol_item(i, score, valid=True, smiles=None, length=None):
+    s = MOLS[i % len(MOLS)] if smiles is None else smiles
+    return Item(tokens=(i, i + 1), text=s, key=s, score=score, valid=valid,
+                length=(i % 7) + 1 if length is None else length)
+
+
+def test_dedupe_keeps_the_better_duplicate():
+    for kind in ("subm", "rp", "prt"):
+        buf = make_buffer(kind, capacity=10)
+        buf.add([mol_item(0, 0.5), mol_item(1, 0.6)])
+        # a better copy of MOLS[0] (told apart by its tokens) and, in the same batch, a worse one
+        better = Item((9, 9), MOLS[0], MOLS[0], 0.9, True, 2)
+        worse = Item((8, 8), MOLS[1], MOLS[1], 0.1, True, 2)
+        buf.add([better, worse, Item((7, 7), MOLS[0], MOLS[0], 0.7, True, 2)])
+        by_key = {it.key: it for it in buf.items}
+        assert len(buf) == 2
+        assert by_key[MOLS[0]].tokens == (9, 9) and by_key[MOLS[0]].score == 0.9
+        assert by_key[MOLS[1]].tokens == (1, 2) and by_key[MOLS[1]].score == 0.6
+        # equal score: the incumbent stays
+        buf.add([Item((5, 5), MOLS[1], MOLS[1], 0.6, True, 2)])
+        assert {it.key: it for it in buf.items}[MOLS[1]].tokens == (1, 2)
+
+
+def test_validity_gate():
+    items = [mol_item(i, 0.5, valid=i % 2 == 0) for i in range(8)]
+    for kind in ("subm", "rp", "prt"):
+        gated, open_ = make_buffer(kind, capacity=5, valid_only=True), make_buffer(kind, capacity=50)
+        gated.add(items)
+        open_.add(items)
+        assert len(gated) == 4 and all(it.valid for it in gated.items)
+        assert len(open_) == 8
+
+
+def test_subm_buffer_keeps_the_greedy_set_computed_with_rdkit():
+    rng = np.random.default_rng(6)
+    items = [mol_item(i, float(rng.uniform()), valid=i != 3, length=int(rng.integers(1, 5)))
+             for i in range(len(MOLS))]
+    items[5] = mol_item(5, 0.3, smiles="C1CC(")  # unparsable: zero fingerprint
+    w = dict(w_rew=1.0, w_val=0.5, w_div=0.8, w_len=1.2)
+    buf = make_buffer("subm", capacity=6, **w)
+    buf.add(items[:9])
+    buf.add(items[9:])
+    # independently: RDKit fingerprints + Tanimoto, f from the formula, brute-force greedy
+    gen = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=2048)
+    fps = [gen.GetFingerprint(Chem.MolFromSmiles(it.text)) if it.valid and Chem.MolFromSmiles(it.text)
+           else None for it in items]
+    sim = np.array([[DataStructs.TanimotoSimilarity(x, y) if x is not None and y is not None else 0.0
+                     for y in fps] for x in fps])
+    s = np.array([w["w_rew"] * it.score + w["w_val"] * it.valid for it in items])
+    bins = np.array([it.length for it in items])
+    # the first refresh (9 items) did not overflow, so the second ground set is all 18
+    want = brute_greedy(6, s, sim, bins, w["w_div"], w["w_len"], np.ones(10))
+    assert sorted(it.key for it in buf.items) == sorted(items[i].key for i in want)
+
+
+def test_subm_buffer_options_run():
+    rng = np.random.default_rng(7)
+    items = [mol_item(i, float(rng.uniform())) for i in range(len(MOLS))]
+    for opts in (dict(diversity="authors"), dict(bin_weights="authors", len_power=2.0),
+                 dict(len_bin_size=3, w_div=0.0)):
+        buf = make_buffer("subm", capacity=8, **opts)
+        buf.add(items)
+        assert len(buf) == 8 and len({it.key for it in buf.items}) == 8
+    # text similarity for Expr24-like items
+    exprs = ["1+2*3", "2*3+1", "4*6", "6*4", "8*3", "3*8", "9+9+6", "12+12", "2*12"]
+    buf = make_buffer("subm", capacity=4, similarity="bigram")
+    buf.add([Item(tuple(map(ord, e)), e, e, 1.0 if eval(e) == 24 else 0.0, True, len(e)) for e in exprs])
+    assert len(buf) == 4
+
+
+def test_subm_buffer_authors_bin_weights_with_bigrams():
+    # the authors' length weights a_b = ((b + 1) / n_bins)^p, bins of 2 tokens, text similarity:
+    # all recomputed here with Python sets
+    rng = np.random.default_rng(13)
+    texts = ["".join(rng.choice(list("12345+*-"), size=int(rng.integers(2, 10)))) for _ in range(14)]
+    items = [Item(tuple(map(ord, t)), t, t, float(rng.uniform()), True, len(t))
+             for t in dict.fromkeys(texts)]
+    buf = make_buffer("subm", capacity=6, similarity="bigram", w_len=3.0, len_bin_size=2,
+                      bin_weights="authors", len_power=2.0)
+    buf.add(items)
+
+    def shingles(t):
+        return {t[i:i + 2] for i in range(len(t) - 1)}
+    texts = [it.text for it in items]
+    sim = np.array([[len(shingles(x) & shingles(y)) / len(shingles(x) | shingles(y))
+                     for y in texts] for x in texts])
+    bins = np.array([len(t) // 2 for t in texts])
+    n_bins = bins.max() + 1
+    a = [((b + 1) / n_bins) ** 2.0 for b in range(n_bins)]
+    s = np.array([it.score + 1.0 for it in items])
+    want = brute_greedy(6, s, sim, bins, 1.0, 3.0, a)
+    assert sorted(it.text for it in buf.items) == sorted(texts[i] for i in want)
+    # and these weights matter here: uniform ones choose differently
+    assert want != brute_greedy(6, s, sim, bins, 1.0, 3.0, np.ones(n_bins))
+
+
+def test_rp_keeps_the_top_by_reward():
+    rng = np.random.default_rng(8)
+    buf = make_buffer("rp", capacity=5)
+    seen = {}
+    for step in range(4):
+        batch = [mol_item(int(i), float(rng.uniform())) for i in rng.integers(0, len(MOLS), 6)]
+        buf.add(batch)
+        for it in batch:
+            seen[it.key] = max(seen.get(it.key, -1.0), it.score)
+        top = sorted(seen.values(), reverse=True)[:5]
+        assert sorted((it.score for it in buf.items), reverse=True) == top
+
+
+def test_rp_near_duplicate_filter():
+    rng = np.random.default_rng(9)
+    items = [mol_item(i, float(rng.uniform())) for i in range(len(MOLS))]
+    buf = make_buffer("rp", capacity=6, sim_threshold=0.5)
+    buf.add(items)
+    sim = tanimoto_matrix(np.stack([it.fp for it in buf.items]))
+    np.fill_diagonal(sim, 0.0)
+    assert sim.max() < 0.5 and 0 < len(buf) <= 6
+    assert max(it.score for it in items) == max(it.score for it in buf.items)
+
+
+def test_prt_sampling_fractions():
+    items = [mol_item(i, score=i / 50, smiles=f"C{'C' * i}O") for i in range(50)]
+    buf = make_buffer("prt", capacity=50)
+    buf.add(items)
+    n = 40000
+    got = np.array([round(it.score * 50) for it in buf.sample(n, np.random.default_rng(10))])
+    top = got >= 40  # the top 20% by score: items 40..49
+    sd = math.sqrt(0.7 * 0.3 / n)
+    assert abs(top.mean() - 0.7) < 5 * sd
+    # uniform within each part
+    counts = np.bincount(got, minlength=50)
+    for part, p in ((range(40, 50), 0.7 / 10), (range(0, 40), 0.3 / 40)):
+        sd = math.sqrt(p * (1 - p) / n)
+        assert np.all(np.abs(counts[list(part)] / n - p) < 5 * sd)
+
+
+@pytest.mark.parametrize("kind", ["subm", "rp", "prt"])
+@pytest.mark.parametrize("similarity", ["tanimoto", "bigram"])
+def test_checkpoint_round_trip(kind, similarity):
+    rng = np.random.default_rng(11)
+    buf = make_buffer(kind, capacity=7, similarity=similarity)
+    for _ in range(3):
+        buf.add([mol_item(int(i), float(rng.uniform()), valid=bool(rng.uniform() < 0.8))
+                 for i in rng.integers(0, len(MOLS), 5)])
+    d = buf.state_dict()
+    loaded = []
+    for weights_only in (False, True):  # plain containers only, so the safe loader accepts it too
+        f = io.BytesIO()
+        torch.save(d, f)
+        f.seek(0)
+        loaded.append(torch.load(f, weights_only=weights_only))
+    loaded.append(pickle.loads(pickle.dumps(d)))
+    for state in loaded:
+        other = make_buffer(kind, capacity=123)
+        other.load_state_dict(state)
+        assert other.capacity == 7 and other.items == buf.items
+        assert all(np.array_equal(a.fp, b.fp) for a, b in zip(other.items, buf.items))
+        assert other.sample(50, np.random.default_rng(3)) == buf.sample(50, np.random.default_rng(3))
+        # and they keep evolving identically
+        more = [mol_item(i, 0.95, valid=True) for i in (2, 4, 6)]
+        b2 = make_buffer(kind, capacity=123)
+        b2.load_state_dict(buf.state_dict())
+        other.add(more)
+        b2.add(more)
+        assert other.items == b2.items
