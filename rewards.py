@@ -161,6 +161,20 @@ class Expr24Task:
         return tuple(s for s in expr24_solutions(self.max_numbers, self.target)
                      if min_len <= len(s) <= (max_len if max_len is not None else len(s)))
 
+    def random_objects(self, n, rng, min_len=3, max_len=9):
+        """`n` expressions drawn uniformly from the valid ones of each length, the length uniform over the odd
+        lengths in min_len..max_len. Valid means no division by zero, and that is a condition on each (operator,
+        digit) step alone, so a uniform first digit and uniform steps among the 39 defined ones are exactly
+        uniform, no rejection needed. train.py warm-starts its scratch model on these: a random model writes
+        about one correct expression in 10^4 and gives training no reward to learn from, while this P_ref makes
+        the target P_ref(x) exp(lam S(x)) near uniform over the solutions of each length."""
+        lengths = [k for k in range(max(min_len, 1), min(max_len, 2 * self.max_numbers - 1) + 1) if k % 2]
+        steps = [op + d for op in EXPR24_OPS for d in EXPR24_DIGITS if op + d != "/0"]
+        sizes = rng.choice(lengths, size=n) // 2
+        first = rng.integers(len(EXPR24_DIGITS), size=n)
+        rest = rng.integers(len(steps), size=(n, max(sizes, default=0)))
+        return [EXPR24_DIGITS[f] + "".join(steps[s] for s in row[:m]) for f, row, m in zip(first, rest, sizes)]
+
 
 TASKS = {"smiles": SmilesTask, "expr24": Expr24Task}
 

@@ -18,7 +18,6 @@ import random
 import shutil
 import signal
 import sys
-import time
 
 import numpy as np
 import torch
