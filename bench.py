@@ -358,10 +358,10 @@ def bench_logprobs():
         print(f"{length:>7} {t_loop * 1e3:>9.1f} {t_ours * 1e3:>9.1f} {t_loop / t_ours:>6.1f}x")
 
 
-def bench_step():
-    """Where one training step's time goes (embedded prior, SMILES task, batch 32, one micro-batch)."""
+def bench_step(model="prior", extra=()):
+    """Where one training step's time goes (SMILES task, batch 32, one micro-batch; embedded prior by default)."""
     import train
-    args = train.get_args(["--replay", "subm", "--out", "/tmp/bench-step"])
+    args = train.get_args(["--model", model, "--replay", "subm", "--out", "/tmp/bench-step", *extra])
     task = train.build_task(args)
     torch.manual_seed(0)
     policy = train.build_policy(args, task)
@@ -396,13 +396,65 @@ def bench_step():
         final = scores.gather(1, lengths[:, None]).squeeze(1)
         timed("replay", lambda: buffer.add(train.to_items(task, tokens, lengths, texts, final)))
     total = sum(phases.values())
-    print(f"\n== one training step, phase by phase (embedded prior, SMILES, B={args.batch_size}, {policy.device}) ==")
+    print(f"\n== one training step, phase by phase ({model}, SMILES, B={args.batch_size}, {policy.device}) ==")
     for name, t in phases.items():
         print(f"{name:>10} {t / steps * 1e3:8.1f} ms {t / total:6.1%}")
     print(f"{'total':>10} {total / steps * 1e3:8.1f} ms per micro-batch")
 
 
-SECTIONS = {"losses": bench_losses, "replay": bench_replay, "logprobs": bench_logprobs, "step": bench_step}
+def bench_gpu(peak_tflops=989.0):
+    """On a GPU: a Qwen2-0.5B-shaped transformer (24 layers, width 896, 14 query / 2 KV heads, MLP 4864) with
+    the embedded prior's 450-token vocabulary, random weights. Forward+backward tokens/s and MFU (model FLOPs
+    6 * params * tokens + attention, over the GPU's dense bf16 peak: H100 SXM 989 TFLOP/s), then the trainer
+    end to end with LoRA + bf16 (samples/s) and its step breakdown."""
+    import json
+    import subprocess
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    import model as modellib
+    if not torch.cuda.is_available():
+        print("\n== gpu: skipped (no CUDA) ==")
+        return
+    tokenizer = AutoTokenizer.from_pretrained(modellib.DEFAULT_MODEL)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    net = Qwen2ForCausalLM(config).cuda()
+    path = "/tmp/bench-qwen2-shaped"
+    net.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"\n== gpu: {torch.cuda.get_device_name()}, Qwen2-0.5B-shaped, {n_params / 1e6:.0f}M parameters ==")
+    print(f"{'batch x len':>12} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}   (full fine-tune, fp32 weights, bf16 autocast)")
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)
+    for batch, length in ((32, 11), (32, 128), (64, 512)):
+        ids = torch.randint(len(tokenizer), (batch, length), device="cuda")
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = net(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        t = _median_time(lambda: (step(), torch.cuda.synchronize()), 10)
+        flops = 6 * n_params * batch * length + 12 * config.num_hidden_layers * config.hidden_size * batch * length ** 2
+        print(f"{batch:>5} x {length:<5} {batch * length / t:>10.0f} {flops / t / 1e12:>8.1f} {flops / t / 1e12 / peak_tflops:>6.1%}")
+    net = optimizer = None  # free the GPU for the trainer run below
+    torch.cuda.empty_cache()
+    out = "/tmp/bench-qwen2-run"
+    subprocess.run([sys.executable, "train.py", "--model", path, "--lora", "--steps", "30", "--grad-accum", "1",
+                    "--replay", "subm", "--out", out, "--ckpt-every", "1000"], check=True, capture_output=True)
+    log = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    print(f"trainer, LoRA + bf16, batch 32, SubM: see the step breakdown below ({len(log)} steps ran)")
+    bench_step(path, ["--lora"])
+
+
+SECTIONS = {"losses": bench_losses, "replay": bench_replay, "logprobs": bench_logprobs, "step": bench_step, "gpu": bench_gpu}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(SECTIONS)

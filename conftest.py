@@ -6,6 +6,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def pytest_configure(config):
+    import torch
+    torch.set_num_threads(1)  # the test models are tiny: one thread is as fast, and never oversubscribes 2 cores
+
 SMILES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN(CC)CC", "O=C(O)c1ccccc1", "CC(C)Cc1ccc(C)cc1", "C1CCCCC1",
           "CCOC(=O)C", "Nc1ccccc1", "CC#N", "OCC(O)CO", "ClCCl", "BrC=CBr", "FC(F)(F)c1ccccc1", "CS(=O)(=O)C",
           "c1ccncc1", "C[C@@H](N)C(=O)O", "c1ccc2ccccc2c1", "CC(C)(C)O", "O=[N+]([O-])c1ccccc1"] * 5

@@ -152,12 +152,23 @@ class Policy:
             stopping = (a == self.stop) & ~done
             lengths[stopping] = k
             done |= stopping
-            if done.all():
+            if self._all_done(done):
                 break
             tokens[~done, k] = self.actions[a[~done]]
             ids = tokens[:, k:k + 1]
         self.model.train(was_training)
         return tokens, lengths, log_q
+
+    sync_ranks = False  # train.py --fsdp: every forward is a collective, so all ranks must stop sampling together
+
+    def _all_done(self, done):
+        """Every sequence has stopped; with sync_ranks, on every rank (a rank done early keeps stepping, harmlessly:
+        finished rows are frozen)."""
+        if not self.sync_ranks:
+            return bool(done.all())
+        flag = done.all().float().reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag)
 
     def texts(self, tokens, lengths):
         """The generated string of each row (concatenated token texts, no EOS)."""
@@ -171,11 +182,37 @@ def frozen_copy(model):
     return ref
 
 
-def build_scratch_model(path, alphabet, n_layer=3, n_embd=64, n_head=4, n_positions=32, seed=None):
-    """A tiny randomly initialised character-level GPT-2 for a task with a small alphabet (Expr24), saved with
-    save_pretrained into `path` so that load_model(path) and AutoTokenizer.from_pretrained(path) load it like any
-    hub model. One token per character plus <pad> <s> </s> <unk>; decoding concatenates without spaces. The
-    weights come from torch's global RNG (seed it first), or from `seed` alone, leaving the global RNG untouched."""
+def fit_texts(model, tokenizer, texts, steps=600, batch_size=32, lr=3e-3):
+    """Plain maximum likelihood (teacher forcing) on BOS + text + EOS, the way Policy reads a sequence, with
+    AdamW and a linearly decaying learning rate; batches come from torch's global RNG. The scratch model's
+    600 default steps take about half a minute of one CPU core."""
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    rows = [[bos] + ids + [eos] for ids in tokenizer(list(texts), add_special_tokens=False).input_ids]
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
+    targets = ids[:, 1:].masked_fill(ids[:, 1:] == pad, -100)  # padding only follows EOS: no attention mask needed
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / max(steps, 1))
+    model.train()
+    for _ in range(steps):
+        batch = torch.randint(len(rows), (batch_size,))
+        logits = model(input_ids=ids[batch, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), targets[batch].flatten(), ignore_index=-100)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model.eval()
+
+
+def build_scratch_model(path, alphabet, warmup_texts=None, warmup_steps=600, n_layer=3, n_embd=64, n_head=4,
+                        n_positions=32, seed=None):
+    """A tiny character-level GPT-2 for a task with a small alphabet (Expr24), saved with save_pretrained into
+    `path` so that load_model(path) and AutoTokenizer.from_pretrained(path) load it like any hub model. One token
+    per character plus <pad> <s> </s> <unk>; decoding concatenates without spaces. Randomly initialised, then,
+    given `warmup_texts`, fitted to them by maximum likelihood (fit_texts) so that as P_ref it is a sensible
+    prior rather than noise. The weights and batches come from torch's global RNG (seed it first), or from
+    `seed` alone, leaving the global RNG untouched."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -187,11 +224,14 @@ def build_scratch_model(path, alphabet, n_layer=3, n_embd=64, n_head=4, n_positi
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                         unk_token="<unk>", clean_up_tokenization_spaces=False)
     config = GPT2Config(vocab_size=len(vocab), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                        bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"])
+                        bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # load_model drops dropout anyway; fits faster
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
+        if warmup_texts is not None:
+            fit_texts(model, tokenizer, warmup_texts, steps=warmup_steps)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

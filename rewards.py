@@ -169,6 +169,8 @@ class Expr24Task:
         about one correct expression in 10^4 and gives training no reward to learn from, while this P_ref makes
         the target P_ref(x) exp(lam S(x)) near uniform over the solutions of each length."""
         lengths = [k for k in range(max(min_len, 1), min(max_len, 2 * self.max_numbers - 1) + 1) if k % 2]
+        if not lengths:
+            raise TaskError(f"no expression has {min_len}..{max_len} characters")
         steps = [op + d for op in EXPR24_OPS for d in EXPR24_DIGITS if op + d != "/0"]
         sizes = rng.choice(lengths, size=n) // 2
         first = rng.integers(len(EXPR24_DIGITS), size=n)

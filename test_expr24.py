@@ -1,4 +1,5 @@
 """Expr24: the exact evaluator, the solution enumeration, the metrics, and training + sampling end to end on CPU."""
+import functools
 import itertools
 import json
 import math
@@ -6,12 +7,13 @@ import random
 from collections import Counter
 from fractions import Fraction
 
+import numpy as np
 import pytest
 
 import rewards
 import sample
 import train
-from rewards import Expr24Task, evaluate_expression, expr24_solutions
+from rewards import Expr24Task, TaskError, evaluate_expression, expr24_solutions
 
 
 def oracle(text):
@@ -180,8 +182,15 @@ def test_metrics_reject_a_wrong_solution_set():
 
 # ----------------------------------------------------------------------------- end to end on CPU
 
+@pytest.fixture
+def quick_warm_start(monkeypatch):
+    """train.py warm-starts its scratch model for 600 steps; a few are enough to exercise the path."""
+    import model
+    monkeypatch.setattr(model, "build_scratch_model", functools.partial(model.build_scratch_model, warmup_steps=5))
+
+
 @pytest.mark.parametrize("replay", ["none", "subm"])
-def test_train_and_sample_from_scratch(tmp_path, replay, capsys):
+def test_train_and_sample_from_scratch(tmp_path, replay, capsys, quick_warm_start):
     out = tmp_path / "run"
     assert train.main(["--task", "expr24", "--out", str(out), "--steps", "3", "--batch-size", "8",
                        "--grad-accum", "1", "--replay", replay]) == 0
@@ -212,3 +221,57 @@ def test_scratch_model_is_a_character_model(tmp_path):
     assert len(tokenizer) == 14 + 4 and tokenizer.eos_token_id is not None and tokenizer.bos_token_id is not None
     a, b = (AutoModelForCausalLM.from_pretrained(str(tmp_path / n)) for n in "ab")
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # same torch seed, same model
+
+
+# ----------------------------------------------------------------------------- grammar warm start
+
+def test_random_objects_are_uniform_over_valid_expressions():
+    task = Expr24Task()
+    texts = task.random_objects(4000, np.random.default_rng(0))
+    assert texts == task.random_objects(4000, np.random.default_rng(0))  # deterministic given the generator
+    assert all(task.is_valid(t) for t in texts)
+    # uniform over the valid expressions of each length = length uniform over 3, 5, 7, 9, first digit uniform,
+    # every (operator, digit) step uniform over the 39 that do not divide by zero; counts within 5 sd
+    def near_uniform(counts, n_kinds):
+        n = sum(counts.values())
+        return len(counts) == n_kinds and all(abs(c - n / n_kinds) < 5 * math.sqrt(n / n_kinds) for c in counts.values())
+    assert near_uniform(Counter(map(len, texts)), 4) and set(map(len, texts)) == {3, 5, 7, 9}
+    assert near_uniform(Counter(t[0] for t in texts), 10)
+    steps = Counter(t[i:i + 2] for t in texts for i in range(1, len(t), 2))
+    assert "/0" not in steps and near_uniform(steps, 39)
+    assert {len(t) for t in task.random_objects(200, np.random.default_rng(1), min_len=4, max_len=8)} == {5, 7}
+    with pytest.raises(TaskError):
+        task.random_objects(1, np.random.default_rng(0), min_len=10, max_len=12)
+
+
+def valid_fraction(path, n=300):
+    import torch
+
+    import model
+    net, tokenizer = model.load_model(path)
+    allowed = rewards.allowed_token_ids(tokenizer, Expr24Task.charset, max_chars=1)
+    policy = model.Policy(net, tokenizer, allowed, Expr24Task.defaults["min_len"], Expr24Task.defaults["max_len"])
+    torch.manual_seed(0)
+    texts = policy.texts(*policy.sample(n)[:2])
+    return sum(map(Expr24Task().is_valid, texts)) / n
+
+
+def test_warm_start_makes_the_scratch_model_a_grammar_prior(tmp_path):
+    import torch
+
+    import model
+    task = Expr24Task()
+    texts = task.random_objects(2000, np.random.default_rng(0))
+    build = functools.partial(model.build_scratch_model, alphabet=sorted(task.charset), seed=0)
+    build(str(tmp_path / "random"))
+    build(str(tmp_path / "warm"), warmup_texts=texts, warmup_steps=100)  # 600 in train.py
+    # random: nearly every sample breaks the grammar; warm-started: most are valid (600 steps: about 99%)
+    assert valid_fraction(str(tmp_path / "random")) < 0.2 and valid_fraction(str(tmp_path / "warm")) > 0.7
+    # deterministic given the seed, and the global RNG left alone
+    rng_state = torch.random.get_rng_state()
+    for name in ("a", "b"):
+        build(str(tmp_path / name), warmup_texts=texts[:100], warmup_steps=5)
+    assert torch.equal(torch.random.get_rng_state(), rng_state)
+    a, b, untrained = (model.load_model(str(tmp_path / n))[0] for n in ("a", "b", "random"))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), untrained.parameters()))

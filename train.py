@@ -74,6 +74,8 @@ def make_parser():
     a("--grad-accum", type=int, default=4)
     a("--lr", type=float, default=1e-4)
     a("--lr-logz", type=float, default=0.1, help="logZ's own learning rate (not stated in the paper)")
+    a("--log-z-init", type=float, default=None,
+      help="initial logZ (default: the importance-sampling estimate log mean exp(log R - log q) of one batch)")
     a("--weight-decay", type=float, default=0.01)
     a("--grad-clip", type=float, default=0.5)
     a("--seed", type=int, default=0)
@@ -82,6 +84,9 @@ def make_parser():
     a("--ckpt-every", type=int, default=250)
     a("--resume", action="store_true", help="continue from --out/latest with its saved settings")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    # models that do not fit one GPU
+    a("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the ranks (FSDP2)")
+    a("--grad-ckpt", action="store_true", help="activation checkpointing: keep block inputs only, recompute in backward")
     return p
 
 
@@ -133,12 +138,20 @@ def build_policy(args, task, ckpt=None, with_reference=True):
         net, tokenizer = modellib.load_model(ckpt or args.model, **kw)
         if with_reference:
             reference = modellib.frozen_copy(net if ckpt is None else modellib.load_model(args.model, **kw)[0])
-            reference.to(device)
-    net.to(device).train()
+    if args.grad_ckpt:
+        enable_grad_ckpt(net)
+    for m in (net, reference):
+        if m is not None and args.fsdp:
+            shard(m, device)
+        elif m is not None:
+            m.to(device)
+    net.train()
     allowed = rewards.allowed_token_ids(tokenizer, task.charset, max_chars=task.max_token_chars)
     if not allowed:
         raise modellib.ModelError(f"no token of {args.model!r}'s vocabulary fits the {args.task} task")
-    return modellib.Policy(net, tokenizer, allowed, args.min_len, args.max_len, args.prompt, reference)
+    policy = modellib.Policy(net, tokenizer, allowed, args.min_len, args.max_len, args.prompt, reference)
+    policy.sync_ranks = args.fsdp  # FSDP: sampling stops when every rank is done (each forward is a collective)
+    return policy
 
 
 def build_buffer(args):
@@ -169,16 +182,29 @@ def from_items(policy, items):
     return tokens, torch.tensor([it.length for it in items], device=policy.device)
 
 
-def get_batch(args, task, policy, buffer, rng, frac):
-    """SPEC §4's mixture: replay with probability p_replay, else on-policy (tempered with prob temp_prob)."""
-    if buffer is not None and len(buffer) and rng.random() < linear(args.p_replay_start, args.p_replay_end, frac):
+def get_batch(args, task, policy, buffer, rng, frac, coin=None):
+    """SPEC §4's mixture: replay with probability p_replay, else on-policy (tempered with prob temp_prob).
+    `coin` makes these two choices (default: `rng`); under FSDP it is the same on every rank (shared_coin)."""
+    coin = rng if coin is None else coin
+    if replay_ready(args, buffer) and coin.random() < linear(args.p_replay_start, args.p_replay_end, frac):
         tokens, lengths = from_items(policy, buffer.sample(args.batch_size, rng))
         return tokens, lengths, "replay"
     temperature = 1.0
-    if rng.random() < args.temp_prob:
-        temperature = rng.uniform(linear(args.t_lo_start, args.t_lo_end, frac), linear(args.t_hi_start, args.t_hi_end, frac))
+    if coin.random() < args.temp_prob:
+        temperature = coin.uniform(linear(args.t_lo_start, args.t_lo_end, frac), linear(args.t_hi_start, args.t_hi_end, frac))
     tokens, lengths, _ = policy.sample(args.batch_size, temperature)
     return tokens, lengths, "policy"
+
+
+def estimate_log_z(args, task, policy):
+    """Z = E_q[R(x) / q(x)] for any sampler q, so log-mean-exp(log R - log q) over one on-policy batch estimates
+    logZ. Starting there saves the hundreds of steps logZ would otherwise spend climbing at --lr-logz per step
+    (about 36 nats on the SMILES task), which at small budgets dominates the whole run, for every TB method."""
+    tokens, lengths, log_q = policy.sample(args.batch_size)
+    log_r = score_batch(args, task, policy, tokens, lengths)[0]
+    log_w = log_r.gather(1, lengths[:, None]).squeeze(1).double() - log_q.sum(1).double()
+    estimate = torch.logsumexp(log_w, 0) - math.log(len(log_w))
+    return average_across_ranks([estimate.cpu()])[0].item()
 
 
 def loss_knobs(args, frac):
@@ -193,8 +219,8 @@ def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
     frac = step / max(1, args.steps - 1)
     optimizer.zero_grad(set_to_none=True)
     rows = []
-    for _ in range(args.grad_accum):
-        tokens, lengths, source = get_batch(args, task, policy, buffer, rng, frac)
+    for i in range(args.grad_accum):
+        tokens, lengths, source = get_batch(args, task, policy, buffer, rng, frac, shared_coin(args, step, i))
         log_r, u, texts, final = score_batch(args, task, policy, tokens, lengths)
         log_pf, log_pterm = policy.log_probs(tokens, lengths)
         loss, stats = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, log_z, **loss_knobs(args, frac))
@@ -207,8 +233,11 @@ def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
                          log_pstop_final=log_pterm.detach().gather(1, lengths[:, None]).mean().item(),
                          **{k: float(v) for k, v in stats.items()}))
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    average_across_ranks([p.grad if p.grad is not None else torch.zeros_like(p) for p in params], write_back=params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    if args.fsdp:
+        grad_norm = fsdp_average_and_clip(params, log_z, args.grad_clip)
+    else:
+        average_across_ranks([p.grad if p.grad is not None else torch.zeros_like(p) for p in params], write_back=params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
     optimizer.step()
     metrics = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     metrics = dict(zip(metrics, average_across_ranks([torch.tensor(list(metrics.values()), dtype=torch.float64)])[0].tolist()))
@@ -228,7 +257,7 @@ def setup_distributed(args):
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(args.device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if gpu else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo")  # gloo too: metrics are averaged on CPU
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -246,6 +275,120 @@ def average_across_ranks(tensors, write_back=None):
     for p, t in zip(write_back or [], out):
         p.grad = t
     return out
+
+
+# ----------------------------------------------------------------------------- models that do not fit one GPU
+
+def enable_grad_ckpt(net):
+    """Activation checkpointing: each transformer block keeps only its input and is recomputed in backward.
+    Non-reentrant, so gradients reach LoRA weights without enable_input_require_grads()."""
+    hf = net.get_base_model() if hasattr(net, "peft_config") else net  # with LoRA: the HF model inside peft's
+    enable = getattr(hf, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: the old name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def shard(net, device, bf16=None):
+    """FSDP2: shard each transformer block (the classes HF lists in `_no_split_modules`), then the root, over all
+    ranks. A block's full weights exist only while it runs; gradients are reduce-scattered (averaged) by FSDP.
+    With bf16 (default: on GPUs) blocks compute in bf16 and gradients are reduced in fp32; parameters keep
+    their dtype."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    ensure_process_group(device)
+    root = net.get_base_model() if hasattr(net, "peft_config") else net  # peft's wrapper stays a plain module
+    blocks = set(getattr(root, "_no_split_modules", None) or ())
+    if not blocks:
+        raise modellib.ModelError(f"--fsdp: {type(root).__name__} does not name its transformer blocks (_no_split_modules)")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    bf16 = device.type == "cuda" if bf16 is None else bf16
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for m in root.modules():
+        if type(m).__name__ in blocks:
+            fully_shard(m, mesh=mesh, mp_policy=mp)
+    fully_shard(root, mesh=mesh, mp_policy=mp)  # embeddings, final norm, LM head; moves the shards to `device`
+    # FSDP fixes each group's gradient dtypes at the first forward, from the parameters that require grad then.
+    # peft's disable_adapter() (the reference pass) turns LoRA's requires_grad off, and a replayed first batch
+    # starts with that pass; so make the first forward now (one token, every rank), with the adapters on.
+    with torch.no_grad():
+        root(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+    root.reshard()  # the root keeps its gathered weights after a forward: register the shards again (the optimiser's)
+
+
+def ensure_process_group(device):
+    """FSDP needs a process group even in a plain `python train.py --fsdp` (one process, one GPU)."""
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def shared_coin(args, step, i):
+    """Under FSDP every forward is a collective, so every rank must make the same sequence of calls: whether
+    micro-batch i of this step is replayed and its temperature come from a generator seeded by (seed, step, i),
+    the same on all ranks and stateless (resume needs nothing saved). The samples still differ per rank.
+    None (use the rank's own stream) without FSDP."""
+    return np.random.default_rng([args.seed % 2**32, step, i]) if args.fsdp else None
+
+
+def replay_ready(args, buffer):
+    """The buffer has items to replay; under FSDP, on every rank (buffers differ between ranks)."""
+    ready = buffer is not None and len(buffer) > 0
+    if args.fsdp and buffer is not None:
+        ready = on_every_rank(ready)
+    return ready
+
+
+def on_every_rank(flag):
+    t = torch.tensor([float(flag)], device="cuda" if "nccl" in dist.get_backend() else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def fsdp_average_and_clip(params, log_z, max_norm):
+    """FSDP has already averaged the policy's (sharded, DTensor) gradients; logZ is a plain tensor on every rank,
+    so only its gradient is averaged here. Clipping uses the norm over both kinds: the sharded part's norm is
+    a DTensor whose full_tensor() sums the squares over the shards."""
+    from torch.distributed.tensor import DTensor
+    average_across_ranks([log_z.grad if log_z.grad is not None else torch.zeros_like(log_z)], write_back=[log_z])
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = []
+    for kind in ([g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]):
+        if kind:
+            norm = torch.nn.utils.get_total_norm(kind)
+            norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().to(log_z.device))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))  # as clip_grad_norm_ does
+    for g in grads:
+        g.mul_(coef)
+    return total
+
+
+def policy_and_log_z(policy, log_z):
+    """One module holding every parameter the optimiser steps, so its state dict can name them all."""
+    both = torch.nn.Module()
+    both.policy, both.log_z = policy.model, log_z
+    return both
+
+
+def fsdp_full_states(args, policy, log_z, optimizer):
+    """Gather the full weights (only the trainable ones with LoRA) and optimiser state onto rank 0's CPU.
+    A collective: every rank calls it; the other ranks get empty dicts."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(policy.model, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=args.lora))
+    return weights, get_optimizer_state_dict(policy_and_log_z(policy, log_z), optimizer, options=full)
+
+
+def load_optimizer(args, policy, log_z, optimizer, saved):
+    """Restore the optimiser; under FSDP from the full state in the checkpoint, each rank keeping its shard."""
+    if not args.fsdp:
+        return optimizer.load_state_dict(saved)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(policy_and_log_z(policy, log_z), optimizer, saved,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -272,6 +415,8 @@ def save_checkpoint(args, policy, buffer, log_z, optimizer, rng, step):
     (os.replace is atomic), so a crash at any moment leaves the previous checkpoint intact. Weights and
     optimiser are identical on all ranks; each rank's random streams and buffer are gathered into it."""
     ranks = [rank_state(buffer, rng)]
+    if args.fsdp:
+        weights, optimizer_state = fsdp_full_states(args, policy, log_z, optimizer)
     if dist.is_initialized():
         ranks = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(rank_state(buffer, rng), ranks)
@@ -280,9 +425,13 @@ def save_checkpoint(args, policy, buffer, log_z, optimizer, rng, step):
     name = f"ckpt-{step:06d}"
     final, tmp = os.path.join(args.out, name), os.path.join(args.out, f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.model.save_pretrained(tmp)  # with LoRA: the adapter only
+    if args.fsdp:  # a normal HF folder from the gathered weights
+        policy.model.save_pretrained(tmp, state_dict=weights)
+    else:
+        policy.model.save_pretrained(tmp)  # with LoRA: the adapter only
+        optimizer_state = optimizer.state_dict()
     policy.tokenizer.save_pretrained(tmp)
-    state = dict(step=step, log_z=log_z.detach().cpu(), optimizer=optimizer.state_dict(), args=vars(args), ranks=ranks)
+    state = dict(step=step, log_z=log_z.detach().cpu(), optimizer=optimizer_state, args=vars(args), ranks=ranks)
     torch.save(state, os.path.join(tmp, "state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -312,7 +461,7 @@ def load_state(ckpt):
         raise modellib.ModelError(f"corrupt checkpoint {ckpt!r}: cannot read state.pt ({type(e).__name__})") from None
 
 
-RUN_ONLY = ("out", "steps", "device", "ckpt_every", "resume")  # what --resume may change
+RUN_ONLY = ("out", "steps", "device", "ckpt_every", "resume", "grad_ckpt")  # what --resume may change
 
 
 def resume_args(args):
@@ -325,7 +474,7 @@ def resume_args(args):
         if key not in RUN_ONLY and value != defaults.get(key) and value != saved.get(key):
             raise modellib.ModelError(f"checkpoint {ckpt!r} was trained with --{key.replace('_', '-')} "
                                       f"{saved.get(key)!r}, not {value!r}")
-    saved = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RUN_ONLY}})
+    saved = argparse.Namespace(**{**defaults, **saved, **{k: getattr(args, k) for k in RUN_ONLY}})  # defaults: flags newer than the checkpoint
     return saved, ckpt, state
 
 
@@ -349,8 +498,9 @@ def run(args):
     if args.model is None:  # a task without a pretrained model (Expr24): a tiny one, built and saved once
         args.model = os.path.abspath(os.path.join(args.out, "init"))
         if rank == 0 and not os.path.isdir(args.model):
-            torch.manual_seed(args.seed)
-            modellib.build_scratch_model(args.model, sorted(task.charset))
+            torch.manual_seed(args.seed)  # warm-started on random valid objects: a random model is no prior
+            texts = task.random_objects(20000, np.random.default_rng(args.seed), args.min_len, args.max_len)
+            modellib.build_scratch_model(args.model, sorted(task.charset), warmup_texts=texts)
         if world > 1:
             dist.barrier()
     torch.manual_seed(args.seed)  # the same starting weights (and LoRA init) on every rank ...
@@ -367,8 +517,11 @@ def run(args):
         step = state["step"]
         with torch.no_grad():
             log_z.copy_(state["log_z"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(args, policy, log_z, optimizer, state["optimizer"])
         load_rank_state(state["ranks"][rank], buffer, rng)
+    else:
+        with torch.no_grad():
+            log_z.fill_(args.log_z_init if args.log_z_init is not None else estimate_log_z(args, task, policy))
     log_path = os.path.join(args.out, "metrics.jsonl")
     if rank == 0 and step and os.path.exists(log_path):  # drop lines a killed run wrote after its checkpoint
         with open(log_path) as f:
