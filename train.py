@@ -414,12 +414,13 @@ def save_checkpoint(args, policy, buffer, log_z, optimizer, rng, step):
     """Rank 0 writes ckpt-<step>/ under a temporary name, renames it into place, then points `latest` at it
     (os.replace is atomic), so a crash at any moment leaves the previous checkpoint intact. Weights and
     optimiser are identical on all ranks; each rank's random streams and buffer are gathered into it."""
-    ranks = [rank_state(buffer, rng)]
+    mine = rank_state(buffer, rng)
+    ranks = [mine]
     if args.fsdp:
         weights, optimizer_state = fsdp_full_states(args, policy, log_z, optimizer)
     if dist.is_initialized():
         ranks = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(rank_state(buffer, rng), ranks)
+        dist.gather_object(mine, ranks)
         if dist.get_rank() != 0:
             return None
     name = f"ckpt-{step:06d}"
