@@ -365,7 +365,7 @@ def bench_step(model="prior", extra=()):
     task = train.build_task(args)
     torch.manual_seed(0)
     policy = train.build_policy(args, task)
-    buffer = train.build_buffer(args)
+    buffer = train.build_buffer(args, task)
     log_z = torch.nn.Parameter(torch.zeros((), device=policy.device))
     phases = dict(sample=0.0, reward=0.0, reference=0.0, forward=0.0, loss=0.0, backward=0.0, replay=0.0)
     steps = 10

@@ -47,6 +47,13 @@ def _positions(log_pf, lengths):
     return k, tau, k < tau, k <= tau
 
 
+def _usable(k, state, log_pterm, min_len):
+    """The states that can stop, i.e. are the parent of an object (METHOD.md §1): k >= min_len and the stop not
+    masked there by a task's state mask (log_pterm = -inf, e.g. Expr24 after an operator). Only these are
+    window ends and rooted prefixes; the others are passed through."""
+    return state & (k >= min_len) & (log_pterm > float("-inf"))
+
+
 def _prefix_residual(log_pf, log_pterm, log_r, step, live):
     """G_k = sum_{t<k} log_pf[t] + log_pterm[k] - log_r[k]; meaningful where `live`, finite everywhere."""
     pf = torch.where(step, log_pf, 0.0)
@@ -79,15 +86,15 @@ def _tb_stats(d_tb, log_pterm, state, tau):
             "log_pterm_tau": _at(torch.where(state, log_pterm.detach(), 0.0), tau).mean()}
 
 
-def _suffix_targets(u, h, k, alpha, beta, rho):
+def _suffix_targets(u, h, k, alpha, beta, rho, usable=None):
     """Absorbed suffix targets over j in [k, h] (the fused prefix backup, SPEC §2 step 3):
         u_max[k]  = max_j u[j]                                   (reverse cummax)
         u_soft[k] = 1/beta log sum_j exp(beta u[j] - beta rho (j - k))
                   = (revlogcumsumexp(beta u[j] - beta rho j)[k] + beta rho k) / beta
         u_tgt     = alpha u_max + (1 - alpha) u_soft
-    u past h is replaced by -inf BEFORE the scans, so it cannot leak into any target.
-    Returns u_tgt, set to 0 for k > h (where it is never used)."""
-    in_h = k <= h
+    u past h (and at states that cannot stop, when `usable` is given) is replaced by -inf BEFORE the scans, so
+    it cannot leak into any target. Returns u_tgt, set to 0 for k > h (where it is never used)."""
+    in_h = k <= h if usable is None else (k <= h) & usable
     u, k = torch.where(in_h, u, 0.0), k.to(u.dtype)
     u_max = torch.where(in_h, u, float("-inf")).flip(1).cummax(1).values.flip(1)
     a = torch.where(in_h, beta * u - beta * rho * k, float("-inf"))
@@ -110,18 +117,20 @@ def subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0):
     """Modified SubTB (Hu et al. 2024), no logZ:
         delta_t = log_r[t] + log_pf[t] + log_pterm[t+1] - log_r[t+1] - log_pterm[t],  C_k = sum_{t<k} delta_t
         loss = sum_b sum_{i<j<=tau} lam^(j-i-1) (C_j - C_i)^2 / sum_b sum_{i<j<=tau} lam^(j-i-1)
-    (windows start at i >= min_len =: a). Neither form below loops over windows or builds [B, T, T]:
-    - lam = 1: over the n live states of a row sum_{i<j} (C_j - C_i)^2 = n sum_k (C_k - mean C)^2
+    (windows run between usable states, _usable: i >= min_len, and both ends able to stop). Neither form below
+    loops over windows or builds [B, T, T]:
+    - lam = 1: over the n usable states of a row sum_{i<j} (C_j - C_i)^2 = n sum_k (C_k - mean C)^2
       (centred first, exact in float32), with n(n-1)/2 windows. O(T).
     - lam != 1: expand (C_j - C_i)^2 = (sum_{t=i}^{j-1} delta_t)^2. Transitions t <= s lie together in the
-      windows a <= i <= t, s < j <= tau, of total weight P_t lam^(s-t) Q_s with P_t = sum_{m<=t-a} lam^m,
-      Q_s = sum_{m<tau-s} lam^m, so the numerator is
+      windows i <= t, s < j of usable i, j, of total weight P_t lam^(s-t) Q_s with P_t = sum_{usable i<=t}
+      lam^(t-i), Q_s = sum_{usable j>s} lam^(j-s-1) (with every state usable from a on: P_t = sum_{m<=t-a}
+      lam^m, Q_s = sum_{m<tau-s} lam^m), so the numerator is
           sum_t P_t Q_t delta_t^2 + 2 sum_{t<s} (P delta)_t lam^(s-t) (Q delta)_s
       and the cross sum is one [B, T] x [T, T] matmul with the Toeplitz matrix lam^(s-t). Only products
       of one-step residuals appear, so it stays accurate in float32 (no cancellation of large C_k)."""
     log_pf, log_pterm, log_r = _prepare(log_pf, log_pterm, log_r)
     k, tau, step, state = _positions(log_pf, lengths)
-    live = state & (k >= min_len)
+    live = _usable(k, state, log_pterm, min_len)
     n = live.sum(1).to(log_pf.dtype)
     if lam == 1.0:
         g = _prefix_residual(log_pf, log_pterm, log_r, step, live)  # C_j - C_i = G_j - G_i
@@ -130,15 +139,17 @@ def subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0):
         total = (n * (centred ** 2).sum(1)).sum()
         weight = (n * (n - 1) / 2).sum()
     else:
-        x = torch.where(live, log_pterm, 0.0) - torch.where(live, log_r, 0.0)  # log F(s_k) = -x_k
-        trans = live & step  # transition t -> t+1 for a <= t < tau
-        delta = torch.where(trans, x.roll(-1, 1) - x + torch.where(trans, log_pf, 0.0), 0.0)
-        t = k.to(delta.dtype)
-        geo = lambda m: (1 - lam ** m.clamp(min=0)) / (1 - lam)  # sum_{0 <= i < m} lam^i
-        p_delta, q_delta = geo(t - min_len + 1) * delta, geo(tau - t) * delta
-        cross = (p_delta @ _toeplitz_powers(lam, k.shape[1], delta)) * q_delta
+        # x = -log F at usable states, 0 elsewhere: any finite value telescopes away between usable states
+        x = torch.where(live, log_pterm, 0.0) - torch.where(live, log_r, 0.0)
+        delta = torch.where(step, x.roll(-1, 1) - x + torch.where(step, log_pf, 0.0), 0.0)  # t -> t+1, t < tau
+        toeplitz = _toeplitz_powers(lam, k.shape[1], delta)
+        upper = toeplitz + torch.eye(k.shape[1], dtype=delta.dtype, device=delta.device)  # lam^(s-t), s >= t
+        start, end = live.to(delta.dtype), F.pad(live[:, 1:], (0, 1)).to(delta.dtype)
+        p_delta = (start @ upper) * delta  # P_t = sum over usable i <= t of lam^(t-i)
+        q_delta = (end @ upper.T) * delta  # Q_s = sum over usable j > s of lam^(j-s-1)
+        cross = (p_delta @ toeplitz) * q_delta
         total = (p_delta * q_delta).sum() + 2 * cross.sum()
-        weight = torch.where(live, geo(t - min_len), 0.0).sum()  # sum_j sum_{a<=i<j} lam^(j-i-1)
+        weight = (start * (end @ upper.T)).sum()  # sum over usable i < j of lam^(j-i-1)
     loss = total / weight.clamp(min=1)  # any window set has an adjacent window (weight 1): exact unless empty
     stats = {"n_windows": (n * (n - 1) / 2).sum().detach(),
              "log_pterm_tau": _at(torch.where(state, log_pterm.detach(), 0.0), tau).mean()}
@@ -162,20 +173,21 @@ def raptb_loss(log_pf, log_pterm, log_r, u, lengths, log_z, *, eta=0.25, gamma=0
     d_tb = _tb_residual(log_pf, log_pterm, log_r, log_z, step, state, tau)
 
     # 1. rooted residuals Cbar_k = Gbar_k - Gbar_root (log_pterm detached inside the aux term only)
-    live = state & (k >= min_len)
+    live = _usable(k, state, log_pterm, min_len)
     pterm_aux = log_pterm.detach() if detach_pterm else log_pterm
     g_bar = _prefix_residual(log_pf, pterm_aux, log_r, step, live)
-    c_bar = g_bar - g_bar[:, min_len:min_len + 1]
-    # 2. horizon and eligible prefixes
+    root = live.long().argmax(1, keepdim=True)  # the first usable state: s_min_len unless a task mask forbids its stop
+    c_bar = g_bar - g_bar.gather(1, root)
+    # 2. horizon and eligible prefixes (usable ones only)
     h = tau if horizon is None else tau.clamp(max=horizon)
     k_min = max(k_min, min_len + 1)
-    eligible = (k >= k_min) & (k <= h)
+    eligible = live & (k >= k_min) & (k > root) & (k <= h)
     # 3-5. absorbed targets, gate, Cab
     u = torch.where(state, u.detach(), 0.0)
     gate = eligible & (u.abs() <= eps_absorb) if absorb else torch.zeros_like(eligible)
     if horizon is not None:
         gate = gate & (tau >= horizon) & (k < horizon)
-    u_tgt = _suffix_targets(u, h, k, alpha, beta, rho)
+    u_tgt = _suffix_targets(u, h, k, alpha, beta, rho, live)
     decay = gamma ** (h - k).clamp(min=0).to(u.dtype)
     c_ab = c_bar + torch.where(gate, decay * (u - u_tgt), 0.0)
     # 6. per-trajectory weighted mean; w_k >= 1 at k = k_min, so an active row has sum_k w_k >= 1
@@ -201,7 +213,7 @@ def avgprefixtb_loss(log_pf, log_pterm, log_r, lengths, log_z, min_len=0):
     averaged per trajectory first, then over the batch."""
     log_pf, log_pterm, log_r, log_z = _prepare(log_pf, log_pterm, log_r, log_z)
     k, tau, step, state = _positions(log_pf, lengths)
-    live = state & (k >= min_len)
+    live = _usable(k, state, log_pterm, min_len)
     res = log_z + _prefix_residual(log_pf, log_pterm, log_r, step, live)
     per_traj = torch.where(live, res ** 2, 0.0).sum(1) / live.sum(1).clamp(min=1)
     d_tb = _tb_residual(log_pf, log_pterm, log_r, log_z, step, state, tau)
@@ -218,7 +230,7 @@ def rootsubtb_loss(log_pf, log_pterm, log_r, lengths, log_z, lam=1.0, min_len=0)
     logZ is not identified when the empty output is a valid object."""
     log_pf, log_pterm, log_r, log_z = _prepare(log_pf, log_pterm, log_r, log_z)
     k, tau, step, state = _positions(log_pf, lengths)
-    live = state & (k >= min_len)
+    live = _usable(k, state, log_pterm, min_len)
     res = log_z + _prefix_residual(log_pf, log_pterm, log_r, step, live)
     w = torch.where(live, lam ** (k - min_len).clamp(min=0).to(res.dtype), 0.0)
     loss = torch.where(live, w * res ** 2, 0.0).sum() / w.sum().clamp(min=1)

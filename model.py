@@ -64,9 +64,12 @@ def load_model(name, *, lora=False, adapter=None, dtype=torch.float32, trust_rem
 
 class Policy:
     """Masked action space over a causal LM. Action columns: the allowlisted token ids, then EOS (= stop).
-    `reference` is the frozen starting model for log P_ref; None means "this model with LoRA disabled"."""
+    `reference` is the frozen starting model for log P_ref; None means "this model with LoRA disabled".
+    `state_mask` is a task's `state_mask(action_texts)` method (METHOD.md §1): it returns None, or
+    fn(prev [B, k] action columns chosen so far, k) -> [B, A] bool of the actions allowed next, which is ANDed
+    with the length bounds in every state, the same way when sampling, in log_probs and for the reference."""
 
-    def __init__(self, model, tokenizer, allowed_ids, min_len, max_len, prompt="", reference=None):
+    def __init__(self, model, tokenizer, allowed_ids, min_len, max_len, prompt="", reference=None, state_mask=None):
         if not 0 <= min_len <= max_len:
             raise ValueError(f"need 0 <= min_len <= max_len, got {min_len}, {max_len}")
         self.model, self.reference, self.tokenizer = model, reference, tokenizer
@@ -81,6 +84,7 @@ class Policy:
         # the text each action appends (decoded one token at a time, so prefixes can be scored cheaply)
         texts = tokenizer.batch_decode([[int(a)] for a in self.actions[:-1]], clean_up_tokenization_spaces=False)
         self.token_texts = dict(zip(self.actions[:-1].tolist(), texts))
+        self.task_mask = state_mask(texts + [""]) if state_mask is not None else None  # "" = the stop's text
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.eos
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
         self.prompt = torch.tensor([start] + prompt_ids, device=device)
@@ -89,14 +93,30 @@ class Policy:
     def device(self):
         return self.prompt.device
 
-    def action_log_probs(self, logits, k):
+    def action_log_probs(self, logits, k, allowed=None):
         """Masked log-softmax over the actions at states with k generated tokens: stop only once k >= L_min,
-        tokens only while k < L_max. logits [..., V]; k an int or a tensor broadcastable to logits[..., 0]."""
+        tokens only while k < L_max, and of those only the `allowed` ones (the task mask, [..., A] bool, or
+        None), except that at k = L_max the stop is forced whatever the task mask says, so that no state is left
+        without an action. logits [..., V]; k an int or a tensor broadcastable to logits[..., 0]."""
         x = logits[..., self.actions].float()
         k = torch.as_tensor(k, device=x.device)
         go = (k < self.max_len).unsqueeze(-1).expand_as(x[..., :-1])
         stop = (k >= self.min_len).unsqueeze(-1).expand_as(x[..., -1:])
+        if allowed is not None:
+            go = go & allowed[..., :-1]
+            stop = stop & (allowed[..., -1:] | (k == self.max_len).unsqueeze(-1))
         return torch.log_softmax(x.masked_fill(~torch.cat([go, stop], -1), float("-inf")), -1)
+
+    def allowed_actions(self, tokens, depth, lengths):
+        """The task mask at every state k = 0..depth of each row, [B, depth + 1, A]; None without one. States
+        past a row's end (k > tau) allow every action: their values are dropped later, but a fully masked row
+        would make the log-softmax NaN, and NaN poisons backward even through torch.where."""
+        if self.task_mask is None:
+            return None
+        prev = self.action_of[tokens[:, :depth]]
+        allowed = torch.stack([self.task_mask(prev[:, :k], k) for k in range(depth + 1)], 1)
+        past_end = torch.arange(depth + 1, device=allowed.device)[None] > lengths[:, None]
+        return allowed | past_end[..., None]
 
     def log_probs(self, tokens, lengths, reference=False):
         """One teacher-forced pass over prompt + tokens: log_pf [B, T] (log q(y_{k+1} | s_k), k < tau) and
@@ -107,7 +127,7 @@ class Policy:
         with self._adapters_off() if reference and self.reference is None else contextlib.nullcontext(), self._autocast():
             logits = net(input_ids=ids).logits[:, len(self.prompt) - 1:]  # state k is read at prompt end + k
         k = torch.arange(depth + 1, device=ids.device)
-        logp = self.action_log_probs(logits, k)
+        logp = self.action_log_probs(logits, k, self.allowed_actions(tokens, depth, lengths))
         log_pterm = logp[..., self.stop]
         next_action = self.action_of[tokens[:, :depth]]
         log_pf = F.pad(logp[:, :-1].gather(-1, next_action.unsqueeze(-1)).squeeze(-1), (0, 1))
@@ -130,10 +150,17 @@ class Policy:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     @torch.no_grad()
-    def sample(self, n, temperature=1.0):
-        """Sample n sequences with a KV cache at `temperature` (masked logits / temperature).
+    def sample(self, n, temperature=1.0, reference=False):
+        """Sample n sequences with a KV cache at `temperature` (masked logits / temperature); from the reference
+        P_ref instead of the policy with `reference` (the fidelity meter's second proposal).
         Returns tokens [n, L_max] (EOS past tau), lengths [n], and log_q [n, T]: the log-prob of each chosen
-        action under the temperature-1 policy (for checks and for the CSV's log-prob column)."""
+        action under the temperature-1 sampler (for checks and for the CSV's log-prob column)."""
+        if reference:
+            with self._adapters_off() if self.reference is None else contextlib.nullcontext():
+                return self._sample(self.reference or self.model, n, temperature)
+        return self._sample(self.model, n, temperature)
+
+    def _sample(self, net, n, temperature):
         was_training = self.model.training
         self.model.eval()
         T = self.max_len + 1
@@ -144,9 +171,14 @@ class Policy:
         ids, past = self.prompt.expand(n, -1), None
         for k in range(T):
             with self._autocast():
-                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+                out = net(input_ids=ids, past_key_values=past, use_cache=True)
             past = out.past_key_values
-            logp = self.action_log_probs(out.logits[:, -1], k)
+            allowed = None
+            if self.task_mask is not None:  # finished rows allow everything: what they draw is ignored
+                allowed = self.task_mask(self.action_of[tokens[:, :k]], k) | done[:, None]
+            logp = self.action_log_probs(out.logits[:, -1], k, allowed)
+            if allowed is not None and bool(logp.isneginf().all(-1).any()):
+                raise ValueError(f"the task's state mask and L_min leave no action at a state with {k} tokens")
             a = torch.multinomial(torch.softmax(logp / temperature, -1), 1).squeeze(-1)
             log_q[:, k] = torch.where(done, 0.0, logp.gather(-1, a[:, None]).squeeze(-1))
             stopping = (a == self.stop) & ~done

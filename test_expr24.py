@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import rewards
+import metrics
 import sample
 import train
 from rewards import Expr24Task, TaskError, evaluate_expression, expr24_solutions
@@ -131,7 +132,7 @@ def fake(text, task=Expr24Task()):
 def test_metrics_by_hand():
     solutions = ["3*8", "8*3", "4*6", "6*4"]  # a small made-up solution set, so everything is countable
     samples = [fake(t) for t in ["3*8", "3*8", "8*3", "3+3", "3+", "9/0"]]
-    m = sample.expr24_metrics(samples, solutions)
+    m = metrics.expr24_metrics(samples, solutions)
     assert m["n"] == 6 and m["n_correct"] == 3 and m["acc"] == 0.5
     assert m["n_syntax_valid"] == 4 and m["valid_frac"] == pytest.approx(4 / 6)  # 3+ is cut short, 9/0 undefined
     assert m["unique_correct"] == 2 and m["norm_cov"] == 2 / 4 and m["n_solutions"] == 4
@@ -160,16 +161,16 @@ def test_metrics_by_hand():
 
 def test_metrics_end_symbol_and_perfect_sampler():
     solutions = ["3*8", "4*6", "6*2*2", "2*2*6"]
-    m = sample.expr24_metrics([fake(t) for t in solutions], solutions)
+    m = metrics.expr24_metrics([fake(t) for t in solutions], solutions)
     # a sampler that is exactly uniform over the solutions: zero divergence everywhere except smoothing
     assert m["seq_kl"] == pytest.approx(0) and m["seq_js"] == pytest.approx(0)
     assert m["norm_cov"] == 1.0 and m["cov_by_len"] == {3: 1.0, 5: 1.0}
-    counts = sample.position_counts(solutions, 5)
+    counts = metrics.position_counts(solutions, 5)
     assert counts[3] == Counter({"$": 2, "*": 2}) and counts[4] == Counter({"$": 2, "2": 1, "6": 1})
 
 
 def test_metrics_without_correct_samples():
-    m = sample.expr24_metrics([fake("3+4"), fake("1")], ["3*8", "8*3"])
+    m = metrics.expr24_metrics([fake("3+4"), fake("1")], ["3*8", "8*3"])
     assert m["acc"] == 0 and m["unique_correct"] == 0 and m["norm_cov"] == 0
     assert m["kl_fwd"] is None and m["seq_kl"] is None
     assert "Acc 0.000" in sample.format_report(m)
@@ -177,7 +178,7 @@ def test_metrics_without_correct_samples():
 
 def test_metrics_reject_a_wrong_solution_set():
     with pytest.raises(ValueError, match="not in the solution set"):
-        sample.expr24_metrics([fake("3*8")], ["8*3"])
+        metrics.expr24_metrics([fake("3*8")], ["8*3"])
 
 
 # ----------------------------------------------------------------------------- end to end on CPU

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from rdkit import Chem, DataStructs
 
+import metrics
 import sample
 
 # any warning (numpy "mean of empty slice", division by zero, ...) fails a test
@@ -43,48 +44,48 @@ def loop_similarity_matrix(fps):
 
 
 def test_entropy_nats():
-    assert sample.entropy_nats([5]) == 0.0
-    assert sample.entropy_nats([3, 3]) == pytest.approx(math.log(2))
-    assert sample.entropy_nats({"a": 1, "b": 1, "c": 1, "d": 1}) == pytest.approx(math.log(4))
+    assert metrics.entropy_nats([5]) == 0.0
+    assert metrics.entropy_nats([3, 3]) == pytest.approx(math.log(2))
+    assert metrics.entropy_nats({"a": 1, "b": 1, "c": 1, "d": 1}) == pytest.approx(math.log(4))
     # p = (1/4, 3/4)
-    assert sample.entropy_nats([1, 3]) == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
-    assert sample.entropy_nats([]) is None
+    assert metrics.entropy_nats([1, 3]) == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    assert metrics.entropy_nats([]) is None
 
 # -----------------------------------------------------------------------------
 # token-level metrics
 
 
 def test_token_entropy_hand_cases():
-    assert sample.token_entropy([["C"], ["C"]]) == 0.0
-    assert sample.token_entropy([["C"], ["N"]]) == pytest.approx(math.log(2))
+    assert metrics.token_entropy([["C"], ["C"]]) == 0.0
+    assert metrics.token_entropy([["C"], ["N"]]) == pytest.approx(math.log(2))
     # position 0: {C, N} -> ln 2; position 1: only "C" is alive -> 0; average ln(2) / 2
-    assert sample.token_entropy([["C", "C"], ["N"]]) == pytest.approx(math.log(2) / 2)
+    assert metrics.token_entropy([["C", "C"], ["N"]]) == pytest.approx(math.log(2) / 2)
     # position 0: {C, C, N, O} -> p = (1/2, 1/4, 1/4); position 1: {O, O} -> 0
     h0 = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
-    assert sample.token_entropy([["C", "O"], ["C", "O"], ["N"], ["O"]]) == pytest.approx(h0 / 2)
+    assert metrics.token_entropy([["C", "O"], ["C", "O"], ["N"], ["O"]]) == pytest.approx(h0 / 2)
     # token ids work like strings
-    assert sample.token_entropy([[7, 1], [8, 1]]) == pytest.approx(math.log(2) / 2)
+    assert metrics.token_entropy([[7, 1], [8, 1]]) == pytest.approx(math.log(2) / 2)
 
 
 def test_token_entropy_edge_cases():
-    assert sample.token_entropy([]) is None
-    assert sample.token_entropy([[], []]) is None  # no position has a live sequence
+    assert metrics.token_entropy([]) is None
+    assert metrics.token_entropy([[], []]) is None  # no position has a live sequence
 
 
 def test_length_stats():
-    stats = sample.length_stats([1, 2, 3, 4])
+    stats = metrics.length_stats([1, 2, 3, 4])
     assert stats["mean"] == 2.5 and stats["median"] == 2.5
     # linear interpolation: rank 0.9 * 3 = 2.7 -> 3 + 0.7 * (4 - 3)
     assert stats["p90"] == pytest.approx(3.7)
     assert stats["hist"] == {1: 1, 2: 1, 3: 1, 4: 1}
-    same = sample.length_stats([5, 5, 5])
+    same = metrics.length_stats([5, 5, 5])
     assert (same["mean"], same["median"], same["p90"], same["hist"]) == (5.0, 5.0, 5.0, {5: 3})
-    assert sample.length_stats([]) == {"mean": None, "median": None, "p90": None, "hist": {}}
+    assert metrics.length_stats([]) == {"mean": None, "median": None, "p90": None, "hist": {}}
 
 
 def test_prefix_diagnostics_hand_cases():
     seqs = [["C", "C", "O"], ["C", "C"], ["C", "N"], ["N"]]
-    d = sample.prefix_diagnostics(seqs, max_depth=4)
+    d = metrics.prefix_diagnostics(seqs, max_depth=4)
     # lengths 3, 2, 2, 1
     assert d["surv@1"] == 0.75 and d["surv@2"] == 0.25 and d["surv@3"] == 0.0 and d["surv@4"] == 0.0
     # depth 1: prefixes C, C, C, N -> top1 3/4
@@ -102,67 +103,67 @@ def test_prefix_diagnostics_hand_cases():
 def test_prefix_entropy_counts_whole_prefixes_not_last_tokens():
     # last tokens agree (O) but the depth-2 prefixes differ: CO vs NO
     seqs = [["C", "O"], ["N", "O"]]
-    assert sample.prefix_entropy(seqs, 2) == pytest.approx(math.log(2))
-    assert sample.top1_prefix_mass(seqs, 2) == 0.5
+    assert metrics.prefix_entropy(seqs, 2) == pytest.approx(math.log(2))
+    assert metrics.top1_prefix_mass(seqs, 2) == 0.5
 
 # -----------------------------------------------------------------------------
 # fingerprints and pairwise Tanimoto
 
 
 def test_fingerprints_are_morgan_r2():
-    fps = sample.fingerprints(mols_of(["CCO"]))
+    fps = metrics.fingerprints(mols_of(["CCO"]))
     assert fps[0].GetNumBits() == 2048
-    assert sample.fingerprints(mols_of(["CCO"]), n_bits=1024)[0].GetNumBits() == 1024
+    assert metrics.fingerprints(mols_of(["CCO"]), n_bits=1024)[0].GetNumBits() == 1024
     from rdkit.Chem import rdFingerprintGenerator
     ref = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=2048).GetFingerprint(mols_of(["CCO"])[0])
     assert fps[0] == ref
 
 
 def test_tanimoto_row_sums_match_rdkit_pairwise():
-    fps = sample.fingerprints(mols_of(FRAGMENTS))
+    fps = metrics.fingerprints(mols_of(FRAGMENTS))
     sim = loop_similarity_matrix(fps)
     np.fill_diagonal(sim, 0.0)
-    np.testing.assert_allclose(sample.tanimoto_row_sums(fps), sim.sum(1), rtol=1e-12)
-    np.testing.assert_allclose(sample.tanimoto_row_sums(fps, p=2), (sim ** 2).sum(1), rtol=1e-12)
+    np.testing.assert_allclose(metrics.tanimoto_row_sums(fps), sim.sum(1), rtol=1e-12)
+    np.testing.assert_allclose(metrics.tanimoto_row_sums(fps, p=2), (sim ** 2).sum(1), rtol=1e-12)
 
 # -----------------------------------------------------------------------------
 # chemistry metrics
 
 
 def test_fp_diversity_identical_molecules_is_zero():
-    fps = sample.fingerprints(mols_of(["CCO"] * 5))
-    assert sample.fp_diversity(fps) == 0.0
+    fps = metrics.fingerprints(mols_of(["CCO"] * 5))
+    assert metrics.fp_diversity(fps) == 0.0
 
 
 def test_fp_diversity_matches_loop_over_pairs():
     fragments = FRAGMENTS + ["CCO", "CCO"]  # duplicates are kept
-    fps = sample.fingerprints(mols_of(fragments))
+    fps = metrics.fingerprints(mols_of(fragments))
     n = len(fps)
     pair_sims = [DataStructs.TanimotoSimilarity(fps[i], fps[j]) for i in range(n) for j in range(i + 1, n)]
-    assert sample.fp_diversity(fps) == pytest.approx(1 - np.mean(pair_sims), rel=1e-12)
+    assert metrics.fp_diversity(fps) == pytest.approx(1 - np.mean(pair_sims), rel=1e-12)
 
 
 def test_fp_diversity_edge_cases():
-    assert sample.fp_diversity([]) is None
-    assert sample.fp_diversity(sample.fingerprints(mols_of(["C"]))) is None
+    assert metrics.fp_diversity([]) is None
+    assert metrics.fp_diversity(metrics.fingerprints(mols_of(["C"]))) is None
 
 
 def test_macro_fp_two_bins():
-    fps = sample.fingerprints(mols_of(["CC", "CC", "CCO", "c1ccccc1", "N"]))
+    fps = metrics.fingerprints(mols_of(["CC", "CC", "CCO", "c1ccccc1", "N"]))
     lengths = [2, 2, 3, 3, 1]  # bin 2: identical pair; bin 3: one distinct pair; bin 1: ignored
     t = DataStructs.TanimotoSimilarity(fps[2], fps[3])
     assert 0 < t < 1
-    assert sample.macro_fp_diversity(fps, lengths) == pytest.approx((0.0 + (1 - t)) / 2)
+    assert metrics.macro_fp_diversity(fps, lengths) == pytest.approx((0.0 + (1 - t)) / 2)
     # and it differs from the pooled FPDiv
-    assert sample.macro_fp_diversity(fps, lengths) != pytest.approx(sample.fp_diversity(fps))
+    assert metrics.macro_fp_diversity(fps, lengths) != pytest.approx(metrics.fp_diversity(fps))
 
 
 def test_macro_fp_edge_cases():
-    fps = sample.fingerprints(mols_of(["CC", "CCO"]))
-    assert sample.macro_fp_diversity(fps, [1, 2]) is None  # every bin has one sample
-    assert sample.macro_fp_diversity([], []) is None
+    fps = metrics.fingerprints(mols_of(["CC", "CCO"]))
+    assert metrics.macro_fp_diversity(fps, [1, 2]) is None  # every bin has one sample
+    assert metrics.macro_fp_diversity([], []) is None
     # all samples in one bin: MacroFP == FPDiv
-    assert sample.macro_fp_diversity(fps, [4, 4]) == pytest.approx(sample.fp_diversity(fps))
+    assert metrics.macro_fp_diversity(fps, [4, 4]) == pytest.approx(metrics.fp_diversity(fps))
 
 
 def moses_int_div_numpy(fps, p):
@@ -176,46 +177,46 @@ def moses_int_div_numpy(fps, p):
 
 
 def test_internal_diversity_matches_moses_formula():
-    fps = sample.fingerprints(mols_of(FRAGMENTS + ["CC"]), n_bits=1024)
+    fps = metrics.fingerprints(mols_of(FRAGMENTS + ["CC"]), n_bits=1024)
     for p in (1, 2):
-        assert sample.internal_diversity(fps, p) == pytest.approx(moses_int_div_numpy(fps, p), rel=1e-12)
+        assert metrics.internal_diversity(fps, p) == pytest.approx(moses_int_div_numpy(fps, p), rel=1e-12)
 
 
 def test_internal_diversity_hand_cases():
-    fps = sample.fingerprints(mols_of(["CCO"] * 3), n_bits=1024)
-    assert sample.internal_diversity(fps) == pytest.approx(0.0)
+    fps = metrics.fingerprints(mols_of(["CCO"] * 3), n_bits=1024)
+    assert metrics.internal_diversity(fps) == pytest.approx(0.0)
     # two molecules: matrix [[1, t], [t, 1]] -> 1 - (2 + 2t) / 4 = (1 - t) / 2
-    fps = sample.fingerprints(mols_of(["CCO", "c1ccccc1"]), n_bits=1024)
+    fps = metrics.fingerprints(mols_of(["CCO", "c1ccccc1"]), n_bits=1024)
     t = DataStructs.TanimotoSimilarity(fps[0], fps[1])
-    assert sample.internal_diversity(fps) == pytest.approx((1 - t) / 2)
-    assert sample.internal_diversity(fps[:1]) == 0.0
-    assert sample.internal_diversity([]) is None
+    assert metrics.internal_diversity(fps) == pytest.approx((1 - t) / 2)
+    assert metrics.internal_diversity(fps[:1]) == 0.0
+    assert metrics.internal_diversity([]) is None
 
 
 def test_uniqueness_and_novelty():
     # "OCC" and "CCO" are the same molecule once canonicalised
-    canonical = [sample.canonical_smiles(s) for s in ["CCO", "OCC", "CCN", "c1ccccc1"]]
-    assert sample.uniqueness(canonical) == 0.75
-    train = {sample.canonical_smiles("CCO")}
+    canonical = [metrics.canonical_smiles(s) for s in ["CCO", "OCC", "CCN", "c1ccccc1"]]
+    assert metrics.uniqueness(canonical) == 0.75
+    train = {metrics.canonical_smiles("CCO")}
     # distinct: ethanol, ethylamine, benzene; ethanol is in the training set
-    assert sample.novelty(canonical, train) == pytest.approx(2 / 3)
-    assert sample.novelty(canonical, None) is None
-    assert sample.novelty(canonical, set()) == 1.0
-    assert sample.uniqueness([]) is None and sample.novelty([], train) is None
+    assert metrics.novelty(canonical, train) == pytest.approx(2 / 3)
+    assert metrics.novelty(canonical, None) is None
+    assert metrics.novelty(canonical, set()) == 1.0
+    assert metrics.uniqueness([]) is None and metrics.novelty([], train) is None
 
 
 def test_murcko_scaffold_count():
     mols = [Chem.MolFromSmiles(s) for s in ["c1ccccc1CC", "c1ccccc1O", "C1CCCCC1", "CCO"]]
     # benzene (twice), cyclohexane; ethanol is acyclic and has no scaffold
-    assert sample.murcko_scaffold_count(mols) == 2
+    assert metrics.murcko_scaffold_count(mols) == 2
     # every substituted-scaffold molecule keeps the bicyclic core; a phenyl adds a new scaffold
-    assert sample.murcko_scaffold_count(mols_of(["C", "CC", "CCO"])) == 1
-    assert sample.murcko_scaffold_count(mols_of(["C", "c1ccccc1"])) == 2
-    assert sample.murcko_scaffold_count([]) == 0
+    assert metrics.murcko_scaffold_count(mols_of(["C", "CC", "CCO"])) == 1
+    assert metrics.murcko_scaffold_count(mols_of(["C", "c1ccccc1"])) == 2
+    assert metrics.murcko_scaffold_count([]) == 0
 
 
 def test_canonical_smiles_invalid_is_none():
-    assert sample.canonical_smiles("C1CC") is None
+    assert metrics.canonical_smiles("C1CC") is None
 
 # -----------------------------------------------------------------------------
 # entry point
@@ -225,7 +226,7 @@ def test_smiles_metrics_small_set():
     samples = [make_sample(["C", "C"], score=0.6), make_sample(["C", "C"], score=0.6),
                make_sample(["C", "O"], score=0.8), make_sample(["N"], score=0.4),
                make_sample(["C", "("], valid=False)]
-    m = sample.smiles_metrics(samples, train_smiles={sample.canonical_smiles(molecule("N"))})
+    m = metrics.smiles_metrics(samples, train_smiles={metrics.canonical_smiles(molecule("N"))})
     assert m["n"] == 5 and m["n_valid"] == 4
     assert m["acc"] == 0.8
     assert m["score"] == pytest.approx((0.6 + 0.6 + 0.8 + 0.4) / 4)
@@ -241,23 +242,23 @@ def test_smiles_metrics_small_set():
     assert m["n_unique"] == 3 and m["uniqueness"] == 0.75
     assert m["novelty"] == pytest.approx(2 / 3)
     assert m["scaffolds"] == 1
-    fps = sample.fingerprints(mols_of(["CC", "CC", "CO", "N"]))
-    assert m["fp_div"] == pytest.approx(sample.fp_diversity(fps))
+    fps = metrics.fingerprints(mols_of(["CC", "CC", "CO", "N"]))
+    assert m["fp_div"] == pytest.approx(metrics.fp_diversity(fps))
     # length bins: {2: CC, CC, CO}, {1: N} -> MacroFP is the FPDiv of the length-2 bin
-    assert m["macro_fp"] == pytest.approx(sample.fp_diversity(fps[:3]))
-    fps1024 = sample.fingerprints(mols_of(["CC", "CC", "CO", "N"]), n_bits=1024)
+    assert m["macro_fp"] == pytest.approx(metrics.fp_diversity(fps[:3]))
+    fps1024 = metrics.fingerprints(mols_of(["CC", "CC", "CO", "N"]), n_bits=1024)
     assert m["int_div"] == pytest.approx(moses_int_div_numpy(fps1024, 1))
     assert "int_div" in m and all(not isinstance(v, float) or math.isfinite(v) for v in m.values())
 
 
 def test_smiles_metrics_max_depth_fixes_the_table_size():
-    m = sample.smiles_metrics([make_sample(["C"])], max_depth=10)
+    m = metrics.smiles_metrics([make_sample(["C"])], max_depth=10)
     assert m["surv@10"] == 0.0 and m["top1@10"] is None
 
 
 def test_smiles_metrics_no_valid_samples():
     samples = [make_sample(["C", "("], valid=False), make_sample(["("], valid=False)]
-    m = sample.smiles_metrics(samples, train_smiles={"CCO"})
+    m = metrics.smiles_metrics(samples, train_smiles={"CCO"})
     assert m["acc"] == 0.0 and m["score_all"] == 0.0 and m["n_valid"] == 0
     for key in ["score", "tok_ent", "fp_div", "macro_fp", "len_mean", "len_median", "len_p90",
                 "uniqueness", "novelty", "int_div", "surv@1", "pef_ent@1", "top1@1"]:
@@ -268,23 +269,23 @@ def test_smiles_metrics_no_valid_samples():
 
 
 def test_smiles_metrics_empty_input():
-    m = sample.smiles_metrics([])
+    m = metrics.smiles_metrics([])
     assert m["n"] == 0 and m["acc"] is None and m["fp_div"] is None
     sample.format_report(m)
 
 
 def test_smiles_metrics_one_sample_and_equal_lengths():
-    m = sample.smiles_metrics([make_sample(["C", "C"])])
+    m = metrics.smiles_metrics([make_sample(["C", "C"])])
     assert m["acc"] == 1.0 and m["tok_ent"] == 0.0 and m["fp_div"] is None and m["macro_fp"] is None
     assert m["uniqueness"] == 1.0 and m["int_div"] == 0.0 and m["len_p90"] == 2.0
-    m = sample.smiles_metrics([make_sample(["C", "C"]), make_sample(["C", "O"]), make_sample(["C", "N"])])
+    m = metrics.smiles_metrics([make_sample(["C", "C"]), make_sample(["C", "O"]), make_sample(["C", "N"])])
     assert m["macro_fp"] == pytest.approx(m["fp_div"])  # a single length bin
     assert m["len_mean"] == m["len_median"] == m["len_p90"] == 2.0
 
 
 def test_valid_flag_that_rdkit_rejects_is_skipped_by_chemistry_metrics():
     samples = [make_sample(["C"]), make_sample(["C"], mol="C1CC")]  # wrongly marked valid
-    m = sample.smiles_metrics(samples)
+    m = metrics.smiles_metrics(samples)
     assert m["acc"] == 1.0 and m["n_unique"] == 1 and m["fp_div"] is None
 
 
@@ -292,7 +293,7 @@ def test_inconsistent_length_raises():
     bad = make_sample(["C", "C"])
     bad["length"] = 3
     with pytest.raises(ValueError):
-        sample.smiles_metrics([bad])
+        metrics.smiles_metrics([bad])
 
 # -----------------------------------------------------------------------------
 # output
@@ -313,7 +314,7 @@ def test_write_csv_round_trip(tmp_path):
 
 def test_format_report_lists_headline_metrics_and_depth_table():
     samples = [make_sample(["C", "C"]), make_sample(["C", "O"]), make_sample(["N"])]
-    report = sample.format_report(sample.smiles_metrics(samples, max_depth=3))
+    report = sample.format_report(metrics.smiles_metrics(samples, max_depth=3))
     order = ["Acc", "Score", "TokEnt", "FPDiv", "MacroFP", "Len mean", "median", "p90",
              "uniqueness", "novelty", "scaffolds", "IntDiv", "Surv", "PefEnt", "Top1"]
     positions = [report.index(word) for word in order]

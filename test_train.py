@@ -1,6 +1,7 @@
 """The trainer end to end on tiny random models: every loss runs, kill/resume is exact, bad input is one line."""
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import sample
 import train
 
 FAST = ["--steps", "3", "--batch-size", "6", "--grad-accum", "2", "--max-len", "5", "--min-len", "1",
-        "--k-min-start", "3", "--k-min-end", "1", "--ckpt-every", "100"]
+        "--k-min-start", "3", "--k-min-end", "1", "--ckpt-every", "100", "--eval-every", "0"]
 
 
 def run(model, out, *extra):
@@ -34,6 +35,15 @@ def test_every_loss_trains(loss, arch, request, tmp_path):
     assert [m["step"] for m in log] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor([m["loss"], m["log_z"], m["grad_norm"]])).all() for m in log)
     assert os.path.isfile(os.path.join(tmp_path, "ckpt-000003", "state.pt"))
+
+
+def test_periodic_fidelity_is_logged_and_printed(tiny_gpt2, tmp_path, capsys):
+    assert run(tiny_gpt2, tmp_path, "--eval-every", "2", "--eval-n", "16") == 0
+    rows = [m for m in read_log(tmp_path) if "kl_q_target" in m]
+    assert [m["step"] for m in rows] == [0, 2, 3]  # the start, every 2 steps, the end
+    assert all(math.isfinite(m["kl_q_target"]) and math.isfinite(m["log_z_estimate"]) for m in rows)
+    out = capsys.readouterr().out
+    assert "start (step 0): distance to the target" in out and "end (step 3)" in out and "missed mass" in out
 
 
 def test_training_moves_the_weights_and_logz(tiny_gpt2, tmp_path):
@@ -66,8 +76,8 @@ def test_kill_and_resume_is_bit_identical(tiny_llama, tmp_path, monkeypatch, ext
     assert train.main(["--resume", "--out", str(tmp_path / "killed"), "--steps", "4"]) == 0
 
     assert read_log(tmp_path / "killed") == read_log(tmp_path / "straight")
-    a = torch.load(os.path.join(train.find_checkpoint(str(tmp_path / "straight")), "state.pt"), weights_only=False)
-    b = torch.load(os.path.join(train.find_checkpoint(str(tmp_path / "killed")), "state.pt"), weights_only=False)
+    a = torch.load(os.path.join(train.find_checkpoint(str(tmp_path / "straight")), "state.pt"), weights_only=True)
+    b = torch.load(os.path.join(train.find_checkpoint(str(tmp_path / "killed")), "state.pt"), weights_only=True)
     assert torch.equal(a["log_z"], b["log_z"])
     for name in ("adapter_model.safetensors", "model.safetensors"):
         pa = os.path.join(train.find_checkpoint(str(tmp_path / "straight")), name)
@@ -119,8 +129,8 @@ def test_corrupt_checkpoint(tiny_gpt2, tmp_path, capsys):
     good = open(state_path, "rb").read()
     with open(state_path, "wb") as f:
         f.write(b"not a checkpoint")
-    assert "corrupt checkpoint" in error_of(capsys, train.main(["--resume", "--out", str(tmp_path)]))
-    assert "corrupt checkpoint" in error_of(capsys, sample.main([str(tmp_path)]))
+    assert "corrupt or unsafe checkpoint" in error_of(capsys, train.main(["--resume", "--out", str(tmp_path)]))
+    assert "corrupt or unsafe checkpoint" in error_of(capsys, sample.main([str(tmp_path)]))
     with open(state_path, "wb") as f:
         f.write(good)
     with open(os.path.join(ckpt, "model.safetensors"), "wb") as f:
@@ -139,7 +149,7 @@ def test_lora_adapter_on_another_model(tiny_gpt2, tiny_llama, tmp_path, capsys):
     assert run(tiny_llama, tmp_path, "--lora", "--replay", "none") == 0
     capsys.readouterr()
     state_path = os.path.join(train.find_checkpoint(str(tmp_path)), "state.pt")
-    state = torch.load(state_path, weights_only=False)
+    state = torch.load(state_path, weights_only=True)
     state["args"]["model"] = tiny_gpt2  # as if the base model had been swapped under the adapter
     torch.save(state, state_path)
     assert "cannot load LoRA adapter" in error_of(capsys, sample.main([str(tmp_path)]))
@@ -155,7 +165,8 @@ def test_bad_scaffold(tiny_gpt2, tmp_path, capsys, scaffold, message):
 def test_bad_flags_exit_with_usage(tmp_path, flags, capsys):
     with pytest.raises(SystemExit) as e:
         train.get_args(["--out", str(tmp_path), *flags])
-    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error:") and len(err.splitlines()) == 1
 
 
 def test_cli_prints_one_line_not_a_traceback(tmp_path):

@@ -11,35 +11,46 @@ and `latest`, the name of the newest complete checkpoint.
 """
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
+import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import fidelity
 import losses
 import model as modellib
 import rewards
+from checkpoint import find_checkpoint, load_rank_state, load_state, non_finite_loss, save_checkpoint
+from distributed import (average_across_ranks, enable_grad_ckpt, fsdp_average_and_clip, load_optimizer, replay_ready,
+                         setup_distributed, shard, shared_coin)
 from replay import Item, make_buffer
+
+# the paper's optimisation settings (SMILES), used for every flag left unset that the task's defaults do not set
+PAPER_DEFAULTS = dict(steps=5000, batch_size=32, grad_accum=4, lr=1e-4)
 
 
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # task and model
-    a("--task", default="smiles", choices=sorted(rewards.TASKS))
+    a("--task", default="smiles", help="smiles, expr24, or your own: my_module:score, path/to/file.py:MyTask")
+    a("--charset", default=None, help="your own task: the characters a token may use (default: the task's, or any)")
     a("--model", default=None, help="hub name or local folder (default: the task's; 'prior' is the embedded SMILES GPT-2)")
     a("--lora", action="store_true", help="train LoRA adapters (r=16, alpha=16, dropout 0.1) instead of all weights")
     a("--trust-remote-code", action="store_true")
     a("--prompt", default="", help="text before the generated part (the embedded prior uses BOS only)")
     a("--scaffold", default=rewards.PAPER_SCAFFOLD, help="SMILES with one '*' to fill; '' for whole molecules")
+    a("--attach", default="graph", choices=["graph", "string"],
+      help="join the side chain to the scaffold on the molecular graph, or paste the string as the paper does")
     a("--min-len", type=int, default=None, help="L_min: stop is masked before this many generated tokens (task default)")
     a("--max-len", type=int, default=None, help="L_max: stop is forced after this many generated tokens (task default)")
     a("--kappa", type=float, default=1.0, help="weight of log P_ref in log R")
@@ -69,10 +80,11 @@ def make_parser():
     a("--t-hi-start", type=float, default=1.5)
     a("--t-hi-end", type=float, default=1.0)
     # optimisation
-    a("--steps", type=int, default=5000)
-    a("--batch-size", type=int, default=32)
-    a("--grad-accum", type=int, default=4)
-    a("--lr", type=float, default=1e-4)
+    # these four default to the task's choice (Expr24: see Expr24Task.defaults), else the paper's (PAPER_DEFAULTS)
+    a("--steps", type=int, default=None, help="optimiser steps (paper: 5000)")
+    a("--batch-size", type=int, default=None, help="sequences per batch (paper: 32)")
+    a("--grad-accum", type=int, default=None, help="batches per optimiser step (paper: 4)")
+    a("--lr", type=float, default=None, help="learning rate of the network (paper: 1e-4)")
     a("--lr-logz", type=float, default=0.1, help="logZ's own learning rate (not stated in the paper)")
     a("--log-z-init", type=float, default=None,
       help="initial logZ (default: the importance-sampling estimate log mean exp(log R - log q) of one batch)")
@@ -84,6 +96,9 @@ def make_parser():
     a("--ckpt-every", type=int, default=250)
     a("--resume", action="store_true", help="continue from --out/latest with its saved settings")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    a("--eval-every", type=int, default=None, help="measure the distance to the target every N steps, at the start "
+      "and at the end (METHOD.md §8; default: 4 times per run; 0: never)")
+    a("--eval-n", type=int, default=256, help="policy samples (and as many reference samples) per measurement")
     # models that do not fit one GPU
     a("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the ranks (FSDP2)")
     a("--grad-ckpt", action="store_true", help="activation checkpointing: keep block inputs only, recompute in backward")
@@ -92,18 +107,32 @@ def make_parser():
 
 def get_args(argv=None):
     p = make_parser()
+    p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line, not argparse's screenful of usage
     args = p.parse_args(argv)
     check_args(p, args)
     return args
 
 
 def check_args(p, args):
-    defaults = rewards.TASKS[args.task].defaults  # e.g. SMILES: the prior, 2..10 tokens; Expr24: 3..9
-    for key, value in defaults.items():
+    try:
+        task = build_task(args)  # a user's task is imported here, so a broken one fails before any work
+    except rewards.TaskError as e:
+        p.exit(2, f"error: {e}\n")
+    for key, value in {**PAPER_DEFAULTS, **task.defaults}.items():  # e.g. SMILES: the prior, 2..10; Expr24: 3..9
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.max_len < args.min_len or args.min_len < 0:
-        p.error(f"need 0 <= --min-len <= --max-len (got {args.min_len} and {args.max_len})")
+    bad = [k for k, v in vars(args).items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        p.error(f"--{bad[0].replace('_', '-')} must be a finite number (got {getattr(args, bad[0])})")
+    if args.max_len < args.min_len or args.min_len < 0 or args.max_len < 1:
+        p.error(f"need 0 <= --min-len <= --max-len and --max-len >= 1 (got {args.min_len} and {args.max_len})")
+    if min(args.kappa, args.eps_absorb, args.k_min_start, args.k_min_end, args.seed) < 0:
+        p.error("--kappa, --eps-absorb, --k-min-start, --k-min-end and --seed must be >= 0")
+    if args.horizon is not None and args.horizon < 1:
+        p.error("--horizon must be at least 1")
+    for problem in (device_problem(args.device), out_problem(args.out), context_problem(args)):
+        if problem:
+            p.error(problem)
     for name in ("steps", "batch_size", "grad_accum", "buffer_size", "ckpt_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -117,12 +146,55 @@ def check_args(p, args):
         p.error("--eta, --rho and --weight-decay must be >= 0 and --grad-clip > 0")
 
 
+def device_problem(name):
+    """Why --device names no device of this machine (None if it does)."""
+    try:
+        device = torch.device(name if name != "auto" else "cpu")
+    except (RuntimeError, ValueError):
+        return f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, mps, ...)"
+    count = getattr(getattr(torch, device.type, None), "device_count", lambda: 0)()
+    if device.type != "cpu" and (device.index or 0) >= count:
+        return f"--device {name}: this machine (this torch build) has {count} {device.type} device(s)"
+
+
+def out_problem(out):
+    """Why --out cannot hold the run: a file, or under a folder that cannot be written (None if it can)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out!r} is an existing file, not a folder"
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {out!r} cannot be created or written ({parent!r} is not a writable folder)"
+
+
+def context_problem(args):
+    """BOS + prompt + --max-len tokens must fit the model's positions, read from its config without the weights.
+    No check when the config cannot be read here (offline, not a model): loading the model says why later."""
+    from transformers import AutoConfig, AutoTokenizer
+    if args.model is None:  # the task's scratch model, one token per character, built by run()
+        n, prompt = inspect.signature(modellib.build_scratch_model).parameters["n_positions"].default, len(args.prompt)
+    else:
+        try:
+            path, remote = modellib.resolve(args.model), args.trust_remote_code
+            config = AutoConfig.from_pretrained(path, trust_remote_code=remote).get_text_config()
+            n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+            prompt = len(AutoTokenizer.from_pretrained(path, trust_remote_code=remote)(
+                args.prompt, add_special_tokens=False).input_ids) if args.prompt else 0
+        except Exception:
+            return None
+    if n and 1 + prompt + args.max_len > n:
+        return (f"--max-len {args.max_len} does not fit the model: BOS + {prompt} prompt tokens + {args.max_len} "
+                f"> its {n} positions")
+
+
 def linear(start, end, frac):
     return start + (end - start) * frac
 
 
 def build_task(args):
-    return rewards.TASKS[args.task](**({"scaffold": args.scaffold} if args.task == "smiles" else {}))
+    return rewards.load_task(args.task, scaffold=args.scaffold, attach=getattr(args, "attach", "graph"),
+                             charset=getattr(args, "charset", None))  # getattr: checkpoints older than the flags
 
 
 def build_policy(args, task, ckpt=None, with_reference=True):
@@ -149,15 +221,16 @@ def build_policy(args, task, ckpt=None, with_reference=True):
     allowed = rewards.allowed_token_ids(tokenizer, task.charset, max_chars=task.max_token_chars)
     if not allowed:
         raise modellib.ModelError(f"no token of {args.model!r}'s vocabulary fits the {args.task} task")
-    policy = modellib.Policy(net, tokenizer, allowed, args.min_len, args.max_len, args.prompt, reference)
+    policy = modellib.Policy(net, tokenizer, allowed, args.min_len, args.max_len, args.prompt, reference,
+                             state_mask=task.state_mask)  # Expr24's grammar; None for SMILES
     policy.sync_ranks = args.fsdp  # FSDP: sampling stops when every rank is done (each forward is a collective)
     return policy
 
 
-def build_buffer(args):
+def build_buffer(args, task):
     if args.replay == "none":
         return None
-    return make_buffer(args.replay, capacity=args.buffer_size, similarity="tanimoto" if args.task == "smiles" else "bigram")
+    return make_buffer(args.replay, capacity=args.buffer_size, similarity=task.similarity)
 
 
 def score_batch(args, task, policy, tokens, lengths):
@@ -244,225 +317,8 @@ def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
     return dict(step=step + 1, **metrics, log_z=log_z.item(), grad_norm=grad_norm.item(), k_min=loss_knobs(args, frac)["k_min"])
 
 
-# ----------------------------------------------------------------------------- data parallelism (torchrun)
-
-def setup_distributed(args):
-    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPUs. Each rank samples
-    its own batches; gradients of the policy and of logZ are averaged, so all ranks keep identical weights."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    gpu = torch.cuda.is_available() and args.device in ("auto", "cuda")
-    if gpu:
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(args.device)
-    if not dist.is_initialized():
-        dist.init_process_group("cpu:gloo,cuda:nccl" if gpu else "gloo")  # gloo too: metrics are averaged on CPU
-    return dist.get_rank(), dist.get_world_size()
-
-
-def average_across_ranks(tensors, write_back=None):
-    """Mean over ranks of a list of tensors, in one all-reduce; a no-op in a single process.
-    With `write_back` (parameters), the averages become their .grad."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        if write_back is not None:
-            for p, t in zip(write_back, tensors):
-                p.grad = t
-        return tensors
-    flat = torch.cat([t.reshape(-1).to(tensors[0].dtype) for t in tensors]) / dist.get_world_size()
-    dist.all_reduce(flat)
-    out = [chunk.view_as(t).to(t.dtype) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
-    for p, t in zip(write_back or [], out):
-        p.grad = t
-    return out
-
-
-# ----------------------------------------------------------------------------- models that do not fit one GPU
-
-def enable_grad_ckpt(net):
-    """Activation checkpointing: each transformer block keeps only its input and is recomputed in backward.
-    Non-reentrant, so gradients reach LoRA weights without enable_input_require_grads()."""
-    hf = net.get_base_model() if hasattr(net, "peft_config") else net  # with LoRA: the HF model inside peft's
-    enable = getattr(hf, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: the old name
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def shard(net, device, bf16=None):
-    """FSDP2: shard each transformer block (the classes HF lists in `_no_split_modules`), then the root, over all
-    ranks. A block's full weights exist only while it runs; gradients are reduce-scattered (averaged) by FSDP.
-    With bf16 (default: on GPUs) blocks compute in bf16 and gradients are reduced in fp32; parameters keep
-    their dtype."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    ensure_process_group(device)
-    root = net.get_base_model() if hasattr(net, "peft_config") else net  # peft's wrapper stays a plain module
-    blocks = set(getattr(root, "_no_split_modules", None) or ())
-    if not blocks:
-        raise modellib.ModelError(f"--fsdp: {type(root).__name__} does not name its transformer blocks (_no_split_modules)")
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    bf16 = device.type == "cuda" if bf16 is None else bf16
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    for m in root.modules():
-        if type(m).__name__ in blocks:
-            fully_shard(m, mesh=mesh, mp_policy=mp)
-    fully_shard(root, mesh=mesh, mp_policy=mp)  # embeddings, final norm, LM head; moves the shards to `device`
-    # FSDP fixes each group's gradient dtypes at the first forward, from the parameters that require grad then.
-    # peft's disable_adapter() (the reference pass) turns LoRA's requires_grad off, and a replayed first batch
-    # starts with that pass; so make the first forward now (one token, every rank), with the adapters on.
-    with torch.no_grad():
-        root(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
-    root.reshard()  # the root keeps its gathered weights after a forward: register the shards again (the optimiser's)
-
-
-def ensure_process_group(device):
-    """FSDP needs a process group even in a plain `python train.py --fsdp` (one process, one GPU)."""
-    if not dist.is_initialized():
-        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-
-
-def shared_coin(args, step, i):
-    """Under FSDP every forward is a collective, so every rank must make the same sequence of calls: whether
-    micro-batch i of this step is replayed and its temperature come from a generator seeded by (seed, step, i),
-    the same on all ranks and stateless (resume needs nothing saved). The samples still differ per rank.
-    None (use the rank's own stream) without FSDP."""
-    return np.random.default_rng([args.seed % 2**32, step, i]) if args.fsdp else None
-
-
-def replay_ready(args, buffer):
-    """The buffer has items to replay; under FSDP, on every rank (buffers differ between ranks)."""
-    ready = buffer is not None and len(buffer) > 0
-    if args.fsdp and buffer is not None:
-        ready = on_every_rank(ready)
-    return ready
-
-
-def on_every_rank(flag):
-    t = torch.tensor([float(flag)], device="cuda" if "nccl" in dist.get_backend() else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def fsdp_average_and_clip(params, log_z, max_norm):
-    """FSDP has already averaged the policy's (sharded, DTensor) gradients; logZ is a plain tensor on every rank,
-    so only its gradient is averaged here. Clipping uses the norm over both kinds: the sharded part's norm is
-    a DTensor whose full_tensor() sums the squares over the shards."""
-    from torch.distributed.tensor import DTensor
-    average_across_ranks([log_z.grad if log_z.grad is not None else torch.zeros_like(log_z)], write_back=[log_z])
-    grads = [p.grad for p in params if p.grad is not None]
-    norms = []
-    for kind in ([g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]):
-        if kind:
-            norm = torch.nn.utils.get_total_norm(kind)
-            norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().to(log_z.device))
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))  # as clip_grad_norm_ does
-    for g in grads:
-        g.mul_(coef)
-    return total
-
-
-def policy_and_log_z(policy, log_z):
-    """One module holding every parameter the optimiser steps, so its state dict can name them all."""
-    both = torch.nn.Module()
-    both.policy, both.log_z = policy.model, log_z
-    return both
-
-
-def fsdp_full_states(args, policy, log_z, optimizer):
-    """Gather the full weights (only the trainable ones with LoRA) and optimiser state onto rank 0's CPU.
-    A collective: every rank calls it; the other ranks get empty dicts."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(policy.model, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True, ignore_frozen_params=args.lora))
-    return weights, get_optimizer_state_dict(policy_and_log_z(policy, log_z), optimizer, options=full)
-
-
-def load_optimizer(args, policy, log_z, optimizer, saved):
-    """Restore the optimiser; under FSDP from the full state in the checkpoint, each rank keeping its shard."""
-    if not args.fsdp:
-        return optimizer.load_state_dict(saved)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(policy_and_log_z(policy, log_z), optimizer, saved,
-                             options=StateDictOptions(full_state_dict=True))
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def rank_state(buffer, rng):
-    """What differs between ranks: random streams and the replay buffer."""
-    return dict(buffer=buffer.state_dict() if buffer is not None else None, numpy=rng.bit_generator.state,
-                torch=torch.get_rng_state(), python=random.getstate(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def load_rank_state(s, buffer, rng):
-    if buffer is not None:
-        buffer.load_state_dict(s["buffer"])
-    rng.bit_generator.state = s["numpy"]
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_checkpoint(args, policy, buffer, log_z, optimizer, rng, step):
-    """Rank 0 writes ckpt-<step>/ under a temporary name, renames it into place, then points `latest` at it
-    (os.replace is atomic), so a crash at any moment leaves the previous checkpoint intact. Weights and
-    optimiser are identical on all ranks; each rank's random streams and buffer are gathered into it."""
-    mine = rank_state(buffer, rng)
-    ranks = [mine]
-    if args.fsdp:
-        weights, optimizer_state = fsdp_full_states(args, policy, log_z, optimizer)
-    if dist.is_initialized():
-        ranks = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(mine, ranks)
-        if dist.get_rank() != 0:
-            return None
-    name = f"ckpt-{step:06d}"
-    final, tmp = os.path.join(args.out, name), os.path.join(args.out, f".{name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if args.fsdp:  # a normal HF folder from the gathered weights
-        policy.model.save_pretrained(tmp, state_dict=weights)
-    else:
-        policy.model.save_pretrained(tmp)  # with LoRA: the adapter only
-        optimizer_state = optimizer.state_dict()
-    policy.tokenizer.save_pretrained(tmp)
-    state = dict(step=step, log_z=log_z.detach().cpu(), optimizer=optimizer_state, args=vars(args), ranks=ranks)
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(args.out, "latest.tmp"), "w") as f:
-        f.write(name + "\n")
-    os.replace(os.path.join(args.out, "latest.tmp"), os.path.join(args.out, "latest"))
-    for old in os.listdir(args.out):  # keep only the newest checkpoint
-        if old.startswith("ckpt-") and old != name:
-            shutil.rmtree(os.path.join(args.out, old), ignore_errors=True)
-    return final
-
-
-def find_checkpoint(path):
-    """A checkpoint folder from a run folder (via `latest`) or a checkpoint folder itself."""
-    if os.path.isfile(os.path.join(path, "latest")):
-        with open(os.path.join(path, "latest")) as f:
-            path = os.path.join(path, f.read().strip())
-    if not os.path.isfile(os.path.join(path, "state.pt")):
-        raise modellib.ModelError(f"no checkpoint at {path!r} (expected a run folder with `latest` or a ckpt-* folder)")
-    return path
-
-
-def load_state(ckpt):
-    try:
-        return torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise modellib.ModelError(f"corrupt checkpoint {ckpt!r}: cannot read state.pt ({type(e).__name__})") from None
-
-
 RUN_ONLY = ("out", "steps", "device", "ckpt_every", "resume", "grad_ckpt")  # what --resume may change
+MEASURE_ONLY = ("eval_every", "eval_n")  # --resume keeps the run's unless given again: they never change training
 
 
 def resume_args(args):
@@ -471,11 +327,13 @@ def resume_args(args):
     ckpt = find_checkpoint(args.out)
     state = load_state(ckpt)
     saved, defaults = state["args"], vars(get_args(["--task", args.task]))
-    for key, value in vars(args).items():
-        if key not in RUN_ONLY and value != defaults.get(key) and value != saved.get(key):
+    given = {k: v for k, v in vars(args).items() if v != defaults.get(k)}
+    for key, value in given.items():
+        if key not in RUN_ONLY + MEASURE_ONLY and value != saved.get(key):
             raise modellib.ModelError(f"checkpoint {ckpt!r} was trained with --{key.replace('_', '-')} "
                                       f"{saved.get(key)!r}, not {value!r}")
-    saved = argparse.Namespace(**{**defaults, **saved, **{k: getattr(args, k) for k in RUN_ONLY}})  # defaults: flags newer than the checkpoint
+    now = {k: getattr(args, k) for k in RUN_ONLY} | {k: v for k, v in given.items() if k in MEASURE_ONLY}
+    saved = argparse.Namespace(**{**defaults, **saved, **now})  # defaults: flags newer than the checkpoint
     return saved, ckpt, state
 
 
@@ -484,6 +342,30 @@ def resume_args(args):
 def log_step(log_file, metrics):
     log_file.write(json.dumps(metrics) + "\n")
     log_file.flush()
+
+
+def evaluate(args, task, policy, log_z, step):
+    """The distance to the target after `step` steps (fidelity.measure), with what it cost. Its samples come from
+    a forked RNG, so a run with evaluations trains exactly as one without."""
+    start = time.perf_counter()
+    f = fidelity.measure(policy, task, args.kappa, args.lam, args.eval_n, log_z.item(), seed=args.seed + step)
+    return dict(f, eval_seconds=time.perf_counter() - start)
+
+
+def eval_due(args, step):
+    every = args.eval_every if args.eval_every is not None else max(1, args.steps // 4)
+    return every > 0 and (step % every == 0 or step == args.steps)
+
+
+def report_fidelity(log_path, seconds):
+    """The first and the last measurement of the run, and the share of the run they took."""
+    with open(log_path) as f:
+        rows = [r for r in map(json.loads, f) if "kl_q_target" in r]
+    if not rows:
+        return
+    for name, row in (("start", rows[0]), ("end", rows[-1])) if len(rows) > 1 else (("end", rows[0]),):
+        print(f"{name} (step {row['step']}): " + fidelity.format_fidelity(row, explain=name == "end"))
+    print(f"measuring took {sum(r['eval_seconds'] for r in rows):.0f} s of this run's {seconds:.0f} s")
 
 
 def run(args):
@@ -508,7 +390,7 @@ def run(args):
     policy = build_policy(args, task, ckpt)
     random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)  # ... but each rank its own samples
     rng = np.random.default_rng(args.seed + rank)
-    buffer = build_buffer(args)
+    buffer = build_buffer(args, task)
     log_z = torch.nn.Parameter(torch.zeros((), device=policy.device))
     optimizer = torch.optim.AdamW([
         dict(params=[p for p in policy.model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay),
@@ -523,6 +405,7 @@ def run(args):
     else:
         with torch.no_grad():
             log_z.fill_(args.log_z_init if args.log_z_init is not None else estimate_log_z(args, task, policy))
+    started = time.perf_counter()
     log_path = os.path.join(args.out, "metrics.jsonl")
     if rank == 0 and step and os.path.exists(log_path):  # drop lines a killed run wrote after its checkpoint
         with open(log_path) as f:
@@ -534,16 +417,26 @@ def run(args):
               f"{policy.device}, {sum(p.numel() for p in policy.model.parameters() if p.requires_grad):,} "
               f"trainable parameters")
     with open(log_path, "a" if step else "w") if rank == 0 else contextlib.nullcontext() as log_file, stop_on_ctrl_c():
+        if step == 0 and eval_due(args, 0):
+            first = evaluate(args, task, policy, log_z, 0)
+            if rank == 0:
+                log_step(log_file, dict(step=0, **first))
+                print(fidelity.format_fidelity(first))
+        kl = {}
         bar = tqdm(range(step, args.steps), initial=step, total=args.steps, dynamic_ncols=True, disable=rank != 0)
         for step in bar:
             metrics = train_step(args, task, policy, buffer, log_z, optimizer, rng, step)
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"non-finite loss at step {step + 1}: {metrics}")
+            if eval_due(args, metrics["step"]):
+                metrics.update(evaluate(args, task, policy, log_z, metrics["step"]))
+                kl = dict(KL=f"{metrics['kl_q_target']:.2f}")
+            if not math.isfinite(metrics["loss"]):  # one line naming the step and the kept checkpoint
+                bar.close()
+                raise modellib.ModelError(non_finite_loss(args.out, metrics["step"]))
             if rank == 0:
                 log_step(log_file, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3g}", logZ=f"{metrics['log_z']:.2f}",
                             R=f"{metrics['reward']:.3f}", valid=f"{metrics['validity']:.2f}",
-                            len=f"{metrics['length']:.1f}")
+                            len=f"{metrics['length']:.1f}", **kl)
             if stop_requested() and metrics["step"] < args.steps:
                 bar.close()
                 path = save_checkpoint(args, policy, buffer, log_z, optimizer, rng, metrics["step"])
@@ -554,6 +447,7 @@ def run(args):
                 save_checkpoint(args, policy, buffer, log_z, optimizer, rng, metrics["step"])
     path = save_checkpoint(args, policy, buffer, log_z, optimizer, rng, args.steps)
     if rank == 0:
+        report_fidelity(log_path, time.perf_counter() - started)
         print(f"done: {path}\nsample with: python sample.py {args.out}")
     return 0
 
@@ -588,7 +482,10 @@ def stop_on_ctrl_c():
 
 
 def main(argv=None):
-    args = get_args(argv)
+    try:
+        args = get_args(argv)
+    except SystemExit as e:  # argparse has printed the one-line error (or --help)
+        return e.code
     try:
         return run(args)
     except (modellib.ModelError, rewards.TaskError) as e:

@@ -1,0 +1,111 @@
+"""
+Checkpoints: ckpt-<step>/ holds the model (or LoRA adapter) and tokenizer as Hugging Face writes them, plus the
+run's state (logZ, optimiser, step, settings, every rank's RNG streams and replay buffer). A checkpoint is written
+under a temporary name and renamed into place, then `latest` is pointed at it, so a crash never leaves a
+half-written one. A checkpoint from elsewhere is untrusted input: state.pt holds only tensors and plain values and
+is read with torch.load(weights_only=True), which refuses anything that would run code; weights are safetensors.
+"""
+import os
+import random
+import shutil
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+
+import model as modellib
+from distributed import fsdp_full_states
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def rank_state(buffer, rng):
+    """What differs between ranks: random streams and the replay buffer."""
+    return dict(buffer=buffer.state_dict() if buffer is not None else None, numpy=rng.bit_generator.state,
+                torch=torch.get_rng_state(), python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def load_rank_state(s, buffer, rng):
+    if buffer is not None:
+        buffer.load_state_dict(s["buffer"])
+    rng.bit_generator.state = s["numpy"]
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(args, policy, buffer, log_z, optimizer, rng, step):
+    """Rank 0 writes ckpt-<step>/ under a temporary name, renames it into place, then points `latest` at it
+    (os.replace is atomic), so a crash at any moment leaves the previous checkpoint intact. Weights and
+    optimiser are identical on all ranks; each rank's random streams and buffer are gathered into it."""
+    mine = rank_state(buffer, rng)
+    ranks = [mine]
+    if args.fsdp:
+        weights, optimizer_state = fsdp_full_states(args, policy, log_z, optimizer)
+    if dist.is_initialized():
+        ranks = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, ranks)
+        if dist.get_rank() != 0:
+            return None
+    name = f"ckpt-{step:06d}"
+    final, tmp = os.path.join(args.out, name), os.path.join(args.out, f".{name}.tmp")
+    if not args.fsdp:
+        optimizer_state = optimizer.state_dict()
+    state = dict(step=step, log_z=log_z.detach().cpu(), optimizer=optimizer_state, args=vars(args), ranks=ranks)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # with LoRA the adapter only; under FSDP a normal HF folder from the gathered weights
+        policy.model.save_pretrained(tmp, **(dict(state_dict=weights) if args.fsdp else {}))
+        policy.tokenizer.save_pretrained(tmp)
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(args.out, "latest.tmp"), "w") as f:
+            f.write(name + "\n")
+        os.replace(os.path.join(args.out, "latest.tmp"), os.path.join(args.out, "latest"))
+    except (OSError, SafetensorError) as e:  # e.g. a full disk: the previous checkpoint and `latest` are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else modellib.first_line(e)
+        raise modellib.ModelError(f"cannot write checkpoint {final}: {why}") from None
+    for old in os.listdir(args.out):  # keep only the newest checkpoint; drop what a killed save left behind
+        if (old.startswith("ckpt-") and old != name) or (old.startswith(".ckpt-") and old.endswith(".tmp")):
+            shutil.rmtree(os.path.join(args.out, old), ignore_errors=True)
+    return final
+
+
+def find_checkpoint(path):
+    """A checkpoint folder from a run folder (via `latest`) or a checkpoint folder itself."""
+    if os.path.isfile(os.path.join(path, "latest")):
+        with open(os.path.join(path, "latest")) as f:
+            path = os.path.join(path, f.read().strip())
+    if not os.path.isfile(os.path.join(path, "state.pt")):
+        raise modellib.ModelError(f"no checkpoint at {path!r} (expected a run folder with `latest` or a ckpt-* folder)")
+    return path
+
+
+STATE_KEYS = {"step", "log_z", "optimizer", "args", "ranks"}
+
+
+def load_state(ckpt):
+    """state.pt as plain values. weights_only=True: a tampered file (a pickle that would run a command) is refused
+    before anything in it runs, like a corrupt one."""
+    try:
+        state = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise modellib.ModelError(f"corrupt or unsafe checkpoint {ckpt!r}: state.pt is not plain tensors and values "
+                                  f"({type(e).__name__}); nothing in it was run") from None
+    if not isinstance(state, dict) or not STATE_KEYS <= state.keys():
+        raise modellib.ModelError(f"corrupt checkpoint {ckpt!r}: state.pt was not written by train.py")
+    return state
+
+
+def non_finite_loss(out, step):
+    """The one-line message for a run whose loss became NaN/inf: where, what is kept, what to do. --resume alone
+    would repeat the same steps exactly, so the advice is other settings."""
+    try:
+        kept = f"the last good checkpoint is {find_checkpoint(out)} (kept)"
+    except modellib.ModelError:
+        kept = "no checkpoint was written yet"
+    return (f"non-finite loss at step {step}; {kept}; resuming would repeat the same steps, so start a new run "
+            f"(another --out) with a lower --lr or --lam")

@@ -1,0 +1,243 @@
+"""
+Is it sampling in proportion to R? The distance from a sampler q to its target p*(x) = R(x) / Z (METHOD.md §8).
+
+The first half is pure functions (arrays of log-probabilities in, numbers out); the second draws what they need
+from a Policy: samples from the policy and from the reference P_ref, with exact log q, log P_ref and log R for
+each. train.py's periodic evaluation, sample.py and reproduce.py all report `measure`'s dict.
+
+    KL(q || p*) = log Z - E_q[log R - log q]   (>= 0; the learned logZ is not Z, so Z is estimated apart)
+"""
+import math
+
+import numpy as np
+import torch
+
+# Inputs are per-object arrays of natural-log quantities: log_r = log R(x), log_q = log q(x) (the policy, exact
+# under the mask, teacher-forced for objects it did not draw), log_ref = log P_ref(x). "q" samples come from the
+# policy, "ref" samples from the reference.
+
+def _logmeanexp(x):
+    x = np.asarray(x, dtype=np.float64)
+    top = x.max()
+    return float(top + np.log(np.mean(np.exp(x - top)))) if np.isfinite(top) else float(top)
+
+
+def _mixture_log_weights(log_r, log_q, log_ref):
+    """log R(x) / m(x) with the defensive mixture m = q/2 + P_ref/2."""
+    return np.asarray(log_r, np.float64) - (np.logaddexp(log_q, log_ref) - math.log(2))
+
+
+def _log_z_mixture(log_w_q, log_w_ref):
+    """Stratified estimate: half the proposal's mass from each sampler, whatever the sample counts, so
+    E = (E_q[R/m] + E_ref[R/m]) / 2 = sum_x R(x) = Z exactly in expectation."""
+    parts = [_logmeanexp(w) for w in (log_w_q, log_w_ref) if len(w)]
+    return float(np.logaddexp.reduce(parts) - math.log(len(parts)))
+
+
+def ess(log_w):
+    """Kish's effective sample size (sum w)^2 / sum w^2 of importance weights given in log space."""
+    log_w = np.asarray(log_w, np.float64)
+    if len(log_w) == 0 or not np.isfinite(log_w.max()):
+        return 0.0
+    w = np.exp(log_w - log_w.max())
+    return float(w.sum() ** 2 / (w ** 2).sum())
+
+
+def _arrays(s):
+    return tuple(np.asarray(s[k], np.float64) for k in ("log_r", "log_q", "log_ref"))
+
+
+def log_z_estimate(q, ref, n_boot=200, seed=0):
+    """log Z by importance sampling with the mixture proposal m = q/2 + P_ref/2, weight R(x)/m(x).
+    q, ref: dicts of arrays log_r, log_q, log_ref for the policy's and the reference's samples.
+    Returns log_z, its bootstrap 95% interval (resampling within each sampler) and each proposal's ESS."""
+    w_q, w_ref = _mixture_log_weights(*_arrays(q)), _mixture_log_weights(*_arrays(ref))
+    ci = bootstrap(lambda iq, iref: [_log_z_mixture(w_q[iq], w_ref[iref])], len(w_q), len(w_ref), n_boot, seed)
+    return dict(log_z=_log_z_mixture(w_q, w_ref), log_z_ci=ci[0],
+                ess=dict(q=ess(w_q), ref=ess(w_ref), mixture=ess(np.concatenate([w_q, w_ref]))))
+
+
+def bootstrap(statistic, n_q, n_ref, n_boot=200, seed=0):
+    """95% percentile intervals of each entry of statistic(rows of q, rows of ref), resampling within each
+    sampler; None for an entry that is never finite."""
+    rng = np.random.default_rng(seed)
+    values = np.asarray([statistic(rng.integers(0, n_q, n_q), rng.integers(0, n_ref, n_ref))
+                         for _ in range(n_boot)], np.float64).reshape(n_boot, -1)
+    out = []
+    for column in values.T:
+        column = column[np.isfinite(column)]
+        out.append([float(np.percentile(column, 2.5)), float(np.percentile(column, 97.5))] if len(column) else None)
+    return out
+
+
+def kl_q_target(log_z, log_r_q, log_q_q):
+    """KL(q || p*) = log Z - E_q[log R(x) - log q(x)], the expectation over the policy's own samples."""
+    return float(log_z - np.mean(np.asarray(log_r_q, np.float64) - np.asarray(log_q_q, np.float64)))
+
+
+def pooled_objects(q, ref):
+    """The distinct objects among both samplers' draws, by key: their log_r and exact log_q (the same for
+    every copy of an object, so the first is kept)."""
+    seen = {}
+    for s in (q, ref):
+        for key, log_r, log_q in zip(s["key"], s["log_r"], s["log_q"]):
+            seen.setdefault(key, (float(log_r), float(log_q)))
+    if not seen:
+        return np.zeros(0), np.zeros(0)
+    log_r, log_q = zip(*seen.values())
+    return np.array(log_r), np.array(log_q)
+
+
+def mass_comparison(log_z, q, ref, factor=10.0):
+    """Over the distinct objects seen (by either sampler), with p*(x) = R(x)/Z and exact q(x):
+    missed_mass       target mass of objects the policy samples at under 1/factor of their target rate
+    oversampled_mass  the policy's mass on objects it samples at over factor times their target rate
+    tv_target         (1/2) sum |q - p*| over those objects
+    seen_target_mass  how much of the target these objects hold at all; objects nobody drew are not counted,
+                      so the three numbers above are lower bounds over the whole space."""
+    log_r, log_q = pooled_objects(q, ref)
+    log_p = log_r - log_z
+    p, qx = np.exp(log_p), np.exp(log_q)
+    missed = log_q < log_p - math.log(factor)
+    over = log_q > log_p + math.log(factor)
+    return dict(missed_mass=float(p[missed].sum()), oversampled_mass=float(qx[over].sum()),
+                tv_target=float(0.5 * np.abs(qx - p).sum()), seen_target_mass=float(p.sum()),
+                n_objects=int(len(p)))
+
+
+def fidelity(q, ref, log_z_learned=None, n_boot=200, seed=0):
+    """The estimated distance to the target (METHOD.md §8) from the policy's samples `q` and the reference's
+    samples `ref` (dicts of per-sample key, log_r, log_q, log_ref). Finite whenever the log rewards are, also
+    for a single sample or when the policy never draws a target mode."""
+    (r_q, lq_q, lref_q), (r_ref, lq_ref, lref_ref) = _arrays(q), _arrays(ref)
+    w_q, w_ref = _mixture_log_weights(r_q, lq_q, lref_q), _mixture_log_weights(r_ref, lq_ref, lref_ref)
+    log_z = _log_z_mixture(w_q, w_ref)
+
+    def both(iq, iref):
+        z = _log_z_mixture(w_q[iq], w_ref[iref])
+        return [z, kl_q_target(z, r_q[iq], lq_q[iq])]
+    z_ci, kl_ci = bootstrap(both, len(w_q), len(w_ref), n_boot, seed)
+    out = dict(log_z_estimate=log_z, log_z_ci=z_ci, kl_q_target=kl_q_target(log_z, r_q, lq_q), kl_q_target_ci=kl_ci,
+               ess=dict(q=ess(w_q), ref=ess(w_ref)), **mass_comparison(log_z, q, ref), exact=False)
+    if log_z_learned is not None:
+        out.update(log_z_learned=float(log_z_learned), log_z_gap=float(log_z_learned - log_z))
+    return out
+
+
+def exact_solution_fidelity(lam, log_ref_sol, log_q_sol, q=None):
+    """Exact distance to the target for a task whose score is 1 on a known solution set and 0 elsewhere, with
+    kappa = 1 (Expr24; METHOD.md §8). The reference's probabilities sum to 1 over every object, so
+    Z = 1 + (e^lam - 1) P_ref(Sol) exactly, and p*(x) = e^lam P_ref(x) / Z on a solution, P_ref(x) / Z elsewhere.
+    log_ref_sol, log_q_sol: log P_ref(x) and log q(x) of every solution (teacher-forced). The non-solutions
+    hold target mass p*(notSol) = (1 - P_ref(Sol)) / Z, about e^-lam: TV and KL(p*||q) are exact to within it.
+    KL(q||p*) needs q's spread over the non-solutions: its part there is q(notSol) * (log Z + E[log q - log P_ref
+    | notSol]), the expectation over the policy's non-solution samples `q` (dict with score, log_q, log_ref) when
+    there are any; else the log-sum lower bound q(notSol) * (log Z + log(q(notSol) / P_ref(notSol)))."""
+    log_ref_sol, log_q_sol = np.asarray(log_ref_sol, np.float64), np.asarray(log_q_sol, np.float64)
+    log_pref_sol = float(np.logaddexp.reduce(log_ref_sol)) if len(log_ref_sol) else -math.inf
+    pref_non = -math.expm1(log_pref_sol)  # 1 - P_ref(Sol), accurately
+    log_z = float(np.logaddexp(math.log(pref_non) if pref_non > 0 else -math.inf, lam + log_pref_sol))
+    log_p = lam + log_ref_sol - log_z
+    p, qx = np.exp(log_p), np.exp(log_q_sol)
+    q_non = max(0.0, 1.0 - float(qx.sum()))
+    kl_sol = float(np.sum(qx * (log_q_sol - log_p)))
+    kl_non_lower = q_non * (log_z + math.log(q_non / pref_non)) if q_non > 0 and pref_non > 0 else 0.0
+    kl_non = kl_non_lower
+    if q is not None and q_non > 0:
+        off = np.asarray(q["score"]) < 1
+        if off.any():
+            kl_non = q_non * (log_z + float(np.mean(np.asarray(q["log_q"])[off] - np.asarray(q["log_ref"])[off])))
+    missed = log_q_sol < log_p - math.log(10.0)
+    over = log_q_sol > log_p + math.log(10.0)
+    return dict(log_z_estimate=log_z, log_z_ci=None, exact=True,
+                p_ref_solution_mass=math.exp(log_pref_sol), q_solution_mass=float(qx.sum()),
+                target_nonsolution_mass=pref_non * math.exp(-log_z),
+                tv_target=0.5 * (float(np.abs(qx - p).sum()) + q_non),
+                kl_q_target=kl_sol + kl_non, kl_q_target_lower=kl_sol + kl_non_lower,
+                kl_target_q=float(np.sum(p * (log_p - log_q_sol))),
+                missed_mass=float(p[missed].sum()),
+                oversampled_mass=float(qx[over].sum()) + q_non)  # non-solutions: q > 10 p* unless q < 10 e^-lam P_ref
+
+
+# -----------------------------------------------------------------------------
+# drawing what the estimators need from a Policy
+
+def sequence_log_probs(policy, tokens, lengths, reference=False):
+    """log q(x) (or log P_ref(x)) of whole sequences, stop included, by one teacher-forced pass."""
+    log_pf, log_pterm = policy.log_probs(tokens, lengths, reference=reference)
+    return (log_pf.sum(1) + log_pterm.gather(1, lengths[:, None]).squeeze(1)).double().cpu()
+
+
+@torch.no_grad()
+def draw(policy, task, n, kappa, lam, reference=False, batch_size=256):
+    """n samples from the policy (or from the reference), each with its key (the token sequence: the GFlowNet's
+    terminal object), score, and exact log q, log P_ref and log R = kappa log P_ref + lam S."""
+    out = dict(key=[], score=[], log_q=[], log_ref=[])
+    for start in range(0, n, batch_size):
+        tokens, lengths, log_steps = policy.sample(min(batch_size, n - start), reference=reference)
+        drawn = log_steps.sum(1).double().cpu()  # the sampler's own log-prob, temperature 1
+        other = sequence_log_probs(policy, tokens, lengths, reference=not reference)
+        out["log_q"] += (other if reference else drawn).tolist()
+        out["log_ref"] += (drawn if reference else other).tolist()
+        out["score"] += task.score_batch(policy.texts(tokens, lengths))
+        out["key"] += [tuple(row[:tau]) for row, tau in zip(tokens.tolist(), lengths.tolist())]
+    out = {k: (np.asarray(v, np.float64) if k != "key" else v) for k, v in out.items()}
+    out["log_r"] = kappa * out["log_ref"] + lam * out["score"]
+    return out
+
+
+@torch.no_grad()
+def solution_log_probs(policy, solutions, reference=False, batch_size=4096):
+    """log q(x) (or log P_ref(x)) of every solution string, teacher-forced in batches."""
+    ids = policy.tokenizer(list(solutions), add_special_tokens=False).input_ids
+    out = []
+    for start in range(0, len(ids), batch_size):
+        rows = ids[start:start + batch_size]
+        tokens = torch.full((len(rows), policy.max_len), policy.eos, device=policy.device)
+        for b, row in enumerate(rows):
+            tokens[b, :len(row)] = torch.tensor(row)
+        lengths = torch.tensor([len(row) for row in rows], device=policy.device)
+        out.append(sequence_log_probs(policy, tokens, lengths, reference))
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def measure(policy, task, kappa, lam, n=256, log_z_learned=None, seed=0):
+    """The fidelity block: exact for a task with a known solution set and kappa = 1 (Expr24), else estimated
+    from n policy and n reference samples. The policy is put in eval mode (LoRA dropout off) for the duration;
+    torch's global RNG is left as it was, so a run with periodic evaluation samples exactly as one without."""
+    was_training = policy.model.training
+    policy.model.eval()
+    try:
+        with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            q = draw(policy, task, n, kappa, lam)
+            if getattr(task, "solutions", None) is not None and kappa == 1:
+                solutions = task.solutions(policy.min_len, policy.max_len)
+                cache = policy.__dict__.setdefault("_solution_ref_log_probs", {})  # the reference never changes
+                if solutions not in cache:
+                    cache[solutions] = solution_log_probs(policy, solutions, reference=True)
+                out = exact_solution_fidelity(lam, cache[solutions], solution_log_probs(policy, solutions), q)
+            else:
+                out = fidelity(q, draw(policy, task, n, kappa, lam, reference=True), seed=seed)
+    finally:
+        policy.model.train(was_training)
+    if log_z_learned is not None:
+        out.update(log_z_learned=float(log_z_learned), log_z_gap=float(log_z_learned) - out["log_z_estimate"])
+    return out
+
+
+def format_fidelity(f, explain=False):
+    """The printed block; with `explain`, one line on how to read it."""
+    ci = lambda c: f" [{c[0]:.2f}, {c[1]:.2f}]" if c else ""
+    lines = [f"distance to the target ({'exact' if f['exact'] else 'estimated'}): "
+             f"KL(q||p*) {f['kl_q_target']:.3f}{ci(f.get('kl_q_target_ci'))} nats  TV {f['tv_target']:.3f}  "
+             f"missed mass {f['missed_mass']:.3f}  oversampled mass {f['oversampled_mass']:.3f}",
+             f"  log Z {f['log_z_estimate']:.2f}{ci(f.get('log_z_ci'))}"
+             + (f"  learned logZ {f['log_z_learned']:.2f} (gap {f['log_z_gap']:+.2f})" if "log_z_learned" in f else "")
+             + (f"  ESS policy {f['ess']['q']:.1f} reference {f['ess']['ref']:.1f}" if "ess" in f else "")
+             + (f"  q(solutions) {f['q_solution_mass']:.3f}  KL(p*||q) {f['kl_target_q']:.3f}" if f["exact"] else "")]
+    if explain:
+        lines.append("  read: KL 0 and missed mass 0 mean x is drawn in proportion to R(x); missed mass is the target's "
+                     "share drawn at under a tenth of its rate" + ("" if f["exact"] else
+                                                                 " (over the objects either sampler drew: a lower bound)"))
+    return "\n".join(lines)

@@ -1,0 +1,289 @@
+"""Faults and bad input: every flag is checked before any work, a tampered state.pt is refused without running, and
+a kill (even mid-save), a full disk or a non-finite loss leaves the last checkpoint intact and resumable exactly."""
+import errno
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import SafetensorError
+
+import checkpoint
+import sample
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FAST = ["--batch-size", "4", "--grad-accum", "1", "--max-len", "5", "--min-len", "1", "--k-min-start", "3",
+        "--k-min-end", "1", "--eval-every", "0", "--replay", "subm", "--ckpt-every", "1"]
+STEPS = 6
+
+
+def run(model, out, *extra):
+    return train.main(["--model", model, "--out", str(out), *FAST, *extra])
+
+
+def one_line_error(capsys, code):
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def last_line_error(stderr):
+    """The error that ends a training run (above it: tqdm's bar)."""
+    assert "Traceback" not in stderr, stderr
+    return stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_gpt2, tmp_path_factory):
+    """An uninterrupted run of STEPS steps: what every interrupted one must end up identical to."""
+    out = tmp_path_factory.mktemp("straight")
+    assert run(tiny_gpt2, out, "--steps", str(STEPS)) == 0
+    return out
+
+
+def assert_same_run(a, b):
+    """Bit-identical: metrics.jsonl, weights, logZ, optimiser, RNG streams and replay buffer."""
+    assert open(os.path.join(a, "metrics.jsonl")).read() == open(os.path.join(b, "metrics.jsonl")).read()
+    ca, cb = checkpoint.find_checkpoint(str(a)), checkpoint.find_checkpoint(str(b))
+    assert os.path.basename(ca) == os.path.basename(cb)
+    with open(os.path.join(ca, "model.safetensors"), "rb") as fa, open(os.path.join(cb, "model.safetensors"), "rb") as fb:
+        assert fa.read() == fb.read()
+    sa, sb = checkpoint.load_state(ca), checkpoint.load_state(cb)
+    sa["args"].pop("out"), sb["args"].pop("out")
+    sa["args"].pop("resume"), sb["args"].pop("resume")
+    assert_equal(sa, sb)
+
+
+def assert_equal(x, y):
+    assert type(x) is type(y)
+    if isinstance(x, torch.Tensor):
+        assert torch.equal(x, y)
+    elif isinstance(x, dict):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert_equal(x[k], y[k])
+    elif isinstance(x, (list, tuple)):
+        assert len(x) == len(y)
+        for u, v in zip(x, y):
+            assert_equal(u, v)
+    else:
+        assert x == y
+
+
+# ----------------------------------------------------------------------------- bad flags: one line, exit 2
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lam", "nan"], "--lam must be a finite number"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--log-z-init=-inf"], "--log-z-init must be a finite number"),
+    (["--kappa", "-1"], ">= 0"),
+    (["--eps-absorb=-1e-6"], ">= 0"),
+    (["--k-min-start", "-1"], ">= 0"),
+    (["--seed", "-1"], ">= 0"),
+    (["--horizon", "0"], "--horizon must be at least 1"),
+    (["--lr-logz", "0"], "must be positive"),
+    (["--max-len", "0", "--min-len", "0"], "--max-len >= 1"),
+    (["--lam", "abc"], "invalid float value"),
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--device", "cuda:99"], "has 0 cuda device") if not torch.cuda.is_available() else (["--device", "cuda:99"], "cuda"),
+    (["--device", "garbage"], "is not a device"),
+    (["--model", "prior", "--max-len", "200"], "does not fit the model"),
+    (["--model", "prior", "--prompt", "CCCC", "--max-len", "124"], "4 prompt tokens"),
+    (["--task", "expr24", "--max-len", "40"], "its 32 positions"),  # the scratch model train.py builds
+])
+def test_bad_flags_are_one_line(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        train.get_args(["--out", str(tmp_path / "out"), *flags])
+    assert message in one_line_error(capsys, e.value.code)
+
+
+def test_device_cuda_without_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as e:
+        train.get_args(["--out", str(tmp_path), "--device", "cuda"])
+    assert "0 cuda device" in one_line_error(capsys, e.value.code)
+
+
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_out_must_be_a_usable_folder(tmp_path, capsys, where):
+    (tmp_path / "f").write_text("x")
+    out = tmp_path / "f" if where == "file" else tmp_path / "f" / "run"
+    with pytest.raises(SystemExit) as e:
+        train.get_args(["--out", str(out)])
+    assert "--out" in one_line_error(capsys, e.value.code)
+
+
+def test_context_is_skipped_when_the_config_cannot_be_read(tmp_path):
+    assert train.get_args(["--model", "nobody/nothing-xyz", "--max-len", "5000", "--out", str(tmp_path)])
+
+
+def test_max_len_that_fits_is_accepted(tiny_gpt2, tmp_path):  # 1 + 63 = the tiny model's 64 positions
+    assert train.get_args(["--model", tiny_gpt2, "--max-len", "63", "--out", str(tmp_path)]).max_len == 63
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "nan"], "--temperature"), (["--temperature", "inf"], "--temperature"),
+    (["--temperature", "0"], "--temperature"), (["--n", "0"], "--n"), (["--seed", "-2"], "--seed"),
+    (["--min-len", "4", "--max-len", "3"], "--max-len"), (["--device", "cuda:99"], "cuda"),
+    (["--device", "what"], "is not a device"), (["--train-smiles", "/no/such.smi"], "no such file"),
+])
+def test_sample_bad_flags_are_one_line(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        sample.get_args(["prior", *flags])
+    assert message in one_line_error(capsys, e.value.code)
+
+
+def test_sample_out_must_be_a_writable_file(tmp_path, capsys):
+    for out in (tmp_path, tmp_path / "missing" / "s.csv"):
+        with pytest.raises(SystemExit) as e:
+            sample.get_args(["prior", "--out", str(out)])
+        assert "--out" in one_line_error(capsys, e.value.code)
+
+
+def test_cli_bad_flag_is_one_line_not_a_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "--lam", "nan", "--out", str(tmp_path)], cwd=HERE,
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+# ----------------------------------------------------------------------------- untrusted checkpoints
+
+class RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # what a tampered state.pt does on pickle.load: run a command
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_tampered_state_is_refused_and_nothing_runs(straight, tmp_path, capsys, writer):
+    run_dir = tmp_path / "run"
+    os.system(f"cp -r {straight} {run_dir}")
+    marker = tmp_path / "pwned"
+    state_path = os.path.join(checkpoint.find_checkpoint(str(run_dir)), "state.pt")
+    payload = dict(step=1, log_z=torch.zeros(()), optimizer={}, args={}, ranks=[RunsACommand(marker)])
+    with open(state_path, "wb") as f:
+        torch.save(payload, f) if writer == "torch.save" else pickle.dump(payload, f)
+    capsys.readouterr()
+    assert "unsafe checkpoint" in one_line_error(capsys, train.main(["--resume", "--out", str(run_dir)]))
+    assert "unsafe checkpoint" in one_line_error(capsys, sample.main([str(run_dir), "--n", "4"]))
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(RunsACommand(marker)))  # the payload is live: a plain pickle.load does run it
+    assert marker.exists()
+
+
+def test_foreign_state_is_refused(straight, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    os.system(f"cp -r {straight} {run_dir}")
+    torch.save({"weight": torch.zeros(3)}, os.path.join(checkpoint.find_checkpoint(str(run_dir)), "state.pt"))
+    capsys.readouterr()
+    assert "not written by train.py" in one_line_error(capsys, train.main(["--resume", "--out", str(run_dir)]))
+
+
+# ----------------------------------------------------------------------------- kills, full disks, NaN
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tiny_gpt2, straight, tmp_path):
+    """SIGKILL at seeded random moments, often inside a checkpoint save (--ckpt-every 1: one per step), each time
+    resuming from whatever the kill left; the run still ends identical to the uninterrupted one."""
+    out, rng = tmp_path / "killed", random.Random(0)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # one thread: the same floats as in-process
+    fresh = [sys.executable, "train.py", "--model", tiny_gpt2, "--out", str(out), *FAST, "--steps", str(STEPS)]
+    resume = [sys.executable, "train.py", "--resume", "--out", str(out), "--steps", str(STEPS)]
+    kills = 0
+    for attempt in range(3):
+        started = os.path.isfile(out / "latest")
+        proc = subprocess.Popen(resume if started else fresh, cwd=HERE, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log, seen = out / "metrics.jsonl", 0 if not started else len(open(out / "metrics.jsonl").readlines())
+        deadline = time.time() + 60
+        while proc.poll() is None and time.time() < deadline:  # wait until it trains past where it started
+            if log.exists() and len(open(log).readlines()) > seen + attempt % 2:
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.15))  # a step and its save take about this long
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 2
+    assert train.main(["--resume", "--out", str(out), "--steps", str(STEPS)]) == 0
+    assert_same_run(straight, out)
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_crash_mid_save_leftovers_are_ignored_and_cleaned(tiny_gpt2, straight, tmp_path):
+    """What a kill inside save_checkpoint leaves: a half-written .ckpt-*.tmp folder, a stale latest.tmp and a
+    renamed ckpt that `latest` never pointed at. Resume goes from `latest`, and the next save cleans them up."""
+    out = tmp_path / "crashed"
+    assert run(tiny_gpt2, out, "--steps", "3") == 0
+    (out / ".ckpt-000004.tmp").mkdir()
+    (out / ".ckpt-000004.tmp" / "model.safetensors").write_bytes(b"half")
+    (out / "latest.tmp").write_text("ckpt-000004\n")
+    os.system(f"cp -r {out / 'ckpt-000003'} {out / 'ckpt-000004'}")  # complete-looking, but not `latest`
+    assert train.main(["--resume", "--out", str(out), "--steps", str(STEPS)]) == 0
+    assert_same_run(straight, out)
+    assert sorted(n for n in os.listdir(out) if "ckpt" in n or "tmp" in n) == [f"ckpt-{STEPS:06d}"]
+
+
+def test_non_finite_loss_is_one_line_and_keeps_the_checkpoint(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    real_train_step = train.train_step
+
+    def nan_at_step_3(*a):
+        metrics = real_train_step(*a)
+        return dict(metrics, loss=float("nan")) if metrics["step"] == 3 else metrics
+
+    monkeypatch.setattr(train, "train_step", nan_at_step_3)
+    code = run(tiny_gpt2, tmp_path, "--steps", str(STEPS), "--ckpt-every", "2")
+    assert code == 2
+    err = last_line_error(capsys.readouterr().err)
+    assert err == (f"error: non-finite loss at step 3; the last good checkpoint is {tmp_path}/ckpt-000002 (kept); "
+                   "resuming would repeat the same steps, so start a new run (another --out) with a lower --lr or --lam")
+    assert checkpoint.load_state(checkpoint.find_checkpoint(str(tmp_path)))["step"] == 2
+
+
+def test_overflowing_lam_stops_at_step_1(tiny_gpt2, tmp_path, capsys):
+    assert run(tiny_gpt2, tmp_path, "--steps", "2", "--lam", "1e308", "--replay", "none") == 2
+    assert "non-finite loss at step 1; no checkpoint was written yet" in last_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("where", ["state.pt", "weights"])
+def test_full_disk_keeps_the_previous_checkpoint(tiny_gpt2, tmp_path, monkeypatch, capsys, where):
+    real_save = torch.save
+
+    def full_disk_at_step_2(obj, path, *a, **k):
+        if "000002" in str(path):
+            open(path, "wb").write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, path, *a, **k)
+
+    from transformers import PreTrainedModel
+    real_save_pretrained = PreTrainedModel.save_pretrained
+
+    def full_disk_weights(self, path, *a, **k):
+        if "000002" in str(path):
+            os.makedirs(path, exist_ok=True)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save_pretrained(self, path, *a, **k)
+
+    if where == "state.pt":
+        monkeypatch.setattr(torch, "save", full_disk_at_step_2)
+    else:
+        monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk_weights)
+    assert run(tiny_gpt2, tmp_path, "--steps", "3") == 2
+    err = last_line_error(capsys.readouterr().err)
+    assert err.startswith(f"error: cannot write checkpoint {tmp_path}/ckpt-000002: ") and "No space left" in err
+    assert (tmp_path / "latest").read_text() == "ckpt-000001\n"
+    assert checkpoint.load_state(checkpoint.find_checkpoint(str(tmp_path)))["step"] == 1
+    assert sorted(n for n in os.listdir(tmp_path) if "ckpt" in n) == ["ckpt-000001"]  # the temporary folder is gone
+    monkeypatch.undo()
+    assert train.main(["--resume", "--out", str(tmp_path), "--steps", "3"]) == 0  # and it resumes from there

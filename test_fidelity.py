@@ -1,0 +1,157 @@
+"""The distance to the target (METHOD.md §8): the estimators against exact answers on enumerable cases."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fidelity
+import model as modellib
+from rewards import EXPR24_DIGITS, EXPR24_OPS, Expr24Task
+
+
+# ----------------------------------------------------------------------------- an enumerable prefix tree
+
+def tree_objects(alphabet="ab", max_len=3):
+    """Every terminal object of the prefix tree where every state may stop: all strings up to max_len."""
+    return ["".join(t) for n in range(max_len + 1) for t in itertools.product(alphabet, repeat=n)]
+
+
+def tree_case(seed=0, lam=3.0):
+    """A reference, a target R = P_ref e^{lam S}, and a sampler q that misses one mode and oversamples another."""
+    rng = np.random.default_rng(seed)
+    n = len(tree_objects())
+    log_ref = np.log(rng.dirichlet(np.full(n, 3.0)))
+    score = rng.uniform(0, 1, n)
+    log_r = log_ref + lam * score
+    log_p = log_r - np.logaddexp.reduce(log_r)
+    order = np.argsort(-log_p)
+    log_q = log_p.copy()
+    log_q[order[0]] -= math.log(100)  # the biggest mode drawn at 1/100 of its rate
+    log_q[order[-1]] += math.log(30)  # the rarest object at 30 times its rate
+    log_q -= np.logaddexp.reduce(log_q)
+    return log_ref, score, log_r, log_q
+
+
+def draws(rng, log_probs, n, arrays):
+    idx = rng.choice(len(log_probs), size=n, p=np.exp(log_probs))
+    log_ref, score, log_r, log_q = arrays
+    return dict(key=[int(i) for i in idx], score=score[idx], log_r=log_r[idx], log_q=log_q[idx], log_ref=log_ref[idx])
+
+
+def exact_tree(log_r, log_q, log_z):
+    p, q = np.exp(log_r - log_z), np.exp(log_q)
+    return dict(kl=float(np.sum(q * (log_q - (log_r - log_z)))), tv=0.5 * float(np.abs(p - q).sum()),
+                missed=float(p[log_q < log_r - log_z - math.log(10)].sum()),
+                over=float(q[log_q > log_r - log_z + math.log(10)].sum()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_estimates_agree_with_the_exact_tree(seed):
+    arrays = tree_case(seed)
+    log_ref, _, log_r, log_q = arrays
+    log_z = float(np.logaddexp.reduce(log_r))
+    exact = exact_tree(log_r, log_q, log_z)
+    rng = np.random.default_rng(100 + seed)
+    f = fidelity.fidelity(draws(rng, log_q, 3000, arrays), draws(rng, log_ref, 3000, arrays), log_z_learned=1.0)
+    lo, hi = f["log_z_ci"]
+    assert lo <= log_z <= hi and hi - lo < 0.3, (log_z, f["log_z_ci"])
+    lo, hi = f["kl_q_target_ci"]
+    assert lo <= exact["kl"] <= hi, (exact["kl"], f["kl_q_target_ci"])
+    assert f["kl_q_target"] > 0.05  # the missed mode is visible, not averaged away
+    assert f["n_objects"] >= len(log_r) - 1 and f["seen_target_mass"] > 0.95
+    assert abs(f["tv_target"] - exact["tv"]) < 0.05
+    assert abs(f["missed_mass"] - exact["missed"]) < 0.05 and exact["missed"] > 0.05
+    assert abs(f["oversampled_mass"] - exact["over"]) < 0.05
+    assert f["log_z_gap"] == pytest.approx(1.0 - f["log_z_estimate"])
+
+
+def test_a_perfect_sampler_scores_zero():
+    log_ref, score, log_r, _ = tree_case(3)
+    log_p = log_r - np.logaddexp.reduce(log_r)
+    arrays = (log_ref, score, log_r, log_p)
+    rng = np.random.default_rng(0)
+    f = fidelity.fidelity(draws(rng, log_p, 2000, arrays), draws(rng, log_ref, 2000, arrays))
+    assert abs(f["kl_q_target"]) < 0.05 and f["missed_mass"] == 0 and f["oversampled_mass"] == 0
+
+
+@pytest.mark.parametrize("case", ["mode never drawn", "all invalid", "single sample"])
+def test_estimates_stay_finite(case):
+    log_ref, score, log_r, log_q = tree_case(4)
+    if case == "all invalid":
+        score = np.zeros_like(score)
+        log_r = log_ref.copy()
+    arrays = (log_ref, score, log_r, log_q)
+    rng = np.random.default_rng(0)
+    n = 1 if case == "single sample" else 50
+    q = draws(rng, log_q, n, arrays)
+    if case == "mode never drawn":  # the policy only ever drew one object; the reference drew the rest
+        q = {k: (v[:1] * n if k == "key" else np.repeat(v[:1], n)) for k, v in q.items()}
+    f = fidelity.fidelity(q, draws(rng, log_ref, n, arrays))
+    for key in ("log_z_estimate", "kl_q_target", "tv_target", "missed_mass", "oversampled_mass"):
+        assert math.isfinite(f[key]), (key, f[key])
+    assert f["ess"]["q"] >= 1 - 1e-9 and f["ess"]["ref"] >= 1 - 1e-9
+
+
+def test_ess_and_bootstrap_by_hand():
+    assert fidelity.ess(np.log([1.0, 1.0, 1.0, 1.0])) == pytest.approx(4)
+    assert fidelity.ess(np.log([1.0, 0.0 + 1e-300, 1e-300])) == pytest.approx(1)
+    assert fidelity.ess([]) == 0.0
+    (ci,) = fidelity.bootstrap(lambda iq, iref: [0.5], 3, 3)
+    assert ci == [0.5, 0.5]
+
+
+# ----------------------------------------------------------------------------- exact mode on a reduced Expr24
+
+def grammar_strings(max_numbers):
+    """Every expression the grammar allows with 1..max_numbers numbers (no '/0'), by brute force."""
+    out = []
+    for n in range(1, max_numbers + 1):
+        for digits in itertools.product(EXPR24_DIGITS, repeat=n):
+            for ops in itertools.product(EXPR24_OPS, repeat=n - 1):
+                text = "".join(d + o for d, o in zip(digits, ops + ("",)))
+                if "/0" not in text:
+                    out.append(text)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_expr24(tmp_path_factory):
+    """A policy and a different reference (two random character models) on Expr24 with at most 3 numbers."""
+    task = Expr24Task()
+    task.max_numbers = 3
+    paths = [modellib.build_scratch_model(str(tmp_path_factory.mktemp(f"m{s}")), sorted(task.charset), n_layer=1,
+                                          n_embd=16, n_head=2, seed=s) for s in (0, 1)]
+    net, tokenizer = modellib.load_model(paths[0])
+    reference = modellib.frozen_copy(modellib.load_model(paths[1])[0])
+    from rewards import allowed_token_ids
+    allowed = allowed_token_ids(tokenizer, task.charset, task.max_token_chars)
+    policy = modellib.Policy(net, tokenizer, allowed, 1, 5, reference=reference, state_mask=task.state_mask)
+    return task, policy
+
+
+def test_exact_expr24_equals_brute_force(small_expr24):
+    task, policy = small_expr24
+    lam = 50.0
+    strings = grammar_strings(3)
+    with torch.no_grad():
+        log_q = fidelity.solution_log_probs(policy, strings)
+        log_ref = fidelity.solution_log_probs(policy, strings, reference=True)
+    assert np.logaddexp.reduce(log_q) == pytest.approx(0, abs=1e-4)  # the masked policy lives on the grammar
+    assert np.logaddexp.reduce(log_ref) == pytest.approx(0, abs=1e-4)
+    score = np.array([task.score(s) for s in strings])
+    assert set(np.array(strings)[score == 1]) == set(task.solutions(1, 5))
+    log_r = log_ref + lam * score
+    log_z = float(np.logaddexp.reduce(log_r))
+    log_p = log_r - log_z
+    p, q = np.exp(log_p), np.exp(log_q)
+    f = fidelity.measure(policy, task, kappa=1.0, lam=lam, n=4000, log_z_learned=0.0)
+    assert f["exact"] and f["log_z_estimate"] == pytest.approx(log_z, rel=1e-6)
+    assert f["tv_target"] == pytest.approx(0.5 * np.abs(p - q).sum(), abs=1e-5)
+    assert f["kl_target_q"] == pytest.approx(float(np.sum(p * (log_p - log_q))), abs=1e-4)
+    assert f["missed_mass"] == pytest.approx(float(p[log_q < log_p - math.log(10)].sum()), abs=1e-6)
+    assert f["q_solution_mass"] == pytest.approx(float(q[score == 1].sum()), rel=1e-5)
+    kl = float(np.sum(q * (log_q - log_p)))  # its non-solution part is estimated from 4000 policy samples
+    assert f["kl_q_target_lower"] <= kl + 1e-6
+    assert f["kl_q_target"] == pytest.approx(kl, abs=0.1)
