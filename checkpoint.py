@@ -87,9 +87,10 @@ def find_checkpoint(path):
 STATE_KEYS = {"step", "log_z", "optimizer", "args", "ranks"}
 
 
-def load_state(ckpt):
+def load_state(ckpt, task=None):
     """state.pt as plain values. weights_only=True: a tampered file (a pickle that would run a command) is refused
-    before anything in it runs, like a corrupt one."""
+    before anything in it runs, like a corrupt one. A run on the user's own task (module:attr, file.py:attr) loads
+    only when that `task` is given again: loading it imports code, which a checkpoint alone must not make happen."""
     try:
         state = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -97,6 +98,10 @@ def load_state(ckpt):
                                   f"({type(e).__name__}); nothing in it was run") from None
     if not isinstance(state, dict) or not STATE_KEYS <= state.keys():
         raise modellib.ModelError(f"corrupt checkpoint {ckpt!r}: state.pt was not written by train.py")
+    saved = state["args"].get("task", "smiles")
+    if ":" in str(saved) and saved != task:
+        raise modellib.ModelError(f"checkpoint {ckpt!r} is of the task {saved!r}, whose code runs when it loads: "
+                                  f"if you trust it, pass --task {saved} as well")
     return state
 
 

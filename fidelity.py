@@ -159,6 +159,23 @@ def exact_solution_fidelity(lam, log_ref_sol, log_q_sol, q=None):
                 oversampled_mass=float(qx[over].sum()) + q_non)  # non-solutions: q > 10 p* unless q < 10 e^-lam P_ref
 
 
+def target_profile(keys, scores, lengths, lam, max_len):
+    """What the target p* ∝ P_ref e^{lam S} looks like, from samples of the reference itself (kappa = 1): each
+    sample's importance weight is then e^{lam S(x)}. Returns the target's length distribution, the effective
+    sample size of those weights, and how many distinct objects carry 50% and 90% of its mass."""
+    log_w = lam * np.asarray(scores, np.float64)
+    w = np.exp(log_w - log_w.max())
+    w /= w.sum()
+    by_length = np.bincount(np.asarray(lengths), weights=w, minlength=max_len + 1)
+    per_object = {}
+    for key, weight in zip(keys, w):
+        per_object[key] = per_object.get(key, 0.0) + weight
+    top = np.cumsum(sorted(per_object.values(), reverse=True))
+    return dict(lam=lam, ess=ess(log_w), n=len(w), at_max_len=float(by_length[max_len]),
+                length_dist=[round(float(x), 4) for x in by_length],
+                objects_50=int(np.searchsorted(top, 0.5) + 1), objects_90=int(np.searchsorted(top, 0.9) + 1))
+
+
 # -----------------------------------------------------------------------------
 # drawing what the estimators need from a Policy
 
@@ -188,16 +205,19 @@ def draw(policy, task, n, kappa, lam, reference=False, batch_size=256):
 
 @torch.no_grad()
 def solution_log_probs(policy, solutions, reference=False, batch_size=4096):
-    """log q(x) (or log P_ref(x)) of every solution string, teacher-forced in batches."""
-    ids = policy.tokenizer(list(solutions), add_special_tokens=False).input_ids
-    out = []
-    for start in range(0, len(ids), batch_size):
-        rows = ids[start:start + batch_size]
-        tokens = torch.full((len(rows), policy.max_len), policy.eos, device=policy.device)
-        for b, row in enumerate(rows):
-            tokens[b, :len(row)] = torch.tensor(row)
-        lengths = torch.tensor([len(row) for row in rows], device=policy.device)
-        out.append(sequence_log_probs(policy, tokens, lengths, reference))
+    """log q(x) (or log P_ref(x)) of every solution string, teacher-forced in batches. A solution is spelled with
+    one action per character (Expr24's tokens are single characters), so it is exactly one path of the tree."""
+    action_id = {text: i for i, text in policy.token_texts.items() if len(text) == 1}
+    width = max(map(len, solutions), default=0)
+    tokens = np.full((len(solutions), policy.max_len), policy.eos, dtype=np.int64)
+    for i, text in enumerate(solutions):
+        tokens[i, :len(text)] = [action_id[c] for c in text]
+    lengths = np.array([len(text) for text in solutions], dtype=np.int64)
+    if width > policy.max_len:
+        raise ValueError(f"a solution has {width} characters; the policy stops after {policy.max_len}")
+    out = [sequence_log_probs(policy, torch.from_numpy(tokens[i:i + batch_size]).to(policy.device),
+                              torch.from_numpy(lengths[i:i + batch_size]).to(policy.device), reference)
+           for i in range(0, len(solutions), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 

@@ -1,8 +1,8 @@
 """
-GFlowNet objectives on the prefix tree of an LLM (SPEC §2): TB, modified SubTB, RapTB and the
+GFlowNet objectives on the prefix tree of an LLM (METHOD.md §3): TB, modified SubTB, RapTB and the
 paper's two ablations AvgPrefixTB and RootSubTBLogZ.
 
-Batch contract (SPEC §1), all [B, T] with T = L_max + 1, column k = state s_k after k tokens:
+Batch contract (METHOD.md §2), all [B, T] with T = L_max + 1, column k = state s_k after k tokens:
     log_pf[b, k]    log q(y_{k+1} | s_k)   valid for k <  tau_b
     log_pterm[b, k] log q(stop | s_k)      valid for k <= tau_b
     log_r[b, k]     log R(s_k T)           valid for k <= tau_b
@@ -13,10 +13,10 @@ before any arithmetic, so garbage reaches neither the value nor the gradient (ne
 
 Everything below is written with one quantity, the prefix residual without logZ
     G_k = sum_{t<k} log_pf[t] + log_pterm[k] - log_r[k]
-so that d_TB = logZ + G_tau, SPEC's C_k = sum_{t<k} delta_t = G_k - G_0 and every SubTB window
+so that d_TB = logZ + G_tau, METHOD.md's C_k = sum_{t<k} delta_t = G_k - G_0 and every SubTB window
 i -> j has residual C_j - C_i = G_j - G_i. G is one cumsum; no loop over positions or windows.
 
-min_len (extension, default 0 = SPEC): with L_min > 0 the stop action is masked at k < L_min, so
+min_len (extension, METHOD.md §1; default 0 = none): with L_min > 0 the stop action is masked at k < L_min, so
 log_pterm is -inf there and those prefixes are not terminal objects. The prefix losses then only use
 states k >= min_len (SubTB windows start there, RapTB's rooted residuals are rooted at s_min_len).
 
@@ -87,7 +87,7 @@ def _tb_stats(d_tb, log_pterm, state, tau):
 
 
 def _suffix_targets(u, h, k, alpha, beta, rho, usable=None):
-    """Absorbed suffix targets over j in [k, h] (the fused prefix backup, SPEC §2 step 3):
+    """Absorbed suffix targets over j in [k, h] (the fused prefix backup, METHOD.md §3):
         u_max[k]  = max_j u[j]                                   (reverse cummax)
         u_soft[k] = 1/beta log sum_j exp(beta u[j] - beta rho (j - k))
                   = (revlogcumsumexp(beta u[j] - beta rho j)[k] + beta rho k) / beta
@@ -159,7 +159,7 @@ def subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0):
 def raptb_loss(log_pf, log_pterm, log_r, u, lengths, log_z, *, eta=0.25, gamma=0.99, alpha=0.5, beta=5.0,
                rho=0.1, k_min=2, lam=1.0, eps_absorb=1e-6, horizon=None, detach_pterm=True, absorb=True,
                min_len=0):
-    """Rooted Absorbed Prefix TB (SPEC §2):
+    """Rooted Absorbed Prefix TB (METHOD.md §3):
         loss  = mean_b( d_TB^2 + eta * 1[active_b] * aux_b )
         aux_b = sum_k w_k Cab_k^2 / sum_k w_k over k_min <= k <= h,  w_k = lam^(k - k_min)
         Cab_k = Cbar_k + A_k gamma^(h-k) (u[k] - u_tgt[k])

@@ -275,7 +275,7 @@ def chemistry_metrics(molecules, lengths, train_smiles=None):
 
 
 def smiles_metrics(samples, train_smiles=None, max_depth=None):
-    """All SPEC §5 metrics of a list of sample dicts (see the module docstring), as one flat dict.
+    """All METHOD.md §7 metrics of a list of sample dicts (see the module docstring), as one flat dict.
     Per-depth diagnostics are keys 'surv@k', 'pef_ent@k', 'top1@k'; length histograms are dicts
     under 'len_hist' (valid) and 'len_hist_all'."""
     out = sequence_metrics(samples, max_depth)
@@ -356,7 +356,7 @@ def sequence_divergences(correct, n_solutions):
 
 
 def expr24_metrics(samples, solutions, max_depth=None, alpha=0.5):
-    """SPEC §5's Expr24 metrics of a list of sample dicts against the solution set (strings). On top of
+    """METHOD.md §7's Expr24 metrics of a list of sample dicts against the solution set (strings). On top of
     sequence_metrics computed over the CORRECT samples (TokEnt, Len, prefix diagnostics):
       acc            fraction of all samples that are correct (value == 24)
       valid_frac     fraction of all samples that are syntactically valid expressions (and defined)

@@ -1,5 +1,5 @@
 """
-The policy (SPEC §1): a Hugging Face causal LM whose next-token distribution is restricted to the task's
+The policy (METHOD.md §1): a Hugging Face causal LM whose next-token distribution is restricted to the task's
 actions (allowlisted tokens + EOS as the stop action), with L_min <= tau <= L_max enforced on the stop action.
 The same masked distribution is used to sample and to compute log-probabilities for the loss.
 """
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "prior")  # the embedded SMILES prior that ships with the repo
+EMBEDDED = ("prior", "prior_sidechain")  # the whole-molecule prior and its side-chain fine-tune (METHOD.md §6.1)
 
 
 class ModelError(RuntimeError):
@@ -24,8 +25,9 @@ def first_line(error):
 
 
 def resolve(name):
-    """'prior' means the embedded model wherever the scripts are run from; anything else is passed on."""
-    return DEFAULT_MODEL if name == "prior" else name
+    """'prior' and 'prior_sidechain' mean the embedded models wherever the scripts are run from; anything else is
+    passed on."""
+    return os.path.join(HERE, name) if name in EMBEDDED else name
 
 
 def load_model(name, *, lora=False, adapter=None, dtype=torch.float32, trust_remote_code=False):
@@ -38,7 +40,8 @@ def load_model(name, *, lora=False, adapter=None, dtype=torch.float32, trust_rem
     name = resolve(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)  # weights never from a pickle
     except Exception as e:  # OSError, ValueError, safetensors errors, ...: all mean "this is not a usable model"
         raise ModelError(f"cannot load model {name!r} (not a model folder, or not in the local Hugging Face "
                          f"cache while offline): {first_line(e)}") from None
@@ -160,6 +163,8 @@ class Policy:
                 return self._sample(self.reference or self.model, n, temperature)
         return self._sample(self.model, n, temperature)
 
+    fast_sampling = True  # False: every sampling step runs the network's own (Hugging Face) forward
+
     def _sample(self, net, n, temperature):
         was_training = self.model.training
         self.model.eval()
@@ -168,25 +173,43 @@ class Policy:
         lengths = torch.full((n,), self.max_len, device=self.device)
         log_q = torch.zeros(n, T, device=self.device)
         done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        # a plain GPT-2 on CPU decodes with its own static KV cache and the action rows of the LM head only;
+        # anything else (LoRA, FSDP, other architectures, GPU) runs the network's forward with HF's cache
+        decoder = GPT2Decoder.for_model(net, n, len(self.prompt) + self.max_len, self.actions) \
+            if self.fast_sampling else None
+        if decoder is not None and self.task_mask is None:  # the length bounds alone: 0 / -inf per state k, read
+            probe = torch.zeros(T, len(self.action_of), device=self.device)  # off action_log_probs itself
+            bias = torch.zeros(T, len(self.actions), device=self.device).masked_fill_(
+                self.action_log_probs(probe, torch.arange(T, device=self.device)).isneginf(), float("-inf"))
         ids, past = self.prompt.expand(n, -1), None
         for k in range(T):
-            with self._autocast():
-                out = net(input_ids=ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            if k == self.max_len:  # the stop is forced whatever the logits (METHOD.md §1): q(T | s_Lmax) = 1, so the
+                break  # rows still going end here with what they hold (tau = L_max, log q = 0), and no forward runs
             allowed = None
+            if decoder is not None:  # [n, A] logits of the action columns
+                logits = decoder(ids)
+                if self.task_mask is None:  # what action_log_probs computes: x + 0 is x, x + -inf is masked
+                    logp = torch.log_softmax(logits + bias[k], -1)
+                else:  # placed where action_log_probs reads them (it reads nothing else)
+                    logits = logits.new_empty(n, len(self.action_of)).index_copy_(1, self.actions, logits)
+            else:
+                with self._autocast():
+                    out = net(input_ids=ids, past_key_values=past, use_cache=True)
+                past, logits = out.past_key_values, out.logits[:, -1]
             if self.task_mask is not None:  # finished rows allow everything: what they draw is ignored
                 allowed = self.task_mask(self.action_of[tokens[:, :k]], k) | done[:, None]
-            logp = self.action_log_probs(out.logits[:, -1], k, allowed)
+            if decoder is None or allowed is not None:
+                logp = self.action_log_probs(logits, k, allowed)
             if allowed is not None and bool(logp.isneginf().all(-1).any()):
                 raise ValueError(f"the task's state mask and L_min leave no action at a state with {k} tokens")
-            a = torch.multinomial(torch.softmax(logp / temperature, -1), 1).squeeze(-1)
+            a = torch.multinomial(torch.softmax(logp / temperature if temperature != 1 else logp, -1), 1).squeeze(-1)
             log_q[:, k] = torch.where(done, 0.0, logp.gather(-1, a[:, None]).squeeze(-1))
             stopping = (a == self.stop) & ~done
-            lengths[stopping] = k
+            lengths.masked_fill_(stopping, k)
             done |= stopping
             if self._all_done(done):
                 break
-            tokens[~done, k] = self.actions[a[~done]]
+            tokens[:, k] = torch.where(done, self.eos, self.actions[a])  # finished rows keep EOS
             ids = tokens[:, k:k + 1]
         self.model.train(was_training)
         return tokens, lengths, log_q
@@ -205,6 +228,82 @@ class Policy:
     def texts(self, tokens, lengths):
         """The generated string of each row (concatenated token texts, no EOS)."""
         return ["".join(self.token_texts[t] for t in row[:tau]) for row, tau in zip(tokens.tolist(), lengths.tolist())]
+
+
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+class GPT2Decoder:
+    """Incremental decoding for Policy._sample of a plain Hugging Face GPT-2 (GPT2LMHeadModel in float32 on the
+    CPU, no hooks): the same arithmetic as its forward, up to float rounding, without the module machinery: the
+    weights are read once, the KV cache is preallocated for the whole sequence (static), the prompt is computed
+    once for all rows, and the LM head computes the action columns only. Calling it with the next ids [n, L]
+    (L > 1 only for the prompt) returns the logits [n, A] of the actions after the last of them.
+    `for_model` returns None for anything else, which then samples through the model's own forward."""
+
+    ACTIVATIONS = {"gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh, "gelu": F.gelu, "relu": F.relu,
+                   "silu": F.silu, "swish": F.silu}  # gelu_new is GPT-2's tanh approximation, fused here
+
+    @classmethod
+    def for_model(cls, net, n, length, actions):
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError:
+            return None
+        if type(net) is not GPT2LMHeadModel or n < 1:  # LoRA (peft) and FSDP wrap or subclass it: not this path
+            return None
+        c = net.config
+        if (getattr(c, "add_cross_attention", False) or c.activation_function not in cls.ACTIVATIONS
+                or getattr(net.lm_head, "bias", None) is not None
+                or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in net.parameters())
+                or any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+                or net.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in net.modules())):
+            return None
+        return cls(net, n, length, actions)
+
+    def __init__(self, net, n, length, actions):
+        c, t = net.config, net.transformer
+        self.E, self.H = c.n_embd, c.n_head
+        self.D, self.eps = self.E // self.H, c.layer_norm_epsilon
+        self.act = self.ACTIVATIONS[c.activation_function]
+        scale = self.D ** -0.5 if c.scale_attn_weights else 1.0
+        self.layers = [(b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
+                        b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
+                        b.mlp.c_proj.weight, b.mlp.c_proj.bias,
+                        scale / (i + 1) if c.scale_attn_by_inverse_layer_idx else scale)
+                       for i, b in enumerate(t.h)]
+        self.wte, self.wpe, self.ln_f = t.wte.weight, t.wpe.weight, (t.ln_f.weight, t.ln_f.bias)
+        self.head = net.lm_head.weight[actions]  # [A, E]: the action rows only
+        self.n, self.pos = n, 0
+        self.k = torch.empty(len(self.layers), n, self.H, length, self.D)
+        self.v = torch.empty_like(self.k)
+
+    def __call__(self, ids):
+        n, L = ids.shape
+        if self.pos == 0 and n > 1 and bool((ids == ids[:1]).all()):  # the shared prompt: once, broadcast
+            return self._forward(ids[:1]).expand(n, -1)
+        return self._forward(ids)
+
+    def _forward(self, ids):
+        m, L = ids.shape  # m = 1 for the shared prompt, else n
+        p, E, H, D, eps = self.pos, self.E, self.H, self.D, self.eps
+        assert L == 1 or p == 0, "several new tokens only at the start"
+        h = (F.embedding(ids, self.wte) + self.wpe[p:p + L]).view(m * L, E)
+        for i, (w1, b1, wa, ba, wp, bp, w2, b2, wf, bf, wo, bo, scale) in enumerate(self.layers):
+            qkv = torch.addmm(ba, F.layer_norm(h, (E,), w1, b1, eps), wa).view(m, L, 3, H, D)
+            k, v = self.k[i, :, :, :p + L], self.v[i, :, :, :p + L]
+            k[:, :, p:].copy_(qkv[:, :, 1].transpose(1, 2))  # m = 1 broadcasts into every row
+            v[:, :, p:].copy_(qkv[:, :, 2].transpose(1, 2))
+            q = qkv[:, :, 0].transpose(1, 2)
+            if m != self.n:
+                k, v = k[:m], v[:m]
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1, scale=scale)
+            h = torch.addmm(bp, o.transpose(1, 2).reshape(m * L, E), wp).add_(h)
+            h = torch.addmm(bo, self.act(torch.addmm(bf, F.layer_norm(h, (E,), w2, b2, eps), wf)), wo).add_(h)
+        self.pos += L
+        last = h.view(m, L, E)[:, -1]
+        return torch.mm(F.layer_norm(last, (E,), *self.ln_f, eps), self.head.t())
 
 
 def frozen_copy(model):

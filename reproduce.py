@@ -1,5 +1,5 @@
 """
-Reproduce Table 1 of the paper (SPEC §5) at small scale: train TB, SubTB, RapTB, TB+SubM and RapTB+SubM on the
+Reproduce Table 1 of the paper (METHOD.md §7) at small scale: train TB, SubTB, RapTB, TB+SubM and RapTB+SubM on the
 SMILES scaffold task with the embedded prior, several seeds each, sample every run with sample.py, aggregate.
 
     python reproduce.py --quick            # a few minutes: the whole grid with a tiny budget (results/quick/)
@@ -33,15 +33,19 @@ METHODS = {
     "expr24": {"TB": ("tb", "rp"), "SubTB": ("subtb", "rp"), "RapTB": ("raptb", "rp"),
                "TB+SubM": ("tb", "subm"), "SubTB+SubM": ("subtb", "subm"), "RapTB+SubM": ("raptb", "subm")},
 }
-# table columns: (header, metric key, digits). log_pstop_final comes from the training log, not from sample.py.
+# table columns: (header, metric key, digits). log_pstop_final comes from the training log, not from sample.py;
+# the distance to the target (KL, TV, missed mass, log Z) from sample.py's fidelity block (METHOD.md §8).
+TARGET = [("KL(q‖p*)", "kl_q_target", 2), ("TV", "tv_target", 3), ("Missed", "missed_mass", 3),
+          ("logZ learned", "log_z_learned", 2), ("logZ est.", "log_z_estimate", 2)]
 COLUMNS = {
     "smiles": [("Acc", "acc", 3), ("Score", "score", 3), ("TokEnt", "tok_ent", 2), ("FPDiv", "fp_div", 3),
-               ("Len", "len_mean", 2), ("Uniq", "uniqueness", 3), ("Novelty", "novelty", 3),
-               ("IntDiv", "int_div", 3), ("log P(stop)", "log_pstop_final", 2)],
+               ("Len", "len_mean", 2), ("Uniq", "uniqueness", 3), ("IntDiv", "int_div", 3),
+               ("log P(stop)", "log_pstop_final", 2), *TARGET],
     "expr24": [("Acc", "acc", 3), ("Unique-correct", "unique_correct", 1), ("NormCov", "norm_cov", 3),
-               ("TokEnt", "tok_ent", 2), ("Len", "len_mean", 2), ("log P(stop)", "log_pstop_final", 2)],
+               ("TokEnt", "tok_ent", 2), ("Len", "len_mean", 2), ("q(Sol)", "q_solution_mass", 3), *TARGET,
+               ("KL(p*‖q)", "kl_target_q", 2)],
 }
-# SPEC §5, Table 1 (SMILES, L_max = 10, Llama-3.2-1B): Acc, Score, TokEnt, FPDiv, Len
+# the paper's Table 1 (SMILES, L_max = 10, Llama-3.2-1B): Acc, Score, TokEnt, FPDiv, Len
 PAPER = {"TB": (.998, .717, 2.50, .807, 3.06), "SubTB": (.328, .755, 2.13, .836, 8.35),
          "RapTB": (.996, .740, 2.45, .860, 6.14), "RapTB+SubM": (.988, .844, 2.73, .898, 7.44)}
 PAPER_KEYS = ("acc", "score", "tok_ent", "fp_div", "len_mean")
@@ -135,7 +139,7 @@ def format_table(agg, task):
                 f"{paper[k]:.{d}f}" if k in paper else "—" for _, k, d in cols) + " |")
     lines.append(f"\nmean ± 95% CI (t distribution) over {'/'.join(map(str, sorted(set(seeds.values()))))} seeds. "
                  "log P(stop): log-probability of stopping at the final state, in the training batches of the last "
-                 "10% of steps." + (" Paper rows: Llama-3.2-1B, 5000 steps (SPEC §5)." if task == "smiles" else ""))
+                 "10% of steps." + (" Paper rows: Llama-3.2-1B, 5000 steps." if task == "smiles" else ""))
     return "\n".join(lines)
 
 
@@ -164,7 +168,8 @@ def train_command(args, s, run_dir):
     if os.path.isfile(latest):  # interrupted: train.py continues exactly from its newest checkpoint
         return ["--resume", "--out", run_dir, "--task", args.task, "--steps", str(args.steps), "--device", args.device]
     cmd = ["--task", args.task, "--loss", s["loss"], "--replay", s["replay"], "--seed", str(s["seed"]),
-           "--steps", str(args.steps), "--out", run_dir, "--device", args.device, *shlex.split(args.train_args)]
+           "--steps", str(args.steps), "--out", run_dir, "--device", args.device,
+           "--eval-n", str(min(256, args.n)), *shlex.split(args.train_args)]  # the KL curve: 4 points + start
     for flag, value in [("--model", args.model), ("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum)]:
         cmd += [flag, str(value)] if value is not None else []
     return cmd
@@ -196,7 +201,7 @@ def run_one(args, method, loss, replay, seed):
     if not trained(run_dir, args.steps):
         child(["train.py", *train_command(args, record["settings"], run_dir)], run_dir, "train", record)
     child(["sample.py", run_dir, "--n", str(args.n), "--seed", str(seed), "--device", args.device,
-           "--out", os.path.join(run_dir, "samples.csv")], run_dir, "sample", record)
+           "--fidelity-n", str(min(1000, args.n)), "--out", os.path.join(run_dir, "samples.csv")], run_dir, "sample", record)
     record["done"] = True
     write_json(os.path.join(run_dir, "run.json"), record)
     return record
@@ -226,11 +231,13 @@ def write_json(path, obj):
 
 
 def load_run(run_dir):
-    """One finished run: sample.py's metrics plus the final log P(stop), and the training log itself."""
+    """One finished run: sample.py's metrics plus the final log P(stop), and the training log (its rows with a
+    KL measurement, train.py --eval-every, include step 0: the starting model)."""
     metrics = read_json(os.path.join(run_dir, "samples_metrics.json"))
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         log = [json.loads(line) for line in f]
-    return dict(metrics, log_pstop_final=final_log_pstop(log)), log
+    steps = [row for row in log if "loss" in row]
+    return dict(metrics, log_pstop_final=final_log_pstop(steps)), log
 
 # ----------------------------------------------------------------------------- plots
 
@@ -284,13 +291,19 @@ def plot_all(out, task, run_dirs, agg, logs):
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for (key, title), ax in zip(keys, axes.flat):
         for m in methods:
-            n = min(len(log) for log in logs[m])
-            curve = np.mean([[row[key] for row in log[:n]] for log in logs[m]], axis=0)
+            steps = [[row for row in log if "loss" in row] for log in logs[m]]
+            n = min(len(rows) for rows in steps)
+            curve = np.mean([[row[key] for row in rows[:n]] for rows in steps], axis=0)
             ax.plot(np.arange(1, n + 1), moving_average(curve, max(1, n // 20)), **style[m])
         ax.set(title=title, xlabel="training step")
-    axes.flat[-1].axis("off")
-    axes.flat[-1].legend(*axes.flat[0].get_legend_handles_labels(), loc="center", title="mean over seeds, "
-                         "moving average")
+    ax = axes.flat[-1]
+    for m in methods:  # the distance to the target, measured every --eval-every steps (mean over seeds)
+        evals = [{row["step"]: row["kl_q_target"] for row in log if "kl_q_target" in row} for log in logs[m]]
+        at = sorted(set.intersection(*(set(e) for e in evals))) if evals else []
+        if at:
+            ax.plot(at, [np.mean([e[t] for e in evals]) for t in at], marker="o", ms=3, **style[m])
+    ax.set(title="KL(q‖p*) to the target (nats)", xlabel="training step", yscale="symlog")
+    ax.legend(fontsize=7, title="mean over seeds", title_fontsize=7)
     paths.append(save(fig, out, "curves.png", plt))
     return paths
 

@@ -96,6 +96,9 @@ class SmilesTask(Task):
             if _parse(scaffold) is None:
                 raise TaskError(f"scaffold {scaffold!r} does not parse as SMILES")
         self.scaffold, self.attach = scaffold, attach
+        # a side chain's reference is the prior fine-tuned on side chains: the whole-molecule prior almost never
+        # stops within 10 tokens, which makes the target degenerate (all mass at L_max; METHOD.md §6.1)
+        self.defaults = dict(self.defaults, model="prior_sidechain" if scaffold else "prior")
         self._scaffold_mol = _parse(scaffold.replace("*", "[*:1]")) if scaffold and attach == "graph" else None
 
     def full(self, text):

@@ -90,14 +90,18 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--trust-remote-code", action="store_true", help="run a hub model's own code (never from a checkpoint)")
     p.add_argument("--out", default=None, help="CSV path (default: samples.csv beside the checkpoint, or ./samples.csv)")
     p.add_argument("--train-smiles", default=None, help="SMILES file (.smi or .smi.gz) for novelty; "
                    "default: the embedded prior's training set when the model is the prior")
-    p.add_argument("--task", default=None, help="for a bare model: the task (default smiles)")
+    p.add_argument("--task", default=None, help="for a bare model: the task (default smiles); "
+                   "for a run on your own task (module:attr), that task again: loading it runs its code")
     p.add_argument("--scaffold", default=None, help="for a bare model: the scaffold (default the paper's)")
     p.add_argument("--min-len", type=int, default=None, help="for a bare model")
     p.add_argument("--max-len", type=int, default=None, help="for a bare model")
     p.add_argument("--prompt", default=None, help="for a bare model")
+    p.add_argument("--target-lams", default=None, help="sampling a bare reference model: describe the target "
+                   "P_ref e^{lam S} for these comma-separated lam (length distribution, ESS, objects holding 50%% / 90%%)")
     p.add_argument("--fidelity-n", type=int, default=1000, help="policy samples (and as many reference samples) "
                    "for the distance to the target, METHOD.md §8 (0: skip it)")
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line, not argparse's screenful of usage
@@ -122,14 +126,15 @@ def run_settings(args):
     import train
     if os.path.isfile(os.path.join(args.ckpt, "latest")) or os.path.isfile(os.path.join(args.ckpt, "state.pt")):
         ckpt = train.find_checkpoint(args.ckpt)
-        settings = argparse.Namespace(**train.load_state(ckpt)["args"])
+        settings = argparse.Namespace(**train.load_state(ckpt, args.task)["args"])
     else:
-        ckpt, settings = None, train.get_args(["--model", args.ckpt, "--task", args.task or "smiles"])
+        argv = ["--model", args.ckpt, "--task", args.task or "smiles", "--out", "."]  # train.py checks them all
         for name in ("scaffold", "min_len", "max_len", "prompt"):
             if getattr(args, name) is not None:
-                setattr(settings, name, getattr(args, name))
-    settings.device = args.device
-    settings.log_z = float(train.load_state(ckpt)["log_z"]) if ckpt else None
+                argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        ckpt, settings = None, train.get_args(argv)
+    settings.device, settings.trust_remote_code = args.device, args.trust_remote_code  # not from the checkpoint
+    settings.log_z = float(train.load_state(ckpt, args.task)["log_z"]) if ckpt else None
     return ckpt, settings
 
 
@@ -138,14 +143,16 @@ def main(argv=None):
     import train
     from model import ModelError
     from rewards import TaskError
-    args = get_args(argv)
     try:
-        ckpt, settings = run_settings(args)
+        args = get_args(argv)
+        ckpt, settings = run_settings(args)  # a bare model's flags go through train.py's checks
         task = train.build_task(settings)
         policy = train.build_policy(settings, task, ckpt, with_reference=args.fidelity_n > 0)
     except (ModelError, TaskError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # argparse (or train.py's check of a bare model's flags) printed one line
+        return e.code
     torch.manual_seed(args.seed)
     samples = []
     with tqdm(total=args.n, desc="sampling") as bar:
@@ -162,11 +169,20 @@ def main(argv=None):
     if args.fidelity_n > 0:
         metrics.update(fidelity.measure(policy, task, settings.kappa, settings.lam, args.fidelity_n, settings.log_z,
                                         seed=args.seed))
+    profiles = [fidelity.target_profile([s["molecule"] for s in samples], [s["score"] for s in samples],
+                                        [s["length"] for s in samples], float(lam), settings.max_len)
+                for lam in (args.target_lams.split(",") if args.target_lams else [])]
+    if profiles:
+        metrics["target_profiles"] = profiles
     with open(os.path.splitext(out)[0] + "_metrics.json", "w") as f:
         json.dump(metrics, f, indent=1, default=str)
     print(format_report(metrics))
     if args.fidelity_n > 0:
         print(fidelity.format_fidelity(metrics, explain=True))
+    for p in profiles:
+        print(f"target at lam {p['lam']:g} (from these {p['n']} reference samples): ESS {p['ess']:.1f}, "
+              f"{p['objects_50']} / {p['objects_90']} objects hold 50% / 90% of its mass, {p['at_max_len']:.3f} at "
+              f"L_max; by length {p['length_dist']}")
     print(f"wrote {out} and {os.path.splitext(out)[0]}_metrics.json")
     return 0
 

@@ -1,6 +1,7 @@
 """Data parallelism on CPU (gloo): 2 ranks with half a batch each == 1 process with the whole batch."""
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -9,6 +10,14 @@ import torch.multiprocessing as mp
 import train
 
 BATCH = 8  # rows per rank
+# fork: the ranks start with this process's imports (torch, transformers), seconds each under spawn; the parent has
+# one intra-op thread (conftest) and no tokenizer threads, so forking it is safe. Elsewhere spawn, torch's default.
+START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
+
+
+def start_ranks(fn, nprocs, *args, join=True):
+    """mp.spawn(fn, args, nprocs), started with START_METHOD."""
+    return mp.start_processes(fn, args=args, nprocs=nprocs, join=join, start_method=START_METHOD)
 
 
 def free_port():
@@ -46,8 +55,8 @@ def train_two_steps(rank, world, model, out, port):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 def test_two_ranks_equal_one_process_with_the_combined_batch(tiny_gpt2, tmp_path):
-    mp.spawn(train_two_steps, args=(2, tiny_gpt2, str(tmp_path), free_port()), nprocs=2, join=True)
-    mp.spawn(train_two_steps, args=(1, tiny_gpt2, str(tmp_path), free_port()), nprocs=1, join=True)
+    start_ranks(train_two_steps, 2, 2, tiny_gpt2, str(tmp_path), free_port())
+    start_ranks(train_two_steps, 1, 1, tiny_gpt2, str(tmp_path), free_port())
     r0, r1, single = (torch.load(tmp_path / f, weights_only=False)
                       for f in ("rank0-of-2.pt", "rank1-of-2.pt", "rank0-of-1.pt"))
     torch.testing.assert_close(r0["params"], r1["params"], rtol=0, atol=0)  # identical weights on both ranks

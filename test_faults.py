@@ -5,9 +5,8 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -18,7 +17,6 @@ import checkpoint
 import sample
 import train
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 FAST = ["--batch-size", "4", "--grad-accum", "1", "--max-len", "5", "--min-len", "1", "--k-min-start", "3",
         "--k-min-end", "1", "--eval-every", "0", "--replay", "subm", "--ckpt-every", "1"]
 STEPS = 6
@@ -54,11 +52,11 @@ def assert_same_run(a, b):
     assert open(os.path.join(a, "metrics.jsonl")).read() == open(os.path.join(b, "metrics.jsonl")).read()
     ca, cb = checkpoint.find_checkpoint(str(a)), checkpoint.find_checkpoint(str(b))
     assert os.path.basename(ca) == os.path.basename(cb)
-    with open(os.path.join(ca, "model.safetensors"), "rb") as fa, open(os.path.join(cb, "model.safetensors"), "rb") as fb:
-        assert fa.read() == fb.read()
+    weights = [open(os.path.join(c, "model.safetensors"), "rb").read() for c in (ca, cb)]
+    assert weights[0] == weights[1]
     sa, sb = checkpoint.load_state(ca), checkpoint.load_state(cb)
-    sa["args"].pop("out"), sb["args"].pop("out")
-    sa["args"].pop("resume"), sb["args"].pop("resume")
+    for key in train.RUN_ONLY:  # what --resume may change (--out, --ckpt-every, ...)
+        sa["args"].pop(key), sb["args"].pop(key)
     assert_equal(sa, sb)
 
 
@@ -93,7 +91,7 @@ def assert_equal(x, y):
     (["--max-len", "0", "--min-len", "0"], "--max-len >= 1"),
     (["--lam", "abc"], "invalid float value"),
     (["--no-such-flag"], "unrecognized arguments"),
-    (["--device", "cuda:99"], "has 0 cuda device") if not torch.cuda.is_available() else (["--device", "cuda:99"], "cuda"),
+    (["--device", "cuda:99"], "cuda device(s)"),
     (["--device", "garbage"], "is not a device"),
     (["--model", "prior", "--max-len", "200"], "does not fit the model"),
     (["--model", "prior", "--prompt", "CCCC", "--max-len", "124"], "4 prompt tokens"),
@@ -149,10 +147,8 @@ def test_sample_out_must_be_a_writable_file(tmp_path, capsys):
         assert "--out" in one_line_error(capsys, e.value.code)
 
 
-def test_cli_bad_flag_is_one_line_not_a_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "train.py", "--lam", "nan", "--out", str(tmp_path)], cwd=HERE,
-                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.splitlines()) == 1, r.stderr
+def test_main_returns_2_with_one_line(tmp_path, capsys):  # what `python train.py --lam nan` prints and exits with
+    assert "--lam" in one_line_error(capsys, train.main(["--lam", "nan", "--out", str(tmp_path)]))
 
 
 # ----------------------------------------------------------------------------- untrusted checkpoints
@@ -168,7 +164,7 @@ class RunsACommand:
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
 def test_tampered_state_is_refused_and_nothing_runs(straight, tmp_path, capsys, writer):
     run_dir = tmp_path / "run"
-    os.system(f"cp -r {straight} {run_dir}")
+    shutil.copytree(straight, run_dir)
     marker = tmp_path / "pwned"
     state_path = os.path.join(checkpoint.find_checkpoint(str(run_dir)), "state.pt")
     payload = dict(step=1, log_z=torch.zeros(()), optimizer={}, args={}, ranks=[RunsACommand(marker)])
@@ -184,52 +180,109 @@ def test_tampered_state_is_refused_and_nothing_runs(straight, tmp_path, capsys, 
 
 def test_foreign_state_is_refused(straight, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    os.system(f"cp -r {straight} {run_dir}")
+    shutil.copytree(straight, run_dir)
     torch.save({"weight": torch.zeros(3)}, os.path.join(checkpoint.find_checkpoint(str(run_dir)), "state.pt"))
     capsys.readouterr()
     assert "not written by train.py" in one_line_error(capsys, train.main(["--resume", "--out", str(run_dir)]))
 
 
+def tampered_copy(straight, tmp_path, **settings):
+    """A copy of the straight run whose state.pt (plain values, so it loads) claims other settings."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    state_path = os.path.join(checkpoint.find_checkpoint(str(run_dir)), "state.pt")
+    state = torch.load(state_path, weights_only=True)
+    state["args"].update(settings)
+    torch.save(state, state_path)
+    return run_dir
+
+
+def test_code_running_settings_are_never_taken_from_a_checkpoint(straight, tmp_path, capsys):
+    """A checkpoint cannot switch on --trust-remote-code, nor make a task's code (file.py:attr) load unasked."""
+    marker = tmp_path / "pwned"
+    (tmp_path / "evil_task.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef score(texts): return 0.0\n")
+    run_dir = tampered_copy(straight, tmp_path, trust_remote_code=True)
+    assert train.resume_args(train.get_args(["--resume", "--out", str(run_dir)]))[0].trust_remote_code is False
+    assert sample.run_settings(sample.get_args([str(run_dir)]))[1].trust_remote_code is False
+    spec = f"{tmp_path / 'evil_task.py'}:score"
+    run_dir = tampered_copy(straight, tmp_path / "b", task=spec)
+    capsys.readouterr()
+    assert "pass --task" in one_line_error(capsys, train.main(["--resume", "--out", str(run_dir)]))
+    assert "pass --task" in one_line_error(capsys, sample.main([str(run_dir), "--n", "4"]))
+    assert not marker.exists()
+    assert checkpoint.load_state(checkpoint.find_checkpoint(str(run_dir)), task=spec)  # named again: trusted
+
+
 # ----------------------------------------------------------------------------- kills, full disks, NaN
 
+def start_training(argv):
+    """train.main(argv) in a forked child, a process of its own that can be SIGKILLed (no new interpreter to
+    start: torch and the rest are already imported)."""
+    pid = os.fork()
+    if pid == 0:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1), os.dup2(devnull, 2)
+        code = 1
+        try:
+            code = train.main(argv)
+        finally:
+            os._exit(code)
+    return pid
+
+
+def lines(path):
+    return len(open(path).readlines()) if os.path.exists(path) else 0
+
+
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tiny_gpt2, straight, tmp_path):
-    """SIGKILL at seeded random moments, often inside a checkpoint save (--ckpt-every 1: one per step), each time
-    resuming from whatever the kill left; the run still ends identical to the uninterrupted one."""
-    out, rng = tmp_path / "killed", random.Random(0)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # one thread: the same floats as in-process
-    fresh = [sys.executable, "train.py", "--model", tiny_gpt2, "--out", str(out), *FAST, "--steps", str(STEPS)]
-    resume = [sys.executable, "train.py", "--resume", "--out", str(out), "--steps", str(STEPS)]
-    kills = 0
-    for attempt in range(3):
-        started = os.path.isfile(out / "latest")
-        proc = subprocess.Popen(resume if started else fresh, cwd=HERE, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        log, seen = out / "metrics.jsonl", 0 if not started else len(open(out / "metrics.jsonl").readlines())
+    """SIGKILL at seeded random moments, often inside a checkpoint save (--ckpt-every 1: one right after each
+    logged step), each time resuming from whatever the kill left; the run still ends identical to the straight one."""
+    out, rng, kills = tmp_path / "killed", random.Random(0), 0
+    fresh = ["--model", tiny_gpt2, "--out", str(out), *FAST, "--steps", str(STEPS)]
+    resume = ["--resume", "--out", str(out), "--steps", str(STEPS), "--ckpt-every", "1"]
+    for attempt in range(5):
+        seen = lines(out / "metrics.jsonl")
+        pid = start_training(resume if os.path.isfile(out / "latest") else fresh)
         deadline = time.time() + 60
-        while proc.poll() is None and time.time() < deadline:  # wait until it trains past where it started
-            if log.exists() and len(open(log).readlines()) > seen + attempt % 2:
+        while not os.waitpid(pid, os.WNOHANG)[0] and time.time() < deadline:  # until it logs a step of its own
+            if lines(out / "metrics.jsonl") > seen:
+                time.sleep(rng.uniform(0, 0.1))  # a save takes about this long
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                kills += 1
                 break
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.15))  # a step and its save take about this long
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
-    assert kills >= 2
-    assert train.main(["--resume", "--out", str(out), "--steps", str(STEPS)]) == 0
+            time.sleep(0.002)
+    assert kills >= 3
+    assert train.main(resume) == 0
     assert_same_run(straight, out)
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
 
 
-def test_crash_mid_save_leftovers_are_ignored_and_cleaned(tiny_gpt2, straight, tmp_path):
+def stop_after(monkeypatch, step):
+    """What Ctrl-C does (finish the step, checkpoint, exit 130), at a known step."""
+    real_log_step = train.log_step
+
+    def log_and_stop(log_file, metrics):
+        real_log_step(log_file, metrics)
+        if metrics["step"] == step:
+            train.STOP["requested"] = True
+
+    monkeypatch.setattr(train, "log_step", log_and_stop)
+
+
+def test_crash_mid_save_leftovers_are_ignored_and_cleaned(tiny_gpt2, straight, tmp_path, monkeypatch):
     """What a kill inside save_checkpoint leaves: a half-written .ckpt-*.tmp folder, a stale latest.tmp and a
     renamed ckpt that `latest` never pointed at. Resume goes from `latest`, and the next save cleans them up."""
     out = tmp_path / "crashed"
-    assert run(tiny_gpt2, out, "--steps", "3") == 0
+    stop_after(monkeypatch, 3)
+    assert run(tiny_gpt2, out, "--steps", str(STEPS)) == 130
+    monkeypatch.undo()
     (out / ".ckpt-000004.tmp").mkdir()
     (out / ".ckpt-000004.tmp" / "model.safetensors").write_bytes(b"half")
     (out / "latest.tmp").write_text("ckpt-000004\n")
-    os.system(f"cp -r {out / 'ckpt-000003'} {out / 'ckpt-000004'}")  # complete-looking, but not `latest`
+    shutil.copytree(out / "ckpt-000003", out / "ckpt-000005")  # complete-looking, but never `latest`
+    with open(out / "metrics.jsonl", "a") as f:  # and the lines logged after the checkpoint
+        f.write(json.dumps(dict(step=4, loss=1.0)) + "\n")
     assert train.main(["--resume", "--out", str(out), "--steps", str(STEPS)]) == 0
     assert_same_run(straight, out)
     assert sorted(n for n in os.listdir(out) if "ckpt" in n or "tmp" in n) == [f"ckpt-{STEPS:06d}"]
@@ -247,13 +300,14 @@ def test_non_finite_loss_is_one_line_and_keeps_the_checkpoint(tiny_gpt2, tmp_pat
     assert code == 2
     err = last_line_error(capsys.readouterr().err)
     assert err == (f"error: non-finite loss at step 3; the last good checkpoint is {tmp_path}/ckpt-000002 (kept); "
-                   "resuming would repeat the same steps, so start a new run (another --out) with a lower --lr or --lam")
+                   "resuming would repeat the same steps, so start a new run (another --out) "
+                   "with a lower --lr or --lam")
     assert checkpoint.load_state(checkpoint.find_checkpoint(str(tmp_path)))["step"] == 2
 
 
-def test_overflowing_lam_stops_at_step_1(tiny_gpt2, tmp_path, capsys):
-    assert run(tiny_gpt2, tmp_path, "--steps", "2", "--lam", "1e308", "--replay", "none") == 2
-    assert "non-finite loss at step 1; no checkpoint was written yet" in last_line_error(capsys.readouterr().err)
+def test_overflowing_lam_stops_before_any_checkpoint(tiny_gpt2, tmp_path, capsys):
+    assert run(tiny_gpt2, tmp_path, "--steps", "3", "--lam", "1e308", "--replay", "none", "--ckpt-every", "9") == 2
+    assert "; no checkpoint was written yet;" in last_line_error(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("where", ["state.pt", "weights"])

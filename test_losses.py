@@ -1,4 +1,4 @@
-"""Tests for losses.py: loop references written straight from SPEC §2, identities, exact distribution
+"""Tests for losses.py: loop references written straight from METHOD.md §3, identities, exact distribution
 matching on an enumerable prefix tree, and robustness. Run: pytest -q test_losses.py (-s shows the TVs)."""
 import math
 
@@ -42,7 +42,7 @@ def grads(loss, *xs):
     return torch.autograd.grad(loss, xs, allow_unused=True, materialize_grads=True, retain_graph=True)
 
 
-# ----------------------------------------------------------------------------- loop references (SPEC §2)
+# ----------------------------------------------------------------------------- loop references (METHOD.md §3)
 
 def ref_tb(log_pf, log_pterm, log_r, lengths, log_z):
     total = 0.0

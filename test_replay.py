@@ -1,5 +1,5 @@
 """Tests for replay.py. Reference values come from independent code written here: f(S) straight
-from the SPEC §3 formula, brute-force greedy and exhaustive search over it, RDKit's own Tanimoto."""
+from the METHOD.md §4 formula, brute-force greedy and exhaustive search over it, RDKit's own Tanimoto."""
 
 import io
 import itertools
@@ -21,7 +21,7 @@ MOLS = [f"O=C1Nc2cc({s})ccc2N1" for s in SIDE_CHAINS]
 
 
 # -----------------------------------------------------------------------------
-# f(S) from the SPEC formula, and greedy/optimum over it by brute force
+# f(S) from the METHOD.md §4 formula, and greedy/optimum over it by brute force
 
 def f_direct(S, scores, sim, bins, w_div, w_len, a):
     S = list(S)
@@ -367,3 +367,117 @@ def test_checkpoint_round_trip(kind, similarity):
         other.add(more)
         b2.add(more)
         assert other.items == b2.items
+
+
+# -----------------------------------------------------------------------------
+# the faster refresh: groups in lazy greedy, incremental similarities, fingerprints once
+
+def test_lazy_equals_plain_with_many_items_that_cover_nothing():
+    # invalid molecules: all-zero similarity rows, tied gains within a length bin (lazy greedy groups them)
+    rng = np.random.default_rng(14)
+    for n, zero_frac in ((60, 0.5), (232, 0.8), (120, 1.0)):
+        scores, sim, bins, a = random_instance(rng, n, n_bins=5, sim_kind="bits")
+        zero = rng.random(n) < zero_frac
+        sim[zero], sim[:, zero] = 0.0, 0.0
+        scores[zero] = rng.choice([0.0, 0.5], zero.sum())  # a few distinct s(x) among them
+        for k in (n // 3, n - 5, n):
+            for w_div, w_len in ((1.0, 1.0), (1.0, 0.0), (0.0, 2.0)):
+                lazy, g1 = subm_select(scores, sim, bins, k, w_div, w_len, a, lazy=True, return_gains=True)
+                plain, g2 = subm_select(scores, sim, bins, k, w_div, w_len, a, lazy=False, return_gains=True)
+                assert lazy.tolist() == plain.tolist()
+                assert np.array_equal(g1, g2)
+
+
+@pytest.mark.parametrize("similarity", ["tanimoto", "bigram"])
+def test_incremental_similarity_equals_the_full_matrix(similarity):
+    rng = np.random.default_rng(15)
+    buf = make_buffer("subm", capacity=9, similarity=similarity)
+    texts = MOLS + ["C1CC(", "", "CC"]
+    for step in range(6):
+        batch = [mol_item(int(i), float(rng.uniform()), valid=bool(rng.uniform() < 0.8),
+                          smiles=texts[int(rng.integers(len(texts)))]) for i in rng.integers(0, 50, 6)]
+        buf.add(batch)
+        ground = buf.items + [buf._enter(it) for it in batch[:3]]  # incumbents (cached) and new rows together
+        fps = [it.fp for it in ground]
+        want = tanimoto_matrix(np.stack(fps)) if similarity == "tanimoto" else jaccard_matrix(fps)
+        assert np.array_equal(buf._sim(ground), want)  # the same doubles, not merely close
+
+
+def test_each_text_is_fingerprinted_once_and_losers_never(monkeypatch):
+    import replay
+    calls = []
+    real = replay.morgan_fp
+    monkeypatch.setattr(replay, "morgan_fp", lambda text, valid=True: calls.append(text) or real(text, valid))
+    buf = make_buffer("subm", capacity=4)
+    buf.add([mol_item(0, 0.9), mol_item(1, 0.5)])
+    assert sorted(calls) == sorted([MOLS[0], MOLS[1]])
+    calls.clear()
+    buf.add([mol_item(0, 0.1), mol_item(1, 0.7)])  # MOLS[0] loses to the incumbent: not fingerprinted
+    assert calls == []  # MOLS[1] wins, but its text was fingerprinted before
+    assert {it.key: it.score for it in buf.items} == {MOLS[0]: 0.9, MOLS[1]: 0.7}
+
+
+# -----------------------------------------------------------------------------
+# train.py's replay cache: a replayed batch reuses log P_ref(s_k T) and S(s_k) from when it entered
+
+def make_trainer(model, out, *extra):
+    import train
+    args = train.get_args(["--model", model, "--out", str(out), "--max-len", "5", "--min-len", "1",
+                           "--batch-size", "8", "--buffer-size", "6", "--kappa", "0.7", *extra])
+    task = train.build_task(args)
+    torch.manual_seed(0)
+    return train, args, task, train.build_policy(args, task)
+
+
+@pytest.mark.parametrize("kind", ["subm", "prt"])
+def test_replayed_batch_gives_the_same_log_r_and_u_to_the_bit(tiny_gpt2, tmp_path, monkeypatch, kind):
+    train, args, task, policy = make_trainer(tiny_gpt2, tmp_path, "--replay", kind)
+    buffer = train.build_buffer(args, task)
+    for temperature in (1.0, 2.0, 3.0):
+        tokens, lengths, _ = policy.sample(args.batch_size, temperature)
+        log_r, u, texts, final, log_ref, scores = train.score_rows(args, task, policy, tokens, lengths)
+        buffer.add(train.to_items(task, tokens, lengths, texts, final, log_ref, scores))
+    f = io.BytesIO()
+    torch.save(buffer.state_dict(), f)
+    f.seek(0)
+    resumed = train.build_buffer(args, task)
+    resumed.load_state_dict(torch.load(f, weights_only=True))  # the cache survives a safe checkpoint load
+    assert all(it.log_ref is not None and it.prefix_scores is not None for it in resumed.items)
+    real_ref = policy.log_ref_stop
+    for buf in (buffer, resumed):
+        items = buf.sample(16, np.random.default_rng(1))
+        tokens, lengths = train.from_items(policy, items)
+        monkeypatch.setattr(policy, "log_ref_stop", lambda *a: pytest.fail("the reference ran on a replayed batch"))
+        cached = train.score_batch(args, task, policy, tokens, lengths, items)
+        monkeypatch.setattr(policy, "log_ref_stop", real_ref)
+        fresh = train.score_batch(args, task, policy, tokens, lengths)  # the reference pass and the task, again
+        for a, b in zip(cached[:2], fresh[:2]):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32))  # every bit, -inf included
+        assert cached[2] == fresh[2] and torch.equal(cached[3], fresh[3])
+    # a buffer saved before the cache existed: its items have none, and the batch is scored the slow way
+    state = buffer.state_dict()
+    del state["log_ref"], state["prefix_scores"]
+    old = train.build_buffer(args, task)
+    old.load_state_dict(state)
+    items = old.sample(16, np.random.default_rng(1))
+    tokens, lengths = train.from_items(policy, items)
+    assert all(it.log_ref is None for it in items) and train.cached_rows(args, policy, items) is None
+    fresh = train.score_batch(args, task, policy, tokens, lengths)
+    assert torch.equal(train.score_batch(args, task, policy, tokens, lengths, items)[0], fresh[0])
+
+
+def test_gpt2_sampler_decodes_like_the_hugging_face_forward(tiny_gpt2, tiny_llama, tmp_path):
+    import model as modellib
+    for prompt in ("", "CC"):
+        _, args, task, policy = make_trainer(tiny_gpt2, tmp_path, "--prompt", prompt)
+        assert modellib.GPT2Decoder.for_model(policy.model, 4, 8, policy.actions) is not None
+        out = {}
+        for fast in (True, False):
+            policy.fast_sampling = fast
+            torch.manual_seed(5)
+            out[fast] = policy.sample(64, temperature=1.5)
+        assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+        torch.testing.assert_close(out[True][2], out[False][2], rtol=0, atol=1e-5)
+    _, _, _, llama = make_trainer(tiny_llama, tmp_path, "--lora")
+    assert modellib.GPT2Decoder.for_model(llama.model, 4, 8, llama.actions) is None  # others: HF's forward

@@ -1,5 +1,5 @@
 """
-Fine-tune a causal language model as a GFlowNet (SPEC §4): it learns to sample sequences in proportion to
+Fine-tune a causal language model as a GFlowNet (METHOD.md §5): it learns to sample sequences in proportion to
 R(x) = P_ref(x)^kappa * exp(lambda * S(x)). Defaults are the paper's SMILES settings.
 
     python train.py --task smiles                                   # embedded prior, CPU is fine
@@ -130,9 +130,6 @@ def check_args(p, args):
         p.error("--kappa, --eps-absorb, --k-min-start, --k-min-end and --seed must be >= 0")
     if args.horizon is not None and args.horizon < 1:
         p.error("--horizon must be at least 1")
-    for problem in (device_problem(args.device), out_problem(args.out), context_problem(args)):
-        if problem:
-            p.error(problem)
     for name in ("steps", "batch_size", "grad_accum", "buffer_size", "ckpt_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -144,6 +141,9 @@ def check_args(p, args):
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.eta < 0 or args.rho < 0 or args.weight_decay < 0 or args.grad_clip <= 0:
         p.error("--eta, --rho and --weight-decay must be >= 0 and --grad-clip > 0")
+    for problem in (device_problem(args.device), out_problem(args.out), context_problem(args)):
+        if problem:
+            p.error(problem)
 
 
 def device_problem(name):
@@ -233,40 +233,78 @@ def build_buffer(args, task):
     return make_buffer(args.replay, capacity=args.buffer_size, similarity=task.similarity)
 
 
-def score_batch(args, task, policy, tokens, lengths):
-    """log R and its task part u at every prefix ([B, T]), plus each sequence's text and final score."""
-    scores = rewards.prefix_scores(task, policy.token_texts, tokens, lengths, args.max_len).to(policy.device)
-    log_r, u = rewards.log_reward(policy.log_ref_stop(tokens, lengths).double(), scores, args.kappa, args.lam)
+def score_batch(args, task, policy, tokens, lengths, items=None):
+    """log R and its task part u at every prefix ([B, T]), plus each sequence's text and final score.
+    `items`: the buffer entries a replayed batch was made from (see score_rows)."""
+    return score_rows(args, task, policy, tokens, lengths, items)[:4]
+
+
+def score_rows(args, task, policy, tokens, lengths, items=None):
+    """score_batch's four values, then the two rows it derives them from: log P_ref(s_k T) (float32 [B, T]) and
+    the prefix scores S(s_k) (float64 [B, T]). Both are fixed for a sequence (the reference is frozen, the task is
+    deterministic), so a replayed batch whose `items` all carry them from when they entered the buffer skips the
+    reference pass and the task: the same numbers, to the bit, without the work."""
+    cached = cached_rows(args, policy, items)
+    if cached is not None:
+        log_ref, scores = cached
+    else:
+        scores = rewards.prefix_scores(task, policy.token_texts, tokens, lengths, args.max_len).to(policy.device)
+        log_ref = policy.log_ref_stop(tokens, lengths)
+    log_r, u = rewards.log_reward(log_ref.double(), scores, args.kappa, args.lam)
     texts = policy.texts(tokens, lengths)
     final = scores.gather(1, lengths[:, None]).squeeze(1)
-    return log_r.float(), u.float(), texts, final
+    return log_r.float(), u.float(), texts, final, log_ref, scores
 
 
-def to_items(task, tokens, lengths, texts, final):
-    return [Item(tokens=tuple(row[:tau]), text=task.full(t), key=task.canonical(t), score=float(s),
-                 valid=task.is_valid(t), length=tau)
-            for row, tau, t, s in zip(tokens.tolist(), lengths.tolist(), texts, final.tolist())]
+def cached_rows(args, policy, items):
+    """The stored (log_ref, prefix scores) of a replayed batch as [B, T] tensors, or None when some item lacks
+    them (made before the cache existed). Under FSDP the reference pass is a collective, so every rank must take
+    the same branch: the cache is used only when it covers every rank's batch."""
+    if items is None:
+        return None
+    T = args.max_len + 1
+    ok = bool(items) and all(it.log_ref is not None and it.prefix_scores is not None and len(it.log_ref) == T
+                             and len(it.prefix_scores) == T for it in items)
+    if getattr(args, "fsdp", False):
+        ok = average_across_ranks([torch.tensor([float(ok)])])[0].item() == 1.0
+    if not ok:
+        return None
+    log_ref = torch.from_numpy(np.stack([np.asarray(it.log_ref, dtype=np.float32) for it in items]))
+    scores = torch.from_numpy(np.stack([np.asarray(it.prefix_scores, dtype=np.float64) for it in items]))
+    return log_ref.to(policy.device), scores.to(policy.device)
+
+
+def to_items(task, tokens, lengths, texts, final, log_ref=None, scores=None):
+    """Buffer entries for an on-policy batch; with the batch's log_ref and prefix-score rows (score_rows), which
+    replaying them then reuses."""
+    refs = log_ref.detach().float().cpu().numpy() if log_ref is not None else [None] * len(texts)
+    rows = scores.detach().double().cpu().numpy() if scores is not None else [None] * len(texts)
+    fingerprint = getattr(task, "fingerprint", None)  # optional: the buffer's fingerprint of full(t), from the
+    return [Item(tokens=tuple(row[:tau]), text=task.full(t), key=task.canonical(t), score=float(s),  # task's own Mol
+                 valid=task.is_valid(t), length=tau, log_ref=ref, prefix_scores=sc,
+                 fp=fingerprint(t) if fingerprint is not None else None)
+            for row, tau, t, s, ref, sc in zip(tokens.tolist(), lengths.tolist(), texts, final.tolist(), refs, rows)]
 
 
 def from_items(policy, items):
-    tokens = torch.full((len(items), policy.max_len), policy.eos, device=policy.device)
-    for b, it in enumerate(items):
-        tokens[b, :it.length] = torch.tensor(it.tokens, dtype=torch.long)
+    rows = [list(it.tokens) + [policy.eos] * (policy.max_len - it.length) for it in items]
+    tokens = torch.tensor(rows, dtype=torch.long).reshape(len(items), policy.max_len).to(policy.device)
     return tokens, torch.tensor([it.length for it in items], device=policy.device)
 
 
 def get_batch(args, task, policy, buffer, rng, frac, coin=None):
-    """SPEC §4's mixture: replay with probability p_replay, else on-policy (tempered with prob temp_prob).
+    """METHOD.md §5's mixture: replay with probability p_replay, else on-policy (tempered with prob temp_prob).
     `coin` makes these two choices (default: `rng`); under FSDP it is the same on every rank (shared_coin)."""
     coin = rng if coin is None else coin
     if replay_ready(args, buffer) and coin.random() < linear(args.p_replay_start, args.p_replay_end, frac):
-        tokens, lengths = from_items(policy, buffer.sample(args.batch_size, rng))
-        return tokens, lengths, "replay"
+        items = buffer.sample(args.batch_size, rng)
+        tokens, lengths = from_items(policy, items)
+        return tokens, lengths, "replay", items  # the items: their cached reference and scores (score_rows)
     temperature = 1.0
     if coin.random() < args.temp_prob:
         temperature = coin.uniform(linear(args.t_lo_start, args.t_lo_end, frac), linear(args.t_hi_start, args.t_hi_end, frac))
     tokens, lengths, _ = policy.sample(args.batch_size, temperature)
-    return tokens, lengths, "policy"
+    return tokens, lengths, "policy", None
 
 
 def estimate_log_z(args, task, policy):
@@ -293,13 +331,13 @@ def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
     optimizer.zero_grad(set_to_none=True)
     rows = []
     for i in range(args.grad_accum):
-        tokens, lengths, source = get_batch(args, task, policy, buffer, rng, frac, shared_coin(args, step, i))
-        log_r, u, texts, final = score_batch(args, task, policy, tokens, lengths)
+        tokens, lengths, source, *items = get_batch(args, task, policy, buffer, rng, frac, shared_coin(args, step, i))
+        log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, *items)
         log_pf, log_pterm = policy.log_probs(tokens, lengths)
         loss, stats = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, log_z, **loss_knobs(args, frac))
         (loss / args.grad_accum).backward()
         if source == "policy" and buffer is not None:
-            buffer.add(to_items(task, tokens, lengths, texts, final))
+            buffer.add(to_items(task, tokens, lengths, texts, final, log_ref, scores))
         valid = torch.tensor([task.is_valid(t) for t in texts], dtype=torch.float)
         rows.append(dict(loss=loss.item(), reward=final.mean().item(), validity=valid.mean().item(),
                          length=lengths.float().mean().item(), replay=float(source == "replay"),
@@ -317,7 +355,8 @@ def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
     return dict(step=step + 1, **metrics, log_z=log_z.item(), grad_norm=grad_norm.item(), k_min=loss_knobs(args, frac)["k_min"])
 
 
-RUN_ONLY = ("out", "steps", "device", "ckpt_every", "resume", "grad_ckpt")  # what --resume may change
+RUN_ONLY = ("out", "steps", "device", "ckpt_every", "resume", "grad_ckpt",  # what --resume may change; and
+            "trust_remote_code")  # never from the checkpoint: running a model's code is the user's choice each time
 MEASURE_ONLY = ("eval_every", "eval_n")  # --resume keeps the run's unless given again: they never change training
 
 
@@ -325,8 +364,8 @@ def resume_args(args):
     """Settings come from the checkpoint; only where and how long to run may change. A setting given
     explicitly that contradicts the checkpoint (another --model, another --loss, ...) is an error."""
     ckpt = find_checkpoint(args.out)
-    state = load_state(ckpt)
-    saved, defaults = state["args"], vars(get_args(["--task", args.task]))
+    state = load_state(ckpt, args.task)
+    saved, defaults = state["args"], vars(get_args(["--task", args.task, "--out", args.out]))
     given = {k: v for k, v in vars(args).items() if v != defaults.get(k)}
     for key, value in given.items():
         if key not in RUN_ONLY + MEASURE_ONLY and value != saved.get(key):
@@ -409,7 +448,8 @@ def run(args):
     log_path = os.path.join(args.out, "metrics.jsonl")
     if rank == 0 and step and os.path.exists(log_path):  # drop lines a killed run wrote after its checkpoint
         with open(log_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]  # a killed
+            # run may have left a half-written last line: it has no newline yet
         with open(log_path, "w") as f:
             f.writelines(kept)
     if rank == 0:
