@@ -356,7 +356,8 @@ def build_scratch_model(path, alphabet, warmup_texts=None, warmup_steps=600, n_l
                                         unk_token="<unk>", clean_up_tokenization_spaces=False)
     config = GPT2Config(vocab_size=len(vocab), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                         bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # load_model drops dropout anyway; fits faster
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # load_model drops dropout anyway; fits faster
+                        activation_function="gelu_pytorch_tanh")  # GPT-2's GELU, in one native op: 2x faster on CPU
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)

@@ -155,3 +155,13 @@ def test_exact_expr24_equals_brute_force(small_expr24):
     kl = float(np.sum(q * (log_q - log_p)))  # its non-solution part is estimated from 4000 policy samples
     assert f["kl_q_target_lower"] <= kl + 1e-6
     assert f["kl_q_target"] == pytest.approx(kl, abs=0.1)
+
+
+def test_expr24_between_exact_measurements_z_is_still_exact(small_expr24):
+    task, policy = small_expr24
+    exact = fidelity.measure(policy, task, kappa=1.0, lam=50.0, n=500)
+    cheap = fidelity.measure(policy, task, kappa=1.0, lam=50.0, n=500, exact=False)
+    assert not cheap["exact"] and cheap["exact_log_z"] and cheap["log_z_ci"] is None
+    assert cheap["log_z_estimate"] == pytest.approx(exact["log_z_estimate"], rel=1e-9)
+    assert cheap["kl_q_target"] == pytest.approx(exact["kl_q_target"], rel=0.1)  # same Z, sampled expectation
+    assert "Z exact" in fidelity.format_fidelity(cheap)

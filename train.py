@@ -387,7 +387,8 @@ def evaluate(args, task, policy, log_z, step):
     """The distance to the target after `step` steps (fidelity.measure), with what it cost. Its samples come from
     a forked RNG, so a run with evaluations trains exactly as one without."""
     start = time.perf_counter()
-    f = fidelity.measure(policy, task, args.kappa, args.lam, args.eval_n, log_z.item(), seed=args.seed + step)
+    f = fidelity.measure(policy, task, args.kappa, args.lam, args.eval_n, log_z.item(), seed=args.seed + step,
+                         exact=step == args.steps)  # Expr24: exact at the end; before, Z exact and the rest estimated
     return dict(f, eval_seconds=time.perf_counter() - start)
 
 
