@@ -5,6 +5,11 @@ Add a section by writing a function and registering it in SECTIONS at the bottom
 losses: forward + backward time of the fused objectives in losses.py against straightforward loop
 versions in the style of the authors' code (a Python loop over window sizes for SubTB, over positions
 for the soft absorbed target), both measured in the same run, B = 32, T in {16, 64, 256, 1024}.
+
+step: one training micro-batch phase by phase (on-policy and replayed), today's code against the step before
+issue 15 (legacy_sample, LegacySubMBuffer, no replay cache, HF's gelu_new), interleaved, CPU time and ratios.
+sampler: Policy.sample's cost per token step against the GEMMs of that step and a teacher-forced forward.
+fidelity, fidelity-expr24: the fidelity meter's share of a default run.
 """
 import os
 import sys

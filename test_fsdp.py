@@ -7,7 +7,6 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
@@ -23,7 +22,7 @@ needs_distributed = pytest.mark.skipif(not torch.distributed.is_available(), rea
 
 
 def spawn(fn, nprocs, *args, timeout=300):
-    """mp.spawn with a deadline: a collective that one rank never joins would otherwise hang the suite."""
+    """mp.spawn (start_ranks) with a deadline: a collective that one rank never joins would otherwise hang the suite."""
     ctx = start_ranks(fn, nprocs, nprocs, *args, join=False)  # fork on Linux: no second import of torch
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=2):
