@@ -166,8 +166,9 @@ def raptb_loss(log_pf, log_pterm, log_r, u, lengths, log_z, *, eta=0.25, gamma=0
         Cbar_k = C_k with log_pterm detached (aux term only; logZ cancels), h = tau or min(tau, K)
         A_k = 1[k_min <= k <= h] 1[|u[k]| <= eps_absorb] (and 1[tau >= K] 1[k < K] when K is set)
     u_tgt from _suffix_targets (u is a constant). A trajectory with no eligible prefix has no aux.
-    k_min is clamped to >= min_len + 1: the root s_min_len has Cbar = 0 by construction.
-    absorb=False turns the gate off (rooted prefixes with raw stop rewards)."""
+    k_min is clamped to >= min_len + 1: the root s_min_len has Cbar = 0 by construction. Only states that can stop
+    (_usable) are prefixes or targets; when a task mask forbids the stop at s_min_len, the root is the row's first
+    state that can stop. absorb=False turns the gate off (rooted prefixes with raw stop rewards)."""
     log_pf, log_pterm, log_r, u, log_z = _prepare(log_pf, log_pterm, log_r, u, log_z)
     k, tau, step, state = _positions(log_pf, lengths)
     d_tb = _tb_residual(log_pf, log_pterm, log_r, log_z, step, state, tau)
