@@ -126,6 +126,14 @@ def fidelity(q, ref, log_z_learned=None, n_boot=200, seed=0, log_z=None):
     return out
 
 
+def exact_log_z(lam, log_ref_sol):
+    """log Z = log(1 + (e^lam - 1) P_ref(Sol)), with log P_ref(Sol) and 1 - P_ref(Sol) (computed accurately)."""
+    log_pref_sol = float(np.logaddexp.reduce(log_ref_sol)) if len(log_ref_sol) else -math.inf
+    pref_non = -math.expm1(log_pref_sol)
+    log_z = float(np.logaddexp(math.log(pref_non) if pref_non > 0 else -math.inf, lam + log_pref_sol))
+    return log_z, log_pref_sol, pref_non
+
+
 def exact_solution_fidelity(lam, log_ref_sol, log_q_sol, q=None):
     """Exact distance to the target for a task whose score is 1 on a known solution set and 0 elsewhere, with
     kappa = 1 (Expr24; METHOD.md §8). The reference's probabilities sum to 1 over every object, so
@@ -136,9 +144,7 @@ def exact_solution_fidelity(lam, log_ref_sol, log_q_sol, q=None):
     | notSol]), the expectation over the policy's non-solution samples `q` (dict with score, log_q, log_ref) when
     there are any; else the log-sum lower bound q(notSol) * (log Z + log(q(notSol) / P_ref(notSol)))."""
     log_ref_sol, log_q_sol = np.asarray(log_ref_sol, np.float64), np.asarray(log_q_sol, np.float64)
-    log_pref_sol = float(np.logaddexp.reduce(log_ref_sol)) if len(log_ref_sol) else -math.inf
-    pref_non = -math.expm1(log_pref_sol)  # 1 - P_ref(Sol), accurately
-    log_z = float(np.logaddexp(math.log(pref_non) if pref_non > 0 else -math.inf, lam + log_pref_sol))
+    log_z, log_pref_sol, pref_non = exact_log_z(lam, log_ref_sol)
     log_p = lam + log_ref_sol - log_z
     p, qx = np.exp(log_p), np.exp(log_q_sol)
     q_non = max(0.0, 1.0 - float(qx.sum()))
@@ -245,7 +251,7 @@ def measure(policy, task, kappa, lam, n=256, log_z_learned=None, seed=0, exact=T
                 if exact:
                     out = exact_solution_fidelity(lam, cache[solutions], solution_log_probs(policy, solutions), q)
                 else:
-                    log_z = exact_solution_fidelity(lam, cache[solutions], cache[solutions])["log_z_estimate"]
+                    log_z = exact_log_z(lam, cache[solutions])[0]
                     ref = draw(policy, task, n, kappa, lam, reference=True)
                     out = dict(fidelity(q, ref, seed=seed, log_z=log_z), exact_log_z=True)
             else:

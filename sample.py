@@ -126,15 +126,16 @@ def run_settings(args):
     import train
     if os.path.isfile(os.path.join(args.ckpt, "latest")) or os.path.isfile(os.path.join(args.ckpt, "state.pt")):
         ckpt = train.find_checkpoint(args.ckpt)
-        settings = argparse.Namespace(**train.load_state(ckpt, args.task)["args"])
+        state = train.load_state(ckpt, args.task)
+        settings = argparse.Namespace(**state["args"], log_z=float(state["log_z"]))
     else:
         argv = ["--model", args.ckpt, "--task", args.task or "smiles", "--out", "."]  # train.py checks them all
         for name in ("scaffold", "min_len", "max_len", "prompt"):
             if getattr(args, name) is not None:
                 argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
         ckpt, settings = None, train.get_args(argv)
+        settings.log_z = None
     settings.device, settings.trust_remote_code = args.device, args.trust_remote_code  # not from the checkpoint
-    settings.log_z = float(train.load_state(ckpt, args.task)["log_z"]) if ckpt else None
     return ckpt, settings
 
 

@@ -15,6 +15,7 @@ import metrics
 import sample
 import train
 from rewards import Expr24Task, TaskError, evaluate_expression, expr24_solutions
+from test_losses import PrefixTree
 
 
 def oracle(text):
@@ -415,8 +416,8 @@ def test_subtb_windows_skip_states_that_cannot_stop(lam):
     assert value.item() == pytest.approx(brute_subtb(log_pf, log_pterm, log_r, lengths, lam).item(), rel=1e-9)
 
 
-class GrammarTree:
-    """Every string over V tokens of length <= L_max (even), with the stop allowed at even lengths only (a state
+class GrammarTree(PrefixTree):
+    """PrefixTree's batch and exact TV over another tree: every string over V tokens of length <= L_max (even), with the stop allowed at even lengths only (a state
     mask like Expr24's), random rewards on the objects, and one tabular logit vector per state."""
 
     def __init__(self, V=2, L_max=4, seed=0):
@@ -439,19 +440,6 @@ class GrammarTree:
         self.log_r, self.u = log_r_state[self.state_idx], u.double()[self.state_idx]
         target = log_r_state[[index[x] for x in objects]]
         self.target = (target - torch.logsumexp(target, 0)).exp()
-
-    def batch(self, logits):
-        import torch
-        logp = torch.log_softmax(logits.masked_fill(~self.mask, float("-inf")), -1)
-        return logp[self.state_idx, self.token], logp[self.state_idx, self.V]
-
-    def tv(self, logits):
-        import torch
-        with torch.no_grad():
-            log_pf, log_pterm = self.batch(logits)
-            k = torch.arange(log_pf.shape[1])
-            log_p = torch.where(k < self.lengths[:, None], log_pf, 0.0).sum(1) + log_pterm.gather(1, self.lengths[:, None])[:, 0]
-            return 0.5 * (log_p.exp() - self.target).abs().sum().item()
 
 
 @pytest.mark.parametrize("name, knobs", [("tb", {}), ("subtb", {"lam": 0.8}), ("rootsubtb", {}),
