@@ -466,18 +466,12 @@ class LegacySubMBuffer(SubMBuffer):
 
 def set_gelu(policy, fused):
     """GPT-2's MLP activation gelu_new as Hugging Face computes it (five Python-level tensor ops, each kept for
-    backward) or fused into one kernel (F.gelu(approximate="tanh"), the same function to ~1e-7)."""
-    import torch.nn.functional as F
+    backward) or fused into one kernel as load_model leaves it (model.fuse_gelu)."""
     from transformers.activations import NewGELUActivation
-
-    class FusedGELU(torch.nn.Module):
-        def forward(self, x):
-            return F.gelu(x, approximate="tanh")
     for net in (policy.model, policy.reference):
         for m in (net.modules() if net is not None else ()):
-            if type(m).__name__ == "GPT2MLP" and m.act.__class__.__name__ in ("NewGELUActivation", "FusedGELU",
-                                                                             "GELUTanh", "PytorchGELUTanh"):
-                m.act = FusedGELU() if fused else NewGELUActivation()
+            if type(m).__name__ == "GPT2MLP":
+                m.act = torch.nn.GELU(approximate="tanh") if fused else NewGELUActivation()
 
 
 # ----------------------------------------------------------------------------- the training step, phase by phase
@@ -492,13 +486,13 @@ def bench_step(model="prior", extra=(), steps=12, warmup=3, modes=("old", "new")
     gelu_new as HF computes it), interleaved in one run. Each micro-batch is timed twice: on-policy (sample, score,
     loss, refresh the buffer) and replayed (fetch 32 items, score, loss). Times are CPU time of this thread
     (robust to other processes sharing the cores) and wall time; the ratios are old / new."""
+    import batches
     import train
     torch.set_num_threads(1)
     args = train.get_args(["--model", model, "--replay", "subm", "--out", "/tmp/bench-step", *extra])
     task = train.build_task(args)
     torch.manual_seed(seed)
     policy = train.build_policy(args, task)
-    fused_loaded = not any(type(m).__name__ == "NewGELUActivation" for m in policy.model.modules())
     log_z = torch.nn.Parameter(torch.zeros((), device=policy.device))
     rng = np.random.default_rng(seed)
     buffers = dict(old=LegacySubMBuffer(capacity=args.buffer_size, similarity=task.similarity),
@@ -528,8 +522,8 @@ def bench_step(model="prior", extra=(), steps=12, warmup=3, modes=("old", "new")
             tokens, lengths, _ = timed("sample", sampler)
         else:
             items = timed("fetch", lambda: buffers[mode].sample(args.batch_size, rng))
-            tokens, lengths = timed("fetch", lambda: train.from_items(policy, items))
-        cached = None if old else timed("fetch", lambda: train.cached_rows(args, policy, items))
+            tokens, lengths = timed("fetch", lambda: batches.from_items(policy, items))
+        cached = None if old else timed("fetch", lambda: batches.cached_rows(args, policy, items))
         if cached is None:
             scores = timed("reward", lambda: train.rewards.prefix_scores(task, policy.token_texts, tokens, lengths,
                                                                          args.max_len).to(policy.device))
@@ -544,8 +538,8 @@ def bench_step(model="prior", extra=(), steps=12, warmup=3, modes=("old", "new")
         if source == "policy":
             texts = policy.texts(tokens, lengths)
             final = scores.gather(1, lengths[:, None]).squeeze(1)
-            made = (lambda: train.to_items(task, tokens, lengths, texts, final)) if old else \
-                (lambda: train.to_items(task, tokens, lengths, texts, final, log_ref, scores))
+            made = (lambda: batches.to_items(task, tokens, lengths, texts, final)) if old else \
+                (lambda: batches.to_items(task, tokens, lengths, texts, final, log_ref, scores))
             timed("refresh", lambda: buffers[mode].add(made()))
         elapsed = time.perf_counter() - start
         policy.model.zero_grad(set_to_none=True)
@@ -562,15 +556,14 @@ def bench_step(model="prior", extra=(), steps=12, warmup=3, modes=("old", "new")
         for mode in order:
             if len(buffers[mode]) >= args.batch_size:
                 micro_batch(mode, "replay", i >= warmup)
-    set_gelu(policy, fused=fused_loaded)
+    set_gelu(policy, fused=True)  # as load_model leaves it
 
     p = (args.p_replay_start + args.p_replay_end) / 2  # the mean replay probability over a run (linear schedule)
     print(f"\n== one training micro-batch, phase by phase ({model}, {args.task}, B={args.batch_size}, SubM buffer "
           f"{args.buffer_size}, {policy.device}, {torch.get_num_threads()} thread, {steps} micro-batches each; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores) ==")
-    print(f"CPU ms of this thread per micro-batch; old = before issue 15 (HF forward per sampling step, reference "
-          f"and task rerun on replay, old SubM refresh, HF gelu_new), new = this code"
-          f"{'' if fused_loaded else ' + fused GELU (load_model does not fuse it yet)'}")
+    print("CPU ms of this thread per micro-batch; old = before issue 15 (HF forward per sampling step, reference "
+          "and task rerun on replay, old SubM refresh, HF gelu_new), new = this code")
     header = f"{'phase':>10}" + "".join(f" {m + ' ' + s[:6]:>14}" for s in ("policy", "replay") for m in modes)
     if len(modes) == 2:
         header += f" {'ratio policy':>13} {'ratio replay':>13}"

@@ -9,6 +9,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "prior")  # the embedded SMILES prior that ships with the repo
@@ -52,6 +53,7 @@ def load_model(name, *, lora=False, adapter=None, dtype=torch.float32, trust_rem
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+    fuse_gelu(model)
     if lora or adapter:
         from peft import LoraConfig, PeftModel, get_peft_model
         if adapter:
@@ -63,6 +65,16 @@ def load_model(name, *, lora=False, adapter=None, dtype=torch.float32, trust_rem
             config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear")
             model = get_peft_model(model, config)
     return model, tokenizer
+
+
+def fuse_gelu(model):
+    """GPT-2's gelu_new is the tanh GELU written as five tensor ops, each kept for backward; torch's native
+    F.gelu(approximate="tanh") is the same function (to ~1e-7) in one kernel, 10-15% of a CPU forward+backward."""
+    from transformers.activations import NewGELUActivation
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, torch.nn.GELU(approximate="tanh"))
 
 
 class Policy:
@@ -126,14 +138,16 @@ class Policy:
         log_pterm [B, T] (log q(stop | s_k), k <= tau), zero past tau, T = L_max + 1."""
         net = self.model if not reference else (self.reference or self.model)
         depth = int(lengths.max()) if len(lengths) else 0
-        ids = torch.cat([self.prompt.expand(len(tokens), -1), tokens[:, :depth]], 1)
+        read = min(depth, self.max_len - 1)  # the last state the network reads: at L_max stop is forced (log 1 = 0)
+        ids = torch.cat([self.prompt.expand(len(tokens), -1), tokens[:, :read]], 1)
         with self._adapters_off() if reference and self.reference is None else contextlib.nullcontext(), self._autocast():
             logits = net(input_ids=ids).logits[:, len(self.prompt) - 1:]  # state k is read at prompt end + k
-        k = torch.arange(depth + 1, device=ids.device)
-        logp = self.action_log_probs(logits, k, self.allowed_actions(tokens, depth, lengths))
-        log_pterm = logp[..., self.stop]
+        logp = self.action_log_probs(logits, torch.arange(read + 1, device=ids.device),
+                                     self.allowed_actions(tokens, read, lengths))
+        log_pterm = F.pad(logp[..., self.stop], (0, depth - read))
         next_action = self.action_of[tokens[:, :depth]]
-        log_pf = F.pad(logp[:, :-1].gather(-1, next_action.unsqueeze(-1)).squeeze(-1), (0, 1))
+        log_pf = F.pad(logp[:, :depth].gather(-1, next_action.unsqueeze(-1)).squeeze(-1), (0, 1))
+        k = torch.arange(depth + 1, device=ids.device)
         live = k[None] < lengths[:, None]
         log_pf = torch.where(live, log_pf, 0.0)
         log_pterm = torch.where(k[None] <= lengths[:, None], log_pterm, 0.0)
@@ -325,9 +339,10 @@ def fit_texts(model, tokenizer, texts, steps=600, batch_size=32, lr=3e-3):
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / max(steps, 1))
     model.train()
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="fitting the reference", leave=False, mininterval=1):
         batch = torch.randint(len(rows), (batch_size,))
-        logits = model(input_ids=ids[batch, :-1]).logits
+        inputs = ids[batch, :-1]  # every position attends: padding only follows EOS and is never a target
+        logits = model(input_ids=inputs, attention_mask=torch.ones_like(inputs)).logits
         loss = F.cross_entropy(logits.flatten(0, 1), targets[batch].flatten(), ignore_index=-100)
         optimizer.zero_grad()
         loss.backward()

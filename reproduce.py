@@ -51,8 +51,9 @@ PAPER = {"TB": (.998, .717, 2.50, .807, 3.06), "SubTB": (.328, .755, 2.13, .836,
 PAPER_KEYS = ("acc", "score", "tok_ent", "fp_div", "len_mean")
 T975 = [12.706204736, 4.302652730, 3.182446305, 2.776445105, 2.570581836,  # t_{0.975, df}, df = 1..10
         2.446911851, 2.364624252, 2.306004135, 2.262157163, 2.228138852]
-# 500 steps x batch 32 without accumulation: about 45 min for the grid on 2 CPU cores (x4 accumulation: ~2.6 h)
-DEFAULT_STEPS, DEFAULT_ACCUM, QUICK = 500, 1, dict(steps=10, grad_accum=2, n=200)  # quick: enough batches to fill the buffer
+# SMILES: 500 steps x batch 32 without accumulation; Expr24: its own defaults (1500 x 64, rewards.Expr24Task)
+DEFAULT_STEPS = dict(smiles=500, expr24=1500)
+DEFAULT_ACCUM, QUICK = 1, dict(steps=10, grad_accum=2, n=200)  # quick: enough batches to fill the buffer
 
 
 def get_args(argv=None):
@@ -76,7 +77,7 @@ def get_args(argv=None):
     args.methods = args.methods.split(",") if args.methods else list(methods)
     if set(args.methods) - set(methods):
         p.error(f"unknown methods {sorted(set(args.methods) - set(methods))}; {args.task} has {list(methods)}")
-    for name, value in dict(steps=DEFAULT_STEPS, n=3200).items():
+    for name, value in dict(steps=DEFAULT_STEPS[args.task], n=3200).items():
         if getattr(args, name) is None:
             setattr(args, name, QUICK[name] if args.quick else value)
     if args.grad_accum is None:

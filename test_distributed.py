@@ -43,8 +43,10 @@ def train_two_steps(rank, world, model, out, port):
     rows = slice(rank * len(tokens) // world, (rank + 1) * len(tokens) // world)
     train.get_batch = lambda *a: (tokens[rows], lengths[rows], "policy")
     log_z = torch.nn.Parameter(torch.zeros(()))
-    optimizer = torch.optim.AdamW([dict(params=list(policy.model.parameters()), lr=args.lr, weight_decay=args.weight_decay),
-                                   dict(params=[log_z], lr=args.lr_logz, weight_decay=0.0)])
+    # SGD: a weight moves by lr x its averaged gradient, so the comparison below is one of gradients. Adam would
+    # divide each by its own running scale and turn float rounding in a near-zero gradient into a whole lr step.
+    optimizer = torch.optim.SGD([dict(params=list(policy.model.parameters()), lr=args.lr),
+                                 dict(params=[log_z], lr=args.lr_logz)])
     for step in range(2):
         metrics = train.train_step(args, task, policy, None, log_z, optimizer, None, step)
     params = torch.nn.utils.parameters_to_vector(list(policy.model.parameters()) + [log_z]).detach()

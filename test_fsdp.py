@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
+import batches
 import losses
 import model as modellib
 import train
@@ -225,7 +226,7 @@ def loss_and_grads(model, extra, tokens, lengths):
     calls = []
     layer = next(m for m in policy.model.modules() if type(m).__name__ == "LlamaDecoderLayer")
     layer.self_attn.register_forward_pre_hook(lambda *a: calls.append(1))  # inside the checkpointed part
-    log_r, u, _, _ = train.score_batch(args, task, policy, tokens, lengths)
+    log_r, u, _, _ = batches.score_batch(args, task, policy, tokens, lengths)
     log_z = torch.nn.Parameter(torch.tensor(0.3))
     torch.manual_seed(1)  # LoRA's dropout: the same masks in both runs (checkpointing replays the RNG)
     log_pf, log_pterm = policy.log_probs(tokens, lengths)

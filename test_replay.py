@@ -12,6 +12,7 @@ import torch
 from rdkit import Chem, DataStructs
 from rdkit.Chem import rdFingerprintGenerator
 
+import batches
 from replay import (GreedyState, Item, bigram_fp, jaccard_matrix, make_buffer, morgan_fp,
                     subm_select, tanimoto_matrix)
 
@@ -435,8 +436,8 @@ def test_replayed_batch_gives_the_same_log_r_and_u_to_the_bit(tiny_gpt2, tmp_pat
     buffer = train.build_buffer(args, task)
     for temperature in (1.0, 2.0, 3.0):
         tokens, lengths, _ = policy.sample(args.batch_size, temperature)
-        log_r, u, texts, final, log_ref, scores = train.score_rows(args, task, policy, tokens, lengths)
-        buffer.add(train.to_items(task, tokens, lengths, texts, final, log_ref, scores))
+        log_r, u, texts, final, log_ref, scores = batches.score_rows(args, task, policy, tokens, lengths)
+        buffer.add(batches.to_items(task, tokens, lengths, texts, final, log_ref, scores))
     f = io.BytesIO()
     torch.save(buffer.state_dict(), f)
     f.seek(0)
@@ -446,11 +447,11 @@ def test_replayed_batch_gives_the_same_log_r_and_u_to_the_bit(tiny_gpt2, tmp_pat
     real_ref = policy.log_ref_stop
     for buf in (buffer, resumed):
         items = buf.sample(16, np.random.default_rng(1))
-        tokens, lengths = train.from_items(policy, items)
+        tokens, lengths = batches.from_items(policy, items)
         monkeypatch.setattr(policy, "log_ref_stop", lambda *a: pytest.fail("the reference ran on a replayed batch"))
-        cached = train.score_batch(args, task, policy, tokens, lengths, items)
+        cached = batches.score_batch(args, task, policy, tokens, lengths, items)
         monkeypatch.setattr(policy, "log_ref_stop", real_ref)
-        fresh = train.score_batch(args, task, policy, tokens, lengths)  # the reference pass and the task, again
+        fresh = batches.score_batch(args, task, policy, tokens, lengths)  # the reference pass and the task, again
         for a, b in zip(cached[:2], fresh[:2]):
             assert a.dtype == b.dtype and a.shape == b.shape
             assert torch.equal(a.view(torch.int32), b.view(torch.int32))  # every bit, -inf included
@@ -461,10 +462,10 @@ def test_replayed_batch_gives_the_same_log_r_and_u_to_the_bit(tiny_gpt2, tmp_pat
     old = train.build_buffer(args, task)
     old.load_state_dict(state)
     items = old.sample(16, np.random.default_rng(1))
-    tokens, lengths = train.from_items(policy, items)
-    assert all(it.log_ref is None for it in items) and train.cached_rows(args, policy, items) is None
-    fresh = train.score_batch(args, task, policy, tokens, lengths)
-    assert torch.equal(train.score_batch(args, task, policy, tokens, lengths, items)[0], fresh[0])
+    tokens, lengths = batches.from_items(policy, items)
+    assert all(it.log_ref is None for it in items) and batches.cached_rows(args, policy, items) is None
+    fresh = batches.score_batch(args, task, policy, tokens, lengths)
+    assert torch.equal(batches.score_batch(args, task, policy, tokens, lengths, items)[0], fresh[0])
 
 
 def test_gpt2_sampler_decodes_like_the_hugging_face_forward(tiny_gpt2, tiny_llama, tmp_path):
