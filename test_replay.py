@@ -13,8 +13,8 @@ from rdkit import Chem, DataStructs
 from rdkit.Chem import rdFingerprintGenerator
 
 import batches
-from replay import (GreedyState, Item, bigram_fp, jaccard_matrix, make_buffer, morgan_fp,
-                    subm_select, tanimoto_matrix)
+from replay import GreedyState, Item, make_buffer, subm_select
+from similarity import bigram_fp, jaccard_matrix, morgan_fp, tanimoto_matrix
 
 SIDE_CHAINS = ["C", "CC", "CCO", "CN", "C(=O)O", "c3ccccc3", "F", "Cl", "OC", "CC(C)C", "N", "C#N",
                "CCCC", "OCC", "C(F)(F)F", "S", "CCN(C)C", "C=O"]

@@ -1,0 +1,445 @@
+"""
+Benchmarks of the training step (not tests), run through bench.py: `python bench.py step`.
+
+step: one training micro-batch phase by phase (on-policy and replayed), today's code against the step before
+issue 15 (legacy_sample, LegacySubMBuffer, no replay cache, HF's gelu_new), interleaved, CPU time and ratios.
+sampler: Policy.sample's cost per token step against the GEMMs of that step and a teacher-forced forward.
+fidelity, fidelity-expr24: the fidelity meter's share of a default run. gpu: MFU and the step on a GPU.
+expr24: the grammar mask's cost.
+"""
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import losses
+from replay import GreedyState, SubMBuffer
+from similarity import bigram_fp, jaccard_matrix, morgan_fp, tanimoto_matrix
+
+def _median_time(fn, repeats):
+    import time
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def _random_gpt2(n_positions, device):
+    """The embedded prior's shape (4 layers, width 256) with a longer context, random weights:
+    speed does not depend on the weights, and the prior's context (128) is shorter than 256 + prompt."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    import model as modellib
+    tokenizer = AutoTokenizer.from_pretrained(modellib.DEFAULT_MODEL)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=256, n_layer=4, n_head=4,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return GPT2LMHeadModel(config).to(device), tokenizer
+
+
+# ----------------------------------------------------------------------------- the step as it was (issue 15's baseline)
+# bench_step compares today's step with the one before the replay cache, the GPT-2 decoder and the faster SubM
+# refresh, in the same run. These are those pieces as they were, kept here only for that comparison.
+
+def legacy_sample(policy, net, n, temperature=1.0):
+    """Policy._sample before the GPT-2 decoder: the network's own Hugging Face forward and cache at every step."""
+    was_training = policy.model.training
+    policy.model.eval()
+    T = policy.max_len + 1
+    tokens = torch.full((n, policy.max_len), policy.eos, device=policy.device)
+    lengths = torch.full((n,), policy.max_len, device=policy.device)
+    log_q = torch.zeros(n, T, device=policy.device)
+    done = torch.zeros(n, dtype=torch.bool, device=policy.device)
+    ids, past = policy.prompt.expand(n, -1), None
+    with torch.no_grad():
+        for k in range(T):
+            with policy._autocast():
+                out = net(input_ids=ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            allowed = None
+            if policy.task_mask is not None:
+                allowed = policy.task_mask(policy.action_of[tokens[:, :k]], k) | done[:, None]
+            logp = policy.action_log_probs(out.logits[:, -1], k, allowed)
+            if allowed is not None and bool(logp.isneginf().all(-1).any()):
+                raise ValueError(f"the task's state mask and L_min leave no action at a state with {k} tokens")
+            a = torch.multinomial(torch.softmax(logp / temperature, -1), 1).squeeze(-1)
+            log_q[:, k] = torch.where(done, 0.0, logp.gather(-1, a[:, None]).squeeze(-1))
+            stopping = (a == policy.stop) & ~done
+            lengths[stopping] = k
+            done |= stopping
+            if policy._all_done(done):
+                break
+            tokens[~done, k] = policy.actions[a[~done]]
+            ids = tokens[:, k:k + 1]
+    policy.model.train(was_training)
+    return tokens, lengths, log_q
+
+
+def legacy_lazy_greedy(state, k):
+    """replay._lazy_greedy before the groups of items that cover nothing."""
+    import heapq
+    n = len(state.scores)
+    heap = [(-g, i) for i, g in enumerate(state.gains(np.arange(n)).tolist())]
+    heapq.heapify(heap)
+    fresh_at = [0] * n
+    picks, gains = [], []
+    for step in range(k):
+        while True:
+            neg_g, i = heap[0]
+            if fresh_at[i] == step:
+                heapq.heappop(heap)
+                break
+            g = state.gain(i)
+            fresh_at[i] = step
+            heapq.heapreplace(heap, (-g, i))
+        picks.append(i)
+        gains.append(-neg_g)
+        state.add(i)
+    return picks, gains
+
+
+class LegacySubMBuffer(SubMBuffer):
+    """SubMBuffer's refresh before: every entering item fingerprinted (parsed again), the whole similarity matrix
+    recomputed by one BLAS product, lazy greedy without the groups. Keeps the same items as SubMBuffer."""
+
+    def add(self, items):
+        from dataclasses import replace
+        entered = []
+        for it in items:
+            fp = morgan_fp(it.text, it.valid) if self.similarity == "tanimoto" else bigram_fp(it.text)
+            entered.append(replace(it, tokens=tuple(it.tokens), fp=fp))
+        ground = self._dedupe(self.items + entered)
+        if self.valid_only:
+            ground = [it for it in ground if it.valid]
+        self.items = ground if len(ground) <= self.capacity else self._legacy_select(ground)
+
+    def _legacy_select(self, ground):
+        scores = np.array([self.w_rew * it.score + self.w_val * it.valid for it in ground])
+        bins = np.array([it.length // self.len_bin_size for it in ground])
+        a = None
+        if self.bin_weights == "authors":
+            n_bins = int(bins.max()) + 1
+            a = ((np.arange(n_bins) + 1.0) / n_bins) ** self.len_power
+        fps = [it.fp for it in ground]
+        sim = tanimoto_matrix(np.stack(fps)) if self.similarity == "tanimoto" else jaccard_matrix(fps)
+        state = GreedyState(scores, sim, bins, self.capacity, self.w_div, self.w_len, a, self.diversity)
+        picks = legacy_lazy_greedy(state, min(self.capacity, len(ground)))[0]
+        return [ground[i] for i in np.sort(picks)]
+
+
+def set_gelu(policy, fused):
+    """GPT-2's MLP activation gelu_new as Hugging Face computes it (five Python-level tensor ops, each kept for
+    backward) or fused into one kernel as load_model leaves it (model.fuse_gelu)."""
+    from transformers.activations import NewGELUActivation
+    for net in (policy.model, policy.reference):
+        for m in (net.modules() if net is not None else ()):
+            if type(m).__name__ == "GPT2MLP":
+                m.act = torch.nn.GELU(approximate="tanh") if fused else NewGELUActivation()
+
+
+# ----------------------------------------------------------------------------- the training step, phase by phase
+
+STEP_PHASES = ("sample", "fetch", "reward", "reference", "forward", "loss", "backward", "refresh")
+
+
+def bench_step(model="prior", extra=(), steps=12, warmup=3, modes=("old", "new"), seed=0):
+    """Where one training micro-batch's time goes (SMILES task, batch 32, one thread, the embedded prior by
+    default), for today's code ("new") and the step as it was before issue 15 ("old": Hugging Face's forward at
+    every sampling step, the reference pass and the task again on replayed batches, the old SubM refresh, GPT-2's
+    gelu_new as HF computes it), interleaved in one run. Each micro-batch is timed twice: on-policy (sample, score,
+    loss, refresh the buffer) and replayed (fetch 32 items, score, loss). Times are CPU time of this thread
+    (robust to other processes sharing the cores) and wall time; the ratios are old / new."""
+    import batches
+    import train
+    torch.set_num_threads(1)
+    args = train.get_args(["--model", model, "--replay", "subm", "--out", "/tmp/bench-step", *extra])
+    task = train.build_task(args)
+    torch.manual_seed(seed)
+    policy = train.build_policy(args, task)
+    log_z = torch.nn.Parameter(torch.zeros((), device=policy.device))
+    rng = np.random.default_rng(seed)
+    buffers = dict(old=LegacySubMBuffer(capacity=args.buffer_size, similarity=task.similarity),
+                   new=train.build_buffer(args, task))
+    cpu = {m: {s: {p: 0.0 for p in STEP_PHASES} for s in ("policy", "replay")} for m in modes}
+    wall = {m: {s: 0.0 for s in ("policy", "replay")} for m in modes}
+    sync = torch.cuda.synchronize if policy.device.type == "cuda" else (lambda: None)
+
+    def micro_batch(mode, source, record):
+        old = mode == "old"
+        set_gelu(policy, fused=not old)
+        times = dict.fromkeys(STEP_PHASES, 0.0)
+
+        def timed(name, fn):
+            sync()
+            t = time.thread_time()
+            out = fn()
+            sync()
+            times[name] += time.thread_time() - t
+            return out
+        start = time.perf_counter()
+        items = None
+        if source == "policy":
+            temperature = 1.0 if rng.random() >= args.temp_prob else float(rng.uniform(0.8, 1.5))
+            sampler = (lambda: legacy_sample(policy, policy.model, args.batch_size, temperature)) if old else \
+                (lambda: policy.sample(args.batch_size, temperature))
+            tokens, lengths, _ = timed("sample", sampler)
+        else:
+            items = timed("fetch", lambda: buffers[mode].sample(args.batch_size, rng))
+            tokens, lengths = timed("fetch", lambda: batches.from_items(policy, items))
+        cached = None if old else timed("fetch", lambda: batches.cached_rows(args, policy, items))
+        if cached is None:
+            scores = timed("reward", lambda: train.rewards.prefix_scores(task, policy.token_texts, tokens, lengths,
+                                                                         args.max_len).to(policy.device))
+            log_ref = timed("reference", lambda: policy.log_ref_stop(tokens, lengths))
+        else:
+            log_ref, scores = cached
+        log_r, u = train.rewards.log_reward(log_ref.double(), scores, args.kappa, args.lam)
+        log_pf, log_pterm = timed("forward", lambda: policy.log_probs(tokens, lengths))
+        loss, _ = timed("loss", lambda: losses.compute_loss("raptb", log_pf, log_pterm, log_r.float(), u.float(),
+                                                            lengths, log_z, **train.loss_knobs(args, 0.0)))
+        timed("backward", lambda: loss.backward())
+        if source == "policy":
+            texts = policy.texts(tokens, lengths)
+            final = scores.gather(1, lengths[:, None]).squeeze(1)
+            made = (lambda: batches.to_items(task, tokens, lengths, texts, final)) if old else \
+                (lambda: batches.to_items(task, tokens, lengths, texts, final, log_ref, scores))
+            timed("refresh", lambda: buffers[mode].add(made()))
+        elapsed = time.perf_counter() - start
+        policy.model.zero_grad(set_to_none=True)
+        log_z.grad = None
+        if record:
+            for name, t in times.items():
+                cpu[mode][source][name] += t
+            wall[mode][source] += elapsed
+
+    for i in range(warmup + steps):
+        order = modes if i % 2 == 0 else modes[::-1]  # alternate who goes first
+        for mode in order:
+            micro_batch(mode, "policy", i >= warmup)
+        for mode in order:
+            if len(buffers[mode]) >= args.batch_size:
+                micro_batch(mode, "replay", i >= warmup)
+    set_gelu(policy, fused=True)  # as load_model leaves it
+
+    p = (args.p_replay_start + args.p_replay_end) / 2  # the mean replay probability over a run (linear schedule)
+    print(f"\n== one training micro-batch, phase by phase ({model}, {args.task}, B={args.batch_size}, SubM buffer "
+          f"{args.buffer_size}, {policy.device}, {torch.get_num_threads()} thread, {steps} micro-batches each; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores) ==")
+    print("CPU ms of this thread per micro-batch; old = before issue 15 (HF forward per sampling step, reference "
+          "and task rerun on replay, old SubM refresh, HF gelu_new), new = this code")
+    header = f"{'phase':>10}" + "".join(f" {m + ' ' + s[:6]:>14}" for s in ("policy", "replay") for m in modes)
+    if len(modes) == 2:
+        header += f" {'ratio policy':>13} {'ratio replay':>13}"
+    print(header)
+    total = {(m, s): sum(cpu[m][s].values()) / steps for m in modes for s in ("policy", "replay")}
+    for name in STEP_PHASES + ("total",):
+        vals = {(m, s): (sum(cpu[m][s].values()) if name == "total" else cpu[m][s][name]) / steps * 1e3
+                for m in modes for s in ("policy", "replay")}
+        line = f"{name:>10}" + "".join(f" {vals[m, s]:14.1f}" for s in ("policy", "replay") for m in modes)
+        if len(modes) == 2:
+            line += "".join(f" {vals['old', s] / vals['new', s]:12.2f}x" if vals["new", s] > 0.05 else f" {'':>13}"
+                            for s in ("policy", "replay"))
+        print(line)
+    wall_ms = {(m, s): wall[m][s] / steps * 1e3 for m in modes for s in ("policy", "replay")}
+    print(f"{'wall':>10}" + "".join(f" {wall_ms[m, s]:14.1f}" for s in ("policy", "replay") for m in modes))
+    mixed = {m: (1 - p) * total[m, "policy"] + p * total[m, "replay"] for m in modes}
+    for m in modes:
+        print(f"{m}: {mixed[m] * 1e3:.1f} CPU ms per micro-batch at the run's mean replay share {p:.3f}, "
+              f"{mixed[m] * args.grad_accum * 1e3:.0f} ms per optimiser step of {args.grad_accum} (before AdamW)")
+    if len(modes) == 2:
+        print(f"speed-up old/new: on-policy micro-batch {total['old', 'policy'] / total['new', 'policy']:.2f}x, "
+              f"replayed {total['old', 'replay'] / total['new', 'replay']:.2f}x, "
+              f"mixed {mixed['old'] / mixed['new']:.2f}x (CPU time); wall, on-policy "
+              f"{wall_ms['old', 'policy'] / wall_ms['new', 'policy']:.2f}x")
+    return dict(cpu=cpu, wall=wall, steps=steps, mixed=mixed)
+
+
+def bench_sampler(model="prior", n=32, max_len=10, repeats=15):
+    """The per-token cost of Policy.sample against the FLOPs of the token: one sampling step (n new tokens through
+    the whole network with a KV cache) next to (a) the step's matrix products alone (the GEMMs of one forward of
+    n tokens, weights [E, 3E], [E, E], [E, 4E], [4E, E] per layer + the action rows of the LM head) and (b) a
+    teacher-forced forward per token column (n x (max_len + 1) tokens at once, divided by max_len + 1). Today's
+    sampler and the Hugging Face forward per step (the old one) are interleaved. Minimum CPU time over repeats."""
+    import model as modellib
+    import rewards
+    torch.set_num_threads(1)
+    net, tokenizer = modellib.load_model(model)
+    allowed = rewards.allowed_token_ids(tokenizer, rewards.SmilesTask.charset)
+    policy = modellib.Policy(net, tokenizer, allowed, max_len, max_len)  # every row max_len tokens: 11 steps
+    steps = max_len + 1
+    blocks = net.transformer.h
+    x = {d: torch.randn(n, d) for d in (net.config.n_embd, 4 * net.config.n_embd)}
+    head = net.lm_head.weight[policy.actions].detach()
+
+    def gemms():
+        with torch.no_grad():
+            for b in blocks:
+                for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj):
+                    torch.addmm(lin.bias, x[lin.weight.shape[0]], lin.weight)
+            torch.mm(x[net.config.n_embd], head.t())
+    tokens = policy.actions[torch.randint(len(policy.actions) - 1, (n, max_len))]
+    lengths = torch.full((n,), max_len)
+
+    def forward():
+        with torch.no_grad():
+            policy.log_probs(tokens, lengths)
+    set_gelu(policy, fused=True)  # the comparator at its fastest: GPT-2's GELU as one kernel
+
+    def best(fn):
+        times = []
+        for _ in range(repeats):
+            t = time.thread_time()
+            fn()
+            times.append(time.thread_time() - t)
+        return min(times)
+    res = dict(new=[], old=[], gemm=[], forward=[])
+    for _ in range(2):
+        res["new"].append(best(lambda: policy.sample(n)) / steps)
+        res["old"].append(best(lambda: legacy_sample(policy, net, n)) / steps)
+        res["gemm"].append(best(gemms))
+        res["forward"].append(best(forward) / steps)
+    r = {k: min(v) * 1e3 for k, v in res.items()}
+    flops = 2 * n * (sum(p.numel() for b in blocks for p in b.parameters() if p.dim() == 2) + head.numel())
+    print(f"\n== sampler, per token step ({model}, n={n}, {steps} steps, {torch.get_num_threads()} thread, "
+          f"{flops / 1e6:.0f} MFLOP per step) ==")
+    print(f"{'GEMMs of the step alone':>36} {r['gemm']:7.2f} ms  ({flops / r['gemm'] / 1e6:.0f} GFLOP/s)")
+    print(f"{'teacher-forced forward per column':>36} {r['forward']:7.2f} ms")
+    print(f"{'Policy.sample (GPT-2 decoder)':>36} {r['new']:7.2f} ms  = {r['new'] / r['gemm']:.2f}x the GEMMs, "
+          f"{r['new'] / r['forward']:.2f}x a forward column")
+    print(f"{'before (HF forward per step)':>36} {r['old']:7.2f} ms  = {r['old'] / r['gemm']:.2f}x the GEMMs, "
+          f"{r['old'] / r['forward']:.2f}x a forward column; new is {r['old'] / r['new']:.2f}x faster")
+    return r
+
+
+def bench_fidelity(model="prior", n=256, steps=3, task_name="smiles"):
+    """The fidelity meter's share of a default run: one fidelity.measure(policy, task, 1, 50, n=256) against one
+    optimiser step at the defaults (B = 32 x grad_accum 4, SubM, the run's mean replay share), both timed here,
+    and the share for the default 5000-step run with its evaluations (train.eval_due: every steps // 4 and the
+    start and the end). Expr24 (task_name="expr24"): its scratch model, untrained (speed does not depend on
+    the weights), and the exact measurement over all 113,662 solutions."""
+    import fidelity
+    import model as modellib
+    import train
+    torch.set_num_threads(1)
+    if task_name == "expr24":
+        model = "/tmp/bench-fidelity-expr24-model"
+        if not os.path.isdir(model):
+            torch.manual_seed(0)
+            modellib.build_scratch_model(model, sorted(train.rewards.Expr24Task.charset))
+    args = train.get_args(["--task", task_name, "--model", model, "--out", "/tmp/bench-fidelity"])
+    task = train.build_task(args)
+    torch.manual_seed(0)
+    policy = train.build_policy(args, task)
+    buffer = train.build_buffer(args, task)
+    log_z = torch.nn.Parameter(torch.zeros(()))
+    optimizer = torch.optim.AdamW([dict(params=[p for p in policy.model.parameters() if p.requires_grad],
+                                        lr=args.lr), dict(params=[log_z], lr=args.lr_logz)])
+    rng = np.random.default_rng(0)
+    step_times = []
+    for step in range(steps + 2):  # fill the buffer first: replay needs a full batch
+        t = time.perf_counter()
+        train.train_step(args, task, policy, buffer, log_z, optimizer, rng, step)
+        step_times.append(time.perf_counter() - t)
+    step_s = float(np.median(step_times[2:]))
+    t = time.perf_counter()
+    fidelity.measure(policy, task, args.kappa, args.lam, n=n, log_z_learned=log_z.item(), seed=0)
+    measure_s = time.perf_counter() - t
+    t = time.perf_counter()
+    fidelity.measure(policy, task, args.kappa, args.lam, n=n, log_z_learned=log_z.item(), seed=1)
+    measure2_s = time.perf_counter() - t
+    evals = sum(train.eval_due(args, s) for s in range(args.steps + 1))
+    run_s = args.steps * step_s
+    meter_s = measure_s + (evals - 1) * measure2_s  # what the first one caches (Expr24: P_ref of every solution) stays
+    print(f"\n== fidelity meter's cost ({task_name}, {model}, n={n}; wall time, load average {os.getloadavg()[0]:.1f}) ==")
+    print(f"one optimiser step (B={args.batch_size} x {args.grad_accum}): {step_s:.2f} s (median of {steps}); "
+          f"one measurement: {measure_s:.2f} s (first), {measure2_s:.2f} s (second, RDKit caches warm)")
+    print(f"default run: {args.steps} steps = {run_s / 60:.0f} min of steps, {evals} measurements = "
+          f"{meter_s:.0f} s: {meter_s / (run_s + meter_s):.1%} of the run")
+    return dict(step_s=step_s, measure_s=measure_s, measure2_s=measure2_s, evals=evals, share=meter_s / (run_s + meter_s))
+
+
+def bench_gpu(peak_tflops=989.0):
+    """On a GPU: a Qwen2-0.5B-shaped transformer (24 layers, width 896, 14 query / 2 KV heads, MLP 4864) with
+    the embedded prior's 450-token vocabulary, random weights. Forward+backward tokens/s and MFU (model FLOPs
+    6 * params * tokens + attention, over the GPU's dense bf16 peak: H100 SXM 989 TFLOP/s), then the trainer
+    end to end with LoRA + bf16 (samples/s) and its step breakdown."""
+    import json
+    import subprocess
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    import model as modellib
+    if not torch.cuda.is_available():
+        print("\n== gpu: skipped (no CUDA) ==")
+        return
+    tokenizer = AutoTokenizer.from_pretrained(modellib.DEFAULT_MODEL)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    net = Qwen2ForCausalLM(config).cuda()
+    path = "/tmp/bench-qwen2-shaped"
+    net.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"\n== gpu: {torch.cuda.get_device_name()}, Qwen2-0.5B-shaped, {n_params / 1e6:.0f}M parameters ==")
+    print(f"{'batch x len':>12} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}   (full fine-tune, fp32 weights, bf16 autocast)")
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)
+    for batch, length in ((32, 11), (32, 128), (64, 512)):
+        ids = torch.randint(len(tokenizer), (batch, length), device="cuda")
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = net(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        t = _median_time(lambda: (step(), torch.cuda.synchronize()), 10)
+        flops = 6 * n_params * batch * length + 12 * config.num_hidden_layers * config.hidden_size * batch * length ** 2
+        print(f"{batch:>5} x {length:<5} {batch * length / t:>10.0f} {flops / t / 1e12:>8.1f} {flops / t / 1e12 / peak_tflops:>6.1%}")
+    net = optimizer = None  # free the GPU for the trainer run below
+    torch.cuda.empty_cache()
+    out = "/tmp/bench-qwen2-run"
+    subprocess.run([sys.executable, "train.py", "--model", path, "--lora", "--steps", "30", "--grad-accum", "1",
+                    "--replay", "subm", "--out", out, "--ckpt-every", "1000"], check=True, capture_output=True)
+    log = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    print(f"trainer, LoRA + bf16, batch 32, SubM: see the step breakdown below ({len(log)} steps ran)")
+    bench_step(path, ["--lora"])
+
+
+def bench_expr24(batch=64, repeats=15):
+    """What Expr24's grammar mask (a state mask, METHOD.md §1) costs: sampling and the one-pass log-probs
+    (forward + backward) of train.py's scratch model shape (3 layers, width 64, random weights) with and
+    without the mask, and the mask function alone over all states of a batch."""
+    import tempfile
+
+    import model as modellib
+    import rewards
+    task = rewards.Expr24Task()
+    with tempfile.TemporaryDirectory() as path:
+        modellib.build_scratch_model(path, sorted(task.charset), seed=0)
+        net, tokenizer = modellib.load_model(path)
+    allowed = rewards.allowed_token_ids(tokenizer, task.charset, max_chars=1)
+    policies = {name: modellib.Policy(net, tokenizer, allowed, 3, 9, state_mask=mask)
+                for name, mask in (("no mask", None), ("grammar mask", task.state_mask))}
+    torch.manual_seed(0)
+    tokens, lengths, _ = policies["grammar mask"].sample(batch)
+    print(f"\n== Expr24: cost of the grammar mask (B={batch}, scratch-model shape, CPU, median of {repeats}) ==")
+    print(f"{'':>14} {'sample ms':>10} {'log_probs+bwd ms':>17}")
+    for name, policy in policies.items():
+        def one_pass():
+            log_pf, log_pterm = policy.log_probs(tokens, lengths)
+            (log_pf.sum() + torch.where(log_pterm.isfinite(), log_pterm, 0.0).sum()).backward()
+        t_sample = _median_time(lambda: policy.sample(batch), repeats)
+        t_pass = _median_time(one_pass, repeats)
+        print(f"{name:>14} {t_sample * 1e3:>10.1f} {t_pass * 1e3:>17.1f}")
+    policy = policies["grammar mask"]
+    t_mask = _median_time(lambda: policy.allowed_actions(tokens, int(lengths.max()), lengths), repeats)
+    print(f"mask function alone, all {int(lengths.max()) + 1} states of the batch: {t_mask * 1e3:.2f} ms")
