@@ -2,11 +2,13 @@
 Benchmarks of the training step (not tests), run through bench.py: `python bench.py step`.
 
 step: one training micro-batch phase by phase (on-policy and replayed), today's code against the step before
-issue 15 (legacy_sample, LegacySubMBuffer, no replay cache, HF's gelu_new), interleaved, CPU time and ratios.
+issue 15 (legacy_sample, LegacySubMBuffer, no replay cache, HF's gelu_new, legacy_log_probs reading the forced
+last state), interleaved, CPU time and ratios.
 sampler: Policy.sample's cost per token step against the GEMMs of that step and a teacher-forced forward.
 fidelity, fidelity-expr24: the fidelity meter's share of a default run. gpu: MFU and the step on a GPU.
 expr24: the grammar mask's cost.
 """
+import contextlib
 import os
 import sys
 import time
@@ -77,6 +79,25 @@ def legacy_sample(policy, net, n, temperature=1.0):
             ids = tokens[:, k:k + 1]
     policy.model.train(was_training)
     return tokens, lengths, log_q
+
+
+def legacy_log_probs(policy, tokens, lengths, reference=False):
+    """Policy.log_probs before it skipped the last state at L_max (where the stop is forced): every state read."""
+    import torch.nn.functional as F
+    net = policy.model if not reference else (policy.reference or policy.model)
+    depth = int(lengths.max()) if len(lengths) else 0
+    ids = torch.cat([policy.prompt.expand(len(tokens), -1), tokens[:, :depth]], 1)
+    with torch.no_grad() if reference else contextlib.nullcontext(), policy._autocast():
+        logits = net(input_ids=ids).logits[:, len(policy.prompt) - 1:]
+    k = torch.arange(depth + 1, device=ids.device)
+    logp = policy.action_log_probs(logits, k, policy.allowed_actions(tokens, depth, lengths))
+    log_pterm = logp[..., policy.stop]
+    log_pf = F.pad(logp[:, :-1].gather(-1, policy.action_of[tokens[:, :depth]].unsqueeze(-1)).squeeze(-1), (0, 1))
+    log_pf = torch.where(k[None] < lengths[:, None], log_pf, 0.0)
+    log_pterm = torch.where(k[None] <= lengths[:, None], log_pterm, 0.0)
+    pad = policy.max_len - depth
+    log_pf, log_pterm = F.pad(log_pf, (0, pad)), F.pad(log_pterm, (0, pad))
+    return (torch.cumsum(log_pf, 1) - log_pf + log_pterm) if reference else (log_pf, log_pterm)
 
 
 def legacy_lazy_greedy(state, k):
@@ -194,11 +215,13 @@ def bench_step(model="prior", extra=(), steps=12, warmup=3, modes=("old", "new")
         if cached is None:
             scores = timed("reward", lambda: train.rewards.prefix_scores(task, policy.token_texts, tokens, lengths,
                                                                          args.max_len).to(policy.device))
-            log_ref = timed("reference", lambda: policy.log_ref_stop(tokens, lengths))
+            log_ref = timed("reference", lambda: legacy_log_probs(policy, tokens, lengths, reference=True) if old
+                            else policy.log_ref_stop(tokens, lengths))
         else:
             log_ref, scores = cached
         log_r, u = train.rewards.log_reward(log_ref.double(), scores, args.kappa, args.lam)
-        log_pf, log_pterm = timed("forward", lambda: policy.log_probs(tokens, lengths))
+        log_pf, log_pterm = timed("forward", lambda: legacy_log_probs(policy, tokens, lengths) if old
+                                  else policy.log_probs(tokens, lengths))
         loss, _ = timed("loss", lambda: losses.compute_loss("raptb", log_pf, log_pterm, log_r.float(), u.float(),
                                                             lengths, log_z, **train.loss_knobs(args, 0.0)))
         timed("backward", lambda: loss.backward())
@@ -230,7 +253,7 @@ def bench_step(model="prior", extra=(), steps=12, warmup=3, modes=("old", "new")
           f"{args.buffer_size}, {policy.device}, {torch.get_num_threads()} thread, {steps} micro-batches each; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores) ==")
     print("CPU ms of this thread per micro-batch; old = before issue 15 (HF forward per sampling step, reference "
-          "and task rerun on replay, old SubM refresh, HF gelu_new), new = this code")
+          "and task rerun on replay, old SubM refresh, HF gelu_new, every state read at L_max), new = this code")
     header = f"{'phase':>10}" + "".join(f" {m + ' ' + s[:6]:>14}" for s in ("policy", "replay") for m in modes)
     if len(modes) == 2:
         header += f" {'ratio policy':>13} {'ratio replay':>13}"
