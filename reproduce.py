@@ -138,9 +138,10 @@ def format_table(agg, task):
             paper = dict(zip(PAPER_KEYS, PAPER.get(method, ())))
             lines.append(f"| *{method} (paper)* | " + " | ".join(
                 f"{paper[k]:.{d}f}" if k in paper else "—" for _, k, d in cols) + " |")
+    stop_note = ("log P(stop): log-probability of stopping at the final state, in the training batches of the last "
+                 "10% of steps. " if any(k == "log_pstop_final" for _, k, _ in cols) else "")
     lines.append(f"\nmean ± 95% CI (t distribution) over {'/'.join(map(str, sorted(set(seeds.values()))))} seeds. "
-                 "log P(stop): log-probability of stopping at the final state, in the training batches of the last "
-                 "10% of steps." + (" Paper rows: Llama-3.2-1B, 5000 steps." if task == "smiles" else ""))
+                 + stop_note + ("Paper rows: Llama-3.2-1B, 5000 steps." if task == "smiles" else ""))
     return "\n".join(lines)
 
 
