@@ -7,11 +7,13 @@ import pickle
 import random
 import shutil
 import signal
+import threading
 import time
 
 import pytest
 import torch
 from safetensors import SafetensorError
+from tqdm import tqdm
 
 import checkpoint
 import sample
@@ -220,6 +222,9 @@ def start_training(argv):
     start: torch and the rest are already imported)."""
     pid = os.fork()
     if pid == 0:
+        # tqdm's write lock is a multiprocessing lock that a fork shares: a child SIGKILLed while holding it would
+        # leave every later bar, this test's own included, waiting forever. Each child gets a lock of its own.
+        tqdm.set_lock(threading.RLock())
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1), os.dup2(devnull, 2)
         code = 1
