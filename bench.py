@@ -24,8 +24,9 @@ from torch.utils import benchmark
 
 import losses
 from replay import GreedyState, Item, SubMBuffer, subm_select
-from bench_step import (LegacySubMBuffer, _median_time, _random_gpt2, bench_expr24, bench_fidelity, bench_gpu,
-                        bench_sampler, bench_step)
+from bench_legacy import LegacySubMBuffer
+from bench_step import (_median_time, _random_gpt2, bench_expr24, bench_fidelity, bench_gpu, bench_sampler,
+                        bench_step)
 from similarity import morgan_fp, tanimoto_matrix
 
 # ----------------------------------------------------------------------------- loop baselines

@@ -142,12 +142,11 @@ class Policy:
         ids = torch.cat([self.prompt.expand(len(tokens), -1), tokens[:, :read]], 1)
         with self._adapters_off() if reference and self.reference is None else contextlib.nullcontext(), self._autocast():
             logits = net(input_ids=ids).logits[:, len(self.prompt) - 1:]  # state k is read at prompt end + k
-        logp = self.action_log_probs(logits, torch.arange(read + 1, device=ids.device),
-                                     self.allowed_actions(tokens, read, lengths))
+        k = torch.arange(depth + 1, device=ids.device)
+        logp = self.action_log_probs(logits, k[:read + 1], self.allowed_actions(tokens, read, lengths))
         log_pterm = F.pad(logp[..., self.stop], (0, depth - read))
         next_action = self.action_of[tokens[:, :depth]]
         log_pf = F.pad(logp[:, :depth].gather(-1, next_action.unsqueeze(-1)).squeeze(-1), (0, 1))
-        k = torch.arange(depth + 1, device=ids.device)
         live = k[None] < lengths[:, None]
         log_pf = torch.where(live, log_pf, 0.0)
         log_pterm = torch.where(k[None] <= lengths[:, None], log_pterm, 0.0)

@@ -51,8 +51,7 @@ PAPER = {"TB": (.998, .717, 2.50, .807, 3.06), "SubTB": (.328, .755, 2.13, .836,
 PAPER_KEYS = ("acc", "score", "tok_ent", "fp_div", "len_mean")
 T975 = [12.706204736, 4.302652730, 3.182446305, 2.776445105, 2.570581836,  # t_{0.975, df}, df = 1..10
         2.446911851, 2.364624252, 2.306004135, 2.262157163, 2.228138852]
-# SMILES: 500 steps x batch 32 without accumulation; Expr24: its own defaults (1500 x 64, rewards.Expr24Task)
-DEFAULT_STEPS = dict(smiles=500, expr24=1500)
+SMILES_STEPS = 500  # x batch 32 without accumulation; Expr24 runs its task's own budget (rewards.Expr24Task.defaults)
 DEFAULT_ACCUM, QUICK = 1, dict(steps=10, grad_accum=2, n=200)  # quick: enough batches to fill the buffer
 
 
@@ -62,7 +61,7 @@ def get_args(argv=None):
     a("--task", default="smiles", choices=sorted(METHODS), help="default smiles")
     a("--methods", default=None, help="comma-separated subset of the task's methods (default: all)")
     a("--seeds", type=int, default=3, help="seeds 0 .. N-1 per method (default 3)")
-    a("--steps", type=int, default=None, help=f"training steps per run (default {DEFAULT_STEPS}; --quick {QUICK['steps']})")
+    a("--steps", type=int, default=None, help=f"training steps per run (default: SMILES {SMILES_STEPS}, Expr24 its task's; --quick {QUICK['steps']})")
     a("--batch-size", type=int, default=None, help="train.py --batch-size (default: train.py's, 32)")
     a("--grad-accum", type=int, default=None, help=f"train.py --grad-accum (default {DEFAULT_ACCUM}; --quick 2)")
     a("--n", type=int, default=None, help="samples per run for evaluation (default 3200, as the paper; --quick 200)")
@@ -77,15 +76,24 @@ def get_args(argv=None):
     args.methods = args.methods.split(",") if args.methods else list(methods)
     if set(args.methods) - set(methods):
         p.error(f"unknown methods {sorted(set(args.methods) - set(methods))}; {args.task} has {list(methods)}")
-    for name, value in dict(steps=DEFAULT_STEPS[args.task], n=3200).items():
-        if getattr(args, name) is None:
-            setattr(args, name, QUICK[name] if args.quick else value)
+    if args.steps is None:
+        args.steps = QUICK["steps"] if args.quick else default_steps(args.task)
+    if args.n is None:
+        args.n = QUICK["n"] if args.quick else 3200
     if args.grad_accum is None:
         args.grad_accum = QUICK["grad_accum"] if args.quick else DEFAULT_ACCUM
     args.out = args.out or ("results/quick" if args.quick else "results")
     if min(args.seeds, args.steps, args.n, args.jobs) < 1:
         p.error("--seeds, --steps, --n and --jobs must be at least 1")
     return args
+
+
+def default_steps(task):
+    if task == "smiles":
+        return SMILES_STEPS
+    import rewards  # torch and RDKit: imported only when needed
+    return rewards.Expr24Task.defaults["steps"]
+
 
 # ----------------------------------------------------------------------------- statistics and the table
 
