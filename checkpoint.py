@@ -5,9 +5,13 @@ under a temporary name and renamed into place, then `latest` is pointed at it, s
 half-written one. A checkpoint from elsewhere is untrusted input: state.pt holds only tensors and plain values and
 is read with torch.load(weights_only=True), which refuses anything that would run code; weights are safetensors.
 """
+import argparse
+import contextlib
 import os
 import random
 import shutil
+import signal
+import sys
 
 import torch
 import torch.distributed as dist
@@ -114,3 +118,55 @@ def non_finite_loss(out, step):
         kept = "no checkpoint was written yet"
     return (f"non-finite loss at step {step}; {kept}; resuming would repeat the same steps, so start a new run "
             f"(another --out) with a lower --lr or --lam")
+
+
+# ----------------------------------------------------------------------------- resume and Ctrl-C
+
+RUN_ONLY = ("out", "steps", "device", "ckpt_every", "resume", "grad_ckpt",  # what --resume may change; and
+            "trust_remote_code")  # never from the checkpoint: running a model's code is the user's choice each time
+MEASURE_ONLY = ("eval_every", "eval_n")  # --resume keeps the run's unless given again: they never change training
+
+
+def resume_args(args, get_args):
+    """Settings come from the checkpoint; only where and how long to run may change (`get_args`: train.py's parser). A setting given
+    explicitly that contradicts the checkpoint (another --model, another --loss, ...) is an error."""
+    ckpt = find_checkpoint(args.out)
+    state = load_state(ckpt, args.task)
+    saved, defaults = state["args"], vars(get_args(["--task", args.task, "--out", args.out]))
+    given = {k: v for k, v in vars(args).items() if v != defaults.get(k)}
+    for key, value in given.items():
+        if key not in RUN_ONLY + MEASURE_ONLY and value != saved.get(key):
+            raise modellib.ModelError(f"checkpoint {ckpt!r} was trained with --{key.replace('_', '-')} "
+                                      f"{saved.get(key)!r}, not {value!r}")
+    now = {k: getattr(args, k) for k in RUN_ONLY} | {k: v for k, v in given.items() if k in MEASURE_ONLY}
+    saved = argparse.Namespace(**{**defaults, **saved, **now})  # defaults: flags newer than the checkpoint
+    return saved, ckpt, state
+
+
+def stop_requested():
+    """Ctrl-C on any rank stops all of them after the same step."""
+    flag = torch.tensor([float(STOP["requested"])])
+    if dist.is_initialized():
+        flag = flag.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+STOP = {"requested": False}
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c():
+    """First Ctrl-C: finish the current step, checkpoint, exit (so --resume continues exactly).
+    Second Ctrl-C: stop at once."""
+    def handler(signum, frame):
+        if STOP["requested"]:
+            raise KeyboardInterrupt
+        STOP["requested"] = True
+        print("\nCtrl-C: saving a checkpoint after this step (press again to abort without saving)", file=sys.stderr)
+    STOP["requested"] = False
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

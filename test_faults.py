@@ -204,7 +204,7 @@ def test_code_running_settings_are_never_taken_from_a_checkpoint(straight, tmp_p
     marker = tmp_path / "pwned"
     (tmp_path / "evil_task.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef score(texts): return 0.0\n")
     run_dir = tampered_copy(straight, tmp_path, trust_remote_code=True)
-    assert train.resume_args(train.get_args(["--resume", "--out", str(run_dir)]))[0].trust_remote_code is False
+    assert checkpoint.resume_args(train.get_args(["--resume", "--out", str(run_dir)]), train.get_args)[0].trust_remote_code is False
     assert sample.run_settings(sample.get_args([str(run_dir)]))[1].trust_remote_code is False
     spec = f"{tmp_path / 'evil_task.py'}:score"
     run_dir = tampered_copy(straight, tmp_path / "b", task=spec)

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 
@@ -30,10 +29,13 @@ import losses
 import model as modellib
 import rewards
 from batches import estimate_log_z, get_batch, linear, score_rows, to_items
-from checkpoint import find_checkpoint, load_rank_state, load_state, non_finite_loss, save_checkpoint
+from checkpoint import (load_rank_state, non_finite_loss, resume_args, save_checkpoint, stop_on_ctrl_c,
+                        stop_requested)
+from checkpoint import MEASURE_ONLY, RUN_ONLY, STOP, find_checkpoint, load_state  # noqa: F401 (sample.py, tests)
 from distributed import (average_across_ranks, enable_grad_ckpt, fsdp_average_and_clip, load_optimizer,
                          setup_distributed, shard, shared_coin)
 from replay import make_buffer
+from tracking import eval_due, evaluate, log_step, report_fidelity
 
 # the paper's optimisation settings (SMILES), used for every flag left unset that the task's defaults do not set
 PAPER_DEFAULTS = dict(steps=5000, batch_size=32, grad_accum=4, lr=1e-4)
@@ -267,64 +269,13 @@ def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
     return dict(step=step + 1, **metrics, log_z=log_z.item(), grad_norm=grad_norm.item(), k_min=loss_knobs(args, frac)["k_min"])
 
 
-RUN_ONLY = ("out", "steps", "device", "ckpt_every", "resume", "grad_ckpt",  # what --resume may change; and
-            "trust_remote_code")  # never from the checkpoint: running a model's code is the user's choice each time
-MEASURE_ONLY = ("eval_every", "eval_n")  # --resume keeps the run's unless given again: they never change training
-
-
-def resume_args(args):
-    """Settings come from the checkpoint; only where and how long to run may change. A setting given
-    explicitly that contradicts the checkpoint (another --model, another --loss, ...) is an error."""
-    ckpt = find_checkpoint(args.out)
-    state = load_state(ckpt, args.task)
-    saved, defaults = state["args"], vars(get_args(["--task", args.task, "--out", args.out]))
-    given = {k: v for k, v in vars(args).items() if v != defaults.get(k)}
-    for key, value in given.items():
-        if key not in RUN_ONLY + MEASURE_ONLY and value != saved.get(key):
-            raise modellib.ModelError(f"checkpoint {ckpt!r} was trained with --{key.replace('_', '-')} "
-                                      f"{saved.get(key)!r}, not {value!r}")
-    now = {k: getattr(args, k) for k in RUN_ONLY} | {k: v for k, v in given.items() if k in MEASURE_ONLY}
-    saved = argparse.Namespace(**{**defaults, **saved, **now})  # defaults: flags newer than the checkpoint
-    return saved, ckpt, state
-
-
 # ----------------------------------------------------------------------------- main
-
-def log_step(log_file, metrics):
-    log_file.write(json.dumps(metrics) + "\n")
-    log_file.flush()
-
-
-def evaluate(args, task, policy, log_z, step):
-    """The distance to the target after `step` steps (fidelity.measure), with what it cost. Its samples come from
-    a forked RNG, so a run with evaluations trains exactly as one without."""
-    start = time.perf_counter()
-    f = fidelity.measure(policy, task, args.kappa, args.lam, args.eval_n, log_z.item(), seed=args.seed + step,
-                         exact=step == args.steps)  # Expr24: exact at the end; before, Z exact and the rest estimated
-    return dict(f, eval_seconds=time.perf_counter() - start)
-
-
-def eval_due(args, step):
-    every = args.eval_every if args.eval_every is not None else max(1, args.steps // 4)
-    return every > 0 and (step % every == 0 or step == args.steps)
-
-
-def report_fidelity(log_path, seconds):
-    """The first and the last measurement of the run, and the share of the run they took."""
-    with open(log_path) as f:
-        rows = [r for r in map(json.loads, f) if "kl_q_target" in r]
-    if not rows:
-        return
-    for name, row in (("start", rows[0]), ("end", rows[-1])) if len(rows) > 1 else (("end", rows[0]),):
-        print(f"{name} (step {row['step']}): " + fidelity.format_fidelity(row, explain=name == "end"))
-    print(f"measuring took {sum(r['eval_seconds'] for r in rows):.0f} s of this run's {seconds:.0f} s")
-
 
 def run(args):
     rank, world = setup_distributed(args)
     ckpt, state = None, None
     if args.resume:
-        args, ckpt, state = resume_args(args)
+        args, ckpt, state = resume_args(args, get_args)
         if len(state["ranks"]) != world:
             raise modellib.ModelError(f"checkpoint {ckpt!r} was written by {len(state['ranks'])} processes; "
                                       f"resume it with the same number (got {world})")
@@ -403,35 +354,6 @@ def run(args):
         report_fidelity(log_path, time.perf_counter() - started)
         print(f"done: {path}\nsample with: python sample.py {args.out}")
     return 0
-
-
-def stop_requested():
-    """Ctrl-C on any rank stops all of them after the same step."""
-    flag = torch.tensor([float(STOP["requested"])])
-    if dist.is_initialized():
-        flag = flag.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-STOP = {"requested": False}
-
-
-@contextlib.contextmanager
-def stop_on_ctrl_c():
-    """First Ctrl-C: finish the current step, checkpoint, exit (so --resume continues exactly).
-    Second Ctrl-C: stop at once."""
-    def handler(signum, frame):
-        if STOP["requested"]:
-            raise KeyboardInterrupt
-        STOP["requested"] = True
-        print("\nCtrl-C: saving a checkpoint after this step (press again to abort without saving)", file=sys.stderr)
-    STOP["requested"] = False
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def main(argv=None):
