@@ -222,6 +222,7 @@ def bench_fidelity(model="prior", n=256, steps=3, task_name="smiles"):
     and the share for the default 5000-step run with its evaluations (train.eval_due: every steps // 4 and the
     start and the end). Expr24 (task_name="expr24"): its scratch model, untrained (speed does not depend on
     the weights), and the exact measurement over all 113,662 solutions."""
+    import arithmetic
     import fidelity
     import model as modellib
     import train
@@ -230,7 +231,7 @@ def bench_fidelity(model="prior", n=256, steps=3, task_name="smiles"):
         model = "/tmp/bench-fidelity-expr24-model"
         if not os.path.isdir(model):
             torch.manual_seed(0)
-            modellib.build_scratch_model(model, sorted(train.rewards.Expr24Task.charset))
+            modellib.build_scratch_model(model, sorted(arithmetic.Expr24Task.charset))
     args = train.get_args(["--task", task_name, "--model", model, "--out", "/tmp/bench-fidelity"])
     task = train.build_task(args)
     torch.manual_seed(0)
@@ -322,8 +323,9 @@ def bench_expr24(batch=64, repeats=15):
     import tempfile
 
     import model as modellib
+    import arithmetic
     import rewards
-    task = rewards.Expr24Task()
+    task = arithmetic.Expr24Task()
     with tempfile.TemporaryDirectory() as path:
         modellib.build_scratch_model(path, sorted(task.charset), seed=0)
         net, tokenizer = modellib.load_model(path)

@@ -14,7 +14,8 @@ import rewards
 import metrics
 import sample
 import train
-from rewards import Expr24Task, TaskError, evaluate_expression, expr24_solutions
+from arithmetic import Expr24Task, evaluate_expression, expr24_solutions
+from rewards import TaskError
 from test_losses import PrefixTree
 
 

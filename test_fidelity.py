@@ -8,7 +8,7 @@ import torch
 
 import fidelity
 import model as modellib
-from rewards import EXPR24_DIGITS, EXPR24_OPS, Expr24Task
+from arithmetic import EXPR24_DIGITS, EXPR24_OPS, Expr24Task
 
 
 # ----------------------------------------------------------------------------- an enumerable prefix tree
