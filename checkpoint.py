@@ -124,12 +124,13 @@ def non_finite_loss(out, step):
 
 RUN_ONLY = ("out", "steps", "device", "ckpt_every", "resume", "grad_ckpt",  # what --resume may change; and
             "trust_remote_code")  # never from the checkpoint: running a model's code is the user's choice each time
-MEASURE_ONLY = ("eval_every", "eval_n")  # --resume keeps the run's unless given again: they never change training
+MEASURE_ONLY = ("eval_every", "eval_n", "eval_n_final")  # --resume keeps the run's unless given again: they never change training
 
 
-def resume_args(args, get_args):
-    """Settings come from the checkpoint; only where and how long to run may change (`get_args`: train.py's parser). A setting given
-    explicitly that contradicts the checkpoint (another --model, another --loss, ...) is an error."""
+def resume_args(args, get_args, before_flags=None):
+    """Settings come from the checkpoint; only where and how long to run may change (`get_args`: train.py's parser). A
+    setting given explicitly that contradicts the checkpoint (another --model, another --loss, ...) is an error.
+    `before_flags(saved)`: for a checkpoint older than some flags, the values that reproduce how it was trained."""
     ckpt = find_checkpoint(args.out)
     state = load_state(ckpt, args.task)
     saved, defaults = state["args"], vars(get_args(["--task", args.task, "--out", args.out]))
@@ -139,7 +140,8 @@ def resume_args(args, get_args):
             raise modellib.ModelError(f"checkpoint {ckpt!r} was trained with --{key.replace('_', '-')} "
                                       f"{saved.get(key)!r}, not {value!r}")
     now = {k: getattr(args, k) for k in RUN_ONLY} | {k: v for k, v in given.items() if k in MEASURE_ONLY}
-    saved = argparse.Namespace(**{**defaults, **saved, **now})  # defaults: flags newer than the checkpoint
+    older = before_flags(saved) if before_flags else {}
+    saved = argparse.Namespace(**{**defaults, **older, **saved, **now})  # defaults: other flags newer than the checkpoint
     return saved, ckpt, state
 
 

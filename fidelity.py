@@ -114,16 +114,72 @@ def fidelity(q, ref, log_z_learned=None, n_boot=200, seed=0, log_z=None):
     known = log_z
     log_z = _log_z_mixture(w_q, w_ref) if known is None else float(known)
 
+    kl_of = _rare_zero_aware_kl(q, ref, np.random.default_rng(seed + 1))
+
     def both(iq, iref):
         z = _log_z_mixture(w_q[iq], w_ref[iref]) if known is None else log_z
-        return [z, kl_q_target(z, r_q[iq], lq_q[iq])]
+        return [z, kl_of(z, iq)]
     z_ci, kl_ci = bootstrap(both, len(w_q), len(w_ref), n_boot, seed)
     z_ci = None if known is not None else z_ci
     out = dict(log_z_estimate=log_z, log_z_ci=z_ci, kl_q_target=kl_q_target(log_z, r_q, lq_q), kl_q_target_ci=kl_ci,
-               ess=dict(q=ess(w_q), ref=ess(w_ref)), **mass_comparison(log_z, q, ref), exact=False)
+               ess=dict(q=ess(w_q), ref=ess(w_ref)), **mass_comparison(log_z, q, ref), exact=False,
+               **kl_parts(log_z, r_q, lq_q, q.get("score")))
     if log_z_learned is not None:
         out.update(log_z_learned=float(log_z_learned), log_z_gap=float(log_z_learned - log_z))
     return out
+
+
+def _rare_zero_aware_kl(q, ref, rng):
+    """KL(q||p*) of one bootstrap replicate, log Z given. A plain resample of the policy's samples keeps the number of
+    score-0 samples it holds near the number drawn, which for a rare event (2 invalid outputs in 1000, each about 40
+    nats) is itself a Poisson draw: with none drawn, no replicate contains one and the interval misses the truth
+    whenever the policy leaks a little. So the share of score-0 samples is drawn from its Jeffreys posterior
+    Beta(k + 1/2, n - k + 1/2) instead, and their mean log R - log q from the resampled ones (or, when the policy drew
+    none, from the reference's score-0 samples weighted by q / P_ref, an estimate of the same conditional mean).
+    Without scores, or with nothing score-0 on either side, it is the plain resampled estimate."""
+    (r_q, lq_q, _), (r_ref, lq_ref, lref_ref) = _arrays(q), _arrays(ref)
+    g = r_q - lq_q
+    if q.get("score") is None:
+        return lambda z, iq: kl_q_target(z, r_q[iq], lq_q[iq])
+    zero, n = np.asarray(q["score"], np.float64) <= 0, len(g)
+    g_zero_ref = None
+    zero_ref = np.asarray(ref.get("score", np.ones(len(r_ref))), np.float64) <= 0
+    if zero_ref.any():
+        w = np.exp(lq_ref[zero_ref] - lref_ref[zero_ref] - np.max(lq_ref[zero_ref] - lref_ref[zero_ref]))
+        g_zero_ref = float(np.sum(w * (r_ref - lq_ref)[zero_ref]) / w.sum())
+    k = int(zero.sum())
+    if k == 0 and g_zero_ref is None:
+        return lambda z, iq: kl_q_target(z, r_q[iq], lq_q[iq])
+
+    def kl(z, iq):
+        share = rng.beta(k + 0.5, n - k + 0.5)
+        picked = zero[iq]
+        g_valid = g[iq][~picked].mean() if (~picked).any() else 0.0
+        g_zero = g[iq][picked].mean() if picked.any() else g[zero].mean() if k else g_zero_ref
+        return float(z - (1 - share) * g_valid - share * g_zero)
+    return kl
+
+
+def kl_parts(log_z, log_r_q, log_q_q, score=None, top=5):
+    """Where the estimate KL = mean_i c_i, c_i = log Z - log R(x_i) + log q(x_i), comes from (METHOD.md §8.2):
+    kl_invalid_part, the part supplied by the policy's samples with score 0 (invalid or worthless: each costs about
+    lambda nats), with q_invalid, their share; and kl_top, the part supplied by the `top` samples with the largest
+    c_i. When a handful of samples supply most of the estimate, its bootstrap interval rests on them too."""
+    c = log_z - np.asarray(log_r_q, np.float64) + np.asarray(log_q_q, np.float64)
+    if len(c) == 0:
+        return {}
+    out = dict(kl_top=float(np.sort(c)[-top:].sum() / len(c)), kl_top_n=min(top, len(c)))
+    if score is not None:
+        zero = np.asarray(score, np.float64) <= 0
+        out.update(kl_invalid_part=float(c[zero].sum() / len(c)), q_invalid=float(zero.mean()))
+    return out
+
+
+def dominated(f):
+    """The printout's warning: a few samples supply most of a positive KL estimate (e.g. two invalid outputs at 40
+    nats each in 1000 samples), so the estimate and its interval move with how many such samples happened to fall."""
+    kl, top = f.get("kl_q_target"), f.get("kl_top")
+    return top is not None and kl is not None and kl > 0.02 and top > 0.5 * kl
 
 
 def exact_log_z(lam, log_ref_sol):
@@ -157,7 +213,7 @@ def exact_solution_fidelity(lam, log_ref_sol, log_q_sol, q=None):
             kl_non = q_non * (log_z + float(np.mean(np.asarray(q["log_q"])[off] - np.asarray(q["log_ref"])[off])))
     missed = log_q_sol < log_p - math.log(10.0)
     over = log_q_sol > log_p + math.log(10.0)
-    return dict(log_z_estimate=log_z, log_z_ci=None, exact=True,
+    return dict(log_z_estimate=log_z, log_z_ci=None, exact=True, kl_invalid_part=kl_non, q_invalid=q_non,
                 p_ref_solution_mass=math.exp(log_pref_sol), q_solution_mass=float(qx.sum()),
                 target_nonsolution_mass=pref_non * math.exp(-log_z),
                 tv_target=0.5 * (float(np.abs(qx - p).sum()) + q_non),
@@ -274,6 +330,11 @@ def format_fidelity(f, explain=False):
              + (f"  learned logZ {f['log_z_learned']:.2f} (gap {f['log_z_gap']:+.2f})" if "log_z_learned" in f else "")
              + (f"  ESS policy {f['ess']['q']:.1f} reference {f['ess']['ref']:.1f}" if "ess" in f else "")
              + (f"  q(solutions) {f['q_solution_mass']:.3f}  KL(p*||q) {f['kl_target_q']:.3f}" if f["exact"] else "")]
+    if "kl_invalid_part" in f:
+        lines.append(f"  from score-0 samples (q = {f['q_invalid']:.4f}): {f['kl_invalid_part']:.3f} of the KL")
+    if dominated(f):
+        lines.append(f"  note: {f['kl_top_n']} samples supply {f['kl_top']:.3f} of the {f['kl_q_target']:.3f} nats: the estimate "
+                     "and its interval rest on them; measure with more samples (sample.py --fidelity-n)")
     if explain:
         lines.append("  read: KL 0 and missed mass 0 mean x is drawn in proportion to R(x); missed mass is the target's "
                      "share drawn at under a tenth of its rate" + ("" if f["exact"] else

@@ -157,18 +157,20 @@ def subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0):
 
 
 def raptb_loss(log_pf, log_pterm, log_r, u, lengths, log_z, *, eta=0.25, gamma=0.99, alpha=0.5, beta=5.0,
-               rho=0.1, k_min=2, lam=1.0, eps_absorb=1e-6, horizon=None, detach_pterm=True, absorb=True,
+               rho=0.1, k_min=2, lam=1.0, eps_absorb=1e-6, horizon=None, detach_pterm=True, absorb=1.0,
                min_len=0):
     """Rooted Absorbed Prefix TB (METHOD.md §3):
         loss  = mean_b( d_TB^2 + eta * 1[active_b] * aux_b )
         aux_b = sum_k w_k Cab_k^2 / sum_k w_k over k_min <= k <= h,  w_k = lam^(k - k_min)
-        Cab_k = Cbar_k + A_k gamma^(h-k) (u[k] - u_tgt[k])
+        Cab_k = Cbar_k + absorb * A_k gamma^(h-k) (u[k] - u_tgt[k])
         Cbar_k = C_k with log_pterm detached (aux term only; logZ cancels), h = tau or min(tau, K)
         A_k = 1[k_min <= k <= h] 1[|u[k]| <= eps_absorb] (and 1[tau >= K] 1[k < K] when K is set)
     u_tgt from _suffix_targets (u is a constant). A trajectory with no eligible prefix has no aux.
     k_min is clamped to >= min_len + 1: the root s_min_len has Cbar = 0 by construction. Only states that can stop
     (_usable) are prefixes or targets; when a task mask forbids the stop at s_min_len, the root is the row's first
-    state that can stop. absorb=False turns the gate off (rooted prefixes with raw stop rewards)."""
+    state that can stop. absorb is the absorption's strength: 1 (or True) the paper's, 0 (or False) the gate off (rooted
+    prefixes with raw stop rewards, the no-absorb ablation); in between it scales the absorbed offset, which is how a
+    schedule takes RapTB to an objective whose fixed point is R/Z (METHOD.md §3.3)."""
     log_pf, log_pterm, log_r, u, log_z = _prepare(log_pf, log_pterm, log_r, u, log_z)
     k, tau, step, state = _positions(log_pf, lengths)
     d_tb = _tb_residual(log_pf, log_pterm, log_r, log_z, step, state, tau)
@@ -185,12 +187,12 @@ def raptb_loss(log_pf, log_pterm, log_r, u, lengths, log_z, *, eta=0.25, gamma=0
     eligible = live & (k >= k_min) & (k > root) & (k <= h)
     # 3-5. absorbed targets, gate, Cab
     u = torch.where(state, u.detach(), 0.0)
-    gate = eligible & (u.abs() <= eps_absorb) if absorb else torch.zeros_like(eligible)
+    gate = eligible & (u.abs() <= eps_absorb) if absorb else torch.zeros_like(eligible)  # absorb = 0: no gate
     if horizon is not None:
         gate = gate & (tau >= horizon) & (k < horizon)
     u_tgt = _suffix_targets(u, h, k, alpha, beta, rho, live)
     decay = gamma ** (h - k).clamp(min=0).to(u.dtype)
-    c_ab = c_bar + torch.where(gate, decay * (u - u_tgt), 0.0)
+    c_ab = c_bar + torch.where(gate, float(absorb) * decay * (u - u_tgt), 0.0)
     # 6. per-trajectory weighted mean; w_k >= 1 at k = k_min, so an active row has sum_k w_k >= 1
     w = torch.where(eligible, lam ** (k - k_min).clamp(min=0).to(u.dtype), 0.0)
     active = eligible.any(1)

@@ -5,6 +5,7 @@ The same masked distribution is used to sample and to compute log-probabilities 
 """
 import contextlib
 import copy
+import inspect
 import os
 
 import torch
@@ -99,7 +100,10 @@ class Policy:
         # the text each action appends (decoded one token at a time, so prefixes can be scored cheaply)
         texts = tokenizer.batch_decode([[int(a)] for a in self.actions[:-1]], clean_up_tokenization_spaces=False)
         self.token_texts = dict(zip(self.actions[:-1].tolist(), texts))
-        self.task_mask = state_mask(texts + [""]) if state_mask is not None else None  # "" = the stop's text
+        self.task_mask = None  # "" is the stop's text; a mask that plans ahead (SMILES) also gets L_max
+        if state_mask is not None:
+            takes_len = "max_len" in inspect.signature(state_mask).parameters
+            self.task_mask = state_mask(texts + [""], max_len) if takes_len else state_mask(texts + [""])
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.eos
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
         self.prompt = torch.tensor([start] + prompt_ids, device=device)

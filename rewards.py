@@ -36,8 +36,9 @@ class Task:
     is_valid(text) -> bool             for Acc and for the replay buffer's validity term
     canonical(text) -> str             dedupe key (two texts for the same object share it)
     full(text) -> str                  the finished object (e.g. the molecule with its scaffold)
-    state_mask(action_texts)           None, or a function (prev [B, k] action columns, k) -> [B, A] bool of
-                                       the actions allowed next (A = len(action_texts); the last is stop)
+    state_mask(action_texts[, max_len]) None, or a function (prev [B, k] action columns, k) -> [B, A] bool of
+                                       the actions allowed next (A = len(action_texts); the last is stop);
+                                       max_len (L_max) is passed when the method takes it
     charset                            characters a vocabulary token may use (None: any non-special token)
     max_token_chars                    longest token text allowed (None: no limit)
     defaults                           model / min_len / max_len used when the flags are not given
@@ -84,7 +85,7 @@ class SmilesTask(Task):
     # a vocabulary token is allowed iff its text uses only these. More letters would admit English BPE tokens.
     charset = frozenset("BCNOPSFIHbcnopslr0123456789[]()=#-+/\\.%@")
 
-    def __init__(self, scaffold=PAPER_SCAFFOLD, attach="graph"):
+    def __init__(self, scaffold=PAPER_SCAFFOLD, attach="graph", grammar=True):
         if attach not in ("graph", "string"):
             raise TaskError(f"--attach must be 'graph' or 'string', not {attach!r}")
         if scaffold:
@@ -92,11 +93,19 @@ class SmilesTask(Task):
                 raise TaskError(f"scaffold {scaffold!r} must contain exactly one '*' to fill")
             if _parse(scaffold) is None:
                 raise TaskError(f"scaffold {scaffold!r} does not parse as SMILES")
-        self.scaffold, self.attach = scaffold, attach
+        self.scaffold, self.attach, self.grammar = scaffold, attach, grammar
         # a side chain's reference is the prior fine-tuned on side chains: the whole-molecule prior almost never
         # stops within 10 tokens, which makes the target degenerate (all mass at L_max; METHOD.md §6.1)
         self.defaults = dict(self.defaults, model="prior_sidechain" if scaffold else "prior")
         self._scaffold_mol = _parse(scaffold.replace("*", "[*:1]")) if scaffold and attach == "graph" else None
+
+    def state_mask(self, action_texts, max_len=None):
+        """SMILES syntax (grammar.py): balanced branches, paired ring bonds, no stop inside either or after a bond,
+        and what is open always fits before L_max. None with grammar=False (--no-smiles-mask)."""
+        if not self.grammar:
+            return None
+        from grammar import SmilesMask
+        return SmilesMask(action_texts, max_len if max_len is not None else 1 << 30, side_chain=bool(self.scaffold))
 
     def full(self, text):
         """The finished object: canonical SMILES of the molecule, or for an invalid text a readable stand-in."""
@@ -205,12 +214,12 @@ class ScoreFunctionTask(Task):
         return [float(v) for v in values]
 
 
-def load_task(spec, scaffold=PAPER_SCAFFOLD, attach="graph", charset=None):
+def load_task(spec, scaffold=PAPER_SCAFFOLD, attach="graph", charset=None, smiles_mask=True):
     """A built-in task by name ('smiles', 'expr24'), or a user's: 'module:attr' or 'path/to/file.py:attr', where
     attr is a Task class (instantiated without arguments) or a plain score function over a list of texts.
     Loading a user's task runs that user's code, as `--task` asks; nothing else is ever imported from a name."""
     if spec == "smiles":
-        return SmilesTask(scaffold, attach)
+        return SmilesTask(scaffold, attach, smiles_mask)
     tasks = builtin_tasks()
     if spec in tasks:
         return tasks[spec]()

@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor
 import batches
 import losses
 import model as modellib
+import tracking
 import train
 from test_distributed import free_port, start_ranks
 
@@ -167,8 +168,7 @@ def main_runs(rank, world, jobs):
 
 
 def read_log(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return tracking.read_metrics(out, timings=False)
 
 
 @needs_distributed

@@ -11,6 +11,7 @@ import torch
 
 import losses
 import sample
+import tracking
 import train
 
 FAST = ["--steps", "3", "--batch-size", "6", "--grad-accum", "2", "--max-len", "5", "--min-len", "1",
@@ -22,8 +23,7 @@ def run(model, out, *extra):
 
 
 def read_log(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return tracking.read_metrics(out, timings=False)
 
 
 @pytest.mark.parametrize("loss", sorted(losses.LOSSES))

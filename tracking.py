@@ -3,9 +3,19 @@ What a run reports while it trains: one JSON line per step in metrics.jsonl (the
 the target measured at the start, every --eval-every steps and at the end (METHOD.md §8), with what measuring cost.
 """
 import json
+import os
 import time
 
 import fidelity
+
+TIMINGS = ("cpu_seconds", "eval_seconds")  # how long things took: the only part of a run that resuming cannot repeat
+
+
+def read_metrics(out, timings=True):
+    """The rows of OUT/metrics.jsonl; without `timings`, what a bit-identical resume reproduces exactly."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return rows if timings else [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
 
 
 def log_step(log_file, metrics):
@@ -17,7 +27,8 @@ def evaluate(args, task, policy, log_z, step):
     """The distance to the target after `step` steps (fidelity.measure), with what it cost. Its samples come from
     a forked RNG, so a run with evaluations trains exactly as one without."""
     start = time.perf_counter()
-    f = fidelity.measure(policy, task, args.kappa, args.lam, args.eval_n, log_z.item(), seed=args.seed + step,
+    n = args.eval_n if step != args.steps else max(args.eval_n, getattr(args, "eval_n_final", args.eval_n))
+    f = fidelity.measure(policy, task, args.kappa, args.lam, n, log_z.item(), seed=args.seed + step,
                          exact=step == args.steps)  # Expr24: exact at the end; before, Z exact and the rest estimated
     return dict(f, eval_seconds=time.perf_counter() - start)
 

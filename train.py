@@ -39,6 +39,16 @@ from tracking import eval_due, evaluate, log_step, report_fidelity
 
 # the paper's optimisation settings (SMILES), used for every flag left unset that the task's defaults do not set
 PAPER_DEFAULTS = dict(steps=5000, batch_size=32, grad_accum=4, lr=1e-4)
+# how the defaults reach the target (RESULTS.md, "Reach the target"), the same for every method: RapTB's eta goes to 0
+# over the first half of the run (so the second half trains TB, whose fixed point is R/Z, while the first keeps the
+# dense early credit), and the learning rate follows a cosine to 0. --paper restores the paper's constant eta and lr.
+OURS = dict(eta_end=0.0, anneal=0.5, lr_schedule="cosine")
+PAPER = dict(eta_end=None, anneal=1.0, lr_schedule="constant")  # eta_end None: --eta throughout
+
+
+def before_flags(saved):
+    """A checkpoint written before these flags existed was trained without them: resume it that way."""
+    return dict(eta_end=saved.get("eta", 0.25), absorb_end=1.0, anneal=1.0, lr_schedule="constant", no_smiles_mask=True)
 
 
 def make_parser():
@@ -54,13 +64,21 @@ def make_parser():
     a("--scaffold", default=rewards.PAPER_SCAFFOLD, help="SMILES with one '*' to fill; '' for whole molecules")
     a("--attach", default="graph", choices=["graph", "string"],
       help="join the side chain to the scaffold on the molecular graph, or paste the string as the paper does")
+    a("--no-smiles-mask", action="store_true", help="sample and train without the SMILES syntax mask (grammar.py: "
+      "balanced branches, paired rings, no stop after a bond), as the paper's loss does; RDKit judges validity either way")
     a("--min-len", type=int, default=None, help="L_min: stop is masked before this many generated tokens (task default)")
     a("--max-len", type=int, default=None, help="L_max: stop is forced after this many generated tokens (task default)")
     a("--kappa", type=float, default=1.0, help="weight of log P_ref in log R")
     a("--lam", type=float, default=50.0, help="lambda_r: weight of the task score S in log R")
     # objective
     a("--loss", default="raptb", choices=sorted(losses.LOSSES))
-    a("--eta", type=float, default=0.25)
+    a("--eta", type=float, default=0.25, help="weight of RapTB's rooted prefix term (the paper's 0.25) at the start")
+    a("--eta-end", type=float, default=None, help="eta at the end of --anneal (default 0: absorbed targets bias "
+      "RapTB's fixed point away from R/Z, METHOD.md §3.3; --paper: eta throughout)")
+    a("--absorb-end", type=float, default=1.0, help="absorption strength at the end of --anneal (1: the paper's "
+      "absorbed targets throughout; 0: RapTB without absorption, whose fixed point is R/Z)")
+    a("--anneal", type=float, default=None, help="fraction of the run over which eta and the absorption move to their "
+      "end values, then held (default 0.5, so the rest trains an unbiased objective; --paper 1)")
     a("--gamma", type=float, default=0.99)
     a("--alpha", type=float, default=0.5, help="1 = max-only absorbed target, 0 = soft-only")
     a("--beta", type=float, default=5.0)
@@ -89,6 +107,11 @@ def make_parser():
     a("--grad-accum", type=int, default=None, help="batches per optimiser step (paper: 4)")
     a("--lr", type=float, default=None, help="learning rate of the network (paper: 1e-4)")
     a("--lr-logz", type=float, default=0.1, help="logZ's own learning rate (not stated in the paper)")
+    a("--lr-schedule", default=None, choices=["constant", "cosine"], help="both learning rates over the run: cosine to "
+      "0 (the default: the late steps average out sampling noise, which sets the last tenths of a nat) or the "
+      "paper's constant")
+    a("--paper", action="store_true", help="the paper's settings for every flag left unset: constant eta and learning "
+      "rate (the defaults differ only there; see OURS and PAPER at the top of train.py)")
     a("--log-z-init", type=float, default=None,
       help="initial logZ (default: the importance-sampling estimate log mean exp(log R - log q) of one batch)")
     a("--weight-decay", type=float, default=0.01)
@@ -102,6 +125,8 @@ def make_parser():
     a("--eval-every", type=int, default=None, help="measure the distance to the target every N steps, at the start "
       "and at the end (METHOD.md §8; default: 4 times per run; 0: never)")
     a("--eval-n", type=int, default=256, help="policy samples (and as many reference samples) per measurement")
+    a("--eval-n-final", type=int, default=1000, help="samples for the measurement at the end: at 256 + 256 a few "
+      "invalid samples decide the estimate and its interval covers the truth about half the time (RESULTS.md)")
     # models that do not fit one GPU
     a("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the ranks (FSDP2)")
     a("--grad-ckpt", action="store_true", help="activation checkpointing: keep block inputs only, recompute in backward")
@@ -121,6 +146,11 @@ def check_args(p, args):
         task = build_task(args)  # a user's task is imported here, so a broken one fails before any work
     except rewards.TaskError as e:
         p.exit(2, f"error: {e}\n")
+    for key, value in (PAPER if args.paper else OURS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.eta_end is None:  # --paper: eta throughout
+        args.eta_end = args.eta
     for key, value in {**PAPER_DEFAULTS, **task.defaults}.items():  # e.g. SMILES: the prior, 2..10; Expr24: 3..9
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -133,17 +163,17 @@ def check_args(p, args):
         p.error("--kappa, --eps-absorb, --k-min-start, --k-min-end and --seed must be >= 0")
     if args.horizon is not None and args.horizon < 1:
         p.error("--horizon must be at least 1")
-    for name in ("steps", "batch_size", "grad_accum", "buffer_size", "ckpt_every"):
+    for name in ("steps", "batch_size", "grad_accum", "buffer_size", "ckpt_every", "eval_n", "eval_n_final"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("p_replay_start", "p_replay_end", "temp_prob", "alpha", "gamma", "subtb_lam"):
+    for name in ("p_replay_start", "p_replay_end", "temp_prob", "alpha", "gamma", "subtb_lam", "absorb_end", "anneal"):
         if not 0 <= getattr(args, name) <= 1:
             p.error(f"--{name.replace('_', '-')} must be in [0, 1]")
     for name in ("t_lo_start", "t_lo_end", "t_hi_start", "t_hi_end", "lr", "lr_logz", "beta"):
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.eta < 0 or args.rho < 0 or args.weight_decay < 0 or args.grad_clip <= 0:
-        p.error("--eta, --rho and --weight-decay must be >= 0 and --grad-clip > 0")
+    if min(args.eta, args.eta_end, args.rho, args.weight_decay) < 0 or args.grad_clip <= 0:
+        p.error("--eta, --eta-end, --rho and --weight-decay must be >= 0 and --grad-clip > 0")
     for problem in (device_problem(args.device), out_problem(args.out), context_problem(args)):
         if problem:
             p.error(problem)
@@ -193,7 +223,8 @@ def context_problem(args):
 
 def build_task(args):
     return rewards.load_task(args.task, scaffold=args.scaffold, attach=getattr(args, "attach", "graph"),
-                             charset=getattr(args, "charset", None))  # getattr: checkpoints older than the flags
+                             charset=getattr(args, "charset", None),  # getattr: checkpoints older than the flags,
+                             smiles_mask=not getattr(args, "no_smiles_mask", True))  # which had no SMILES mask
 
 
 def build_policy(args, task, ckpt=None, with_reference=True):
@@ -221,7 +252,7 @@ def build_policy(args, task, ckpt=None, with_reference=True):
     if not allowed:
         raise modellib.ModelError(f"no token of {args.model!r}'s vocabulary fits the {args.task} task")
     policy = modellib.Policy(net, tokenizer, allowed, args.min_len, args.max_len, args.prompt, reference,
-                             state_mask=task.state_mask)  # Expr24's grammar; None for SMILES
+                             state_mask=task.state_mask)  # the task's grammar (SMILES syntax, Expr24), or None
     policy.sync_ranks = args.fsdp  # FSDP: sampling stops when every rank is done (each forward is a collective)
     return policy
 
@@ -233,17 +264,25 @@ def build_buffer(args, task):
 
 
 def loss_knobs(args, frac):
-    return dict(eta=args.eta, gamma=args.gamma, alpha=args.alpha, beta=args.beta, rho=args.rho,
+    done = min(1.0, frac / args.anneal) if args.anneal > 0 else 1.0  # how far eta and absorption have moved
+    return dict(eta=linear(args.eta, args.eta_end, done), absorb=0.0 if args.no_absorb else linear(1.0, args.absorb_end, done),
+                gamma=args.gamma, alpha=args.alpha, beta=args.beta, rho=args.rho,
                 k_min=round(linear(args.k_min_start, args.k_min_end, frac)), lam=args.subtb_lam,
-                eps_absorb=args.eps_absorb, horizon=args.horizon, detach_pterm=not args.no_detach,
-                absorb=not args.no_absorb, min_len=args.min_len)
+                eps_absorb=args.eps_absorb, horizon=args.horizon, detach_pterm=not args.no_detach, min_len=args.min_len)
+
+
+def lr_factor(args, frac):
+    """The learning rates' multiplier after `frac` of the run; a function of the step alone, so resuming needs no state."""
+    return 0.5 * (1 + math.cos(math.pi * frac)) if args.lr_schedule == "cosine" else 1.0
 
 
 def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
     """One optimiser step over grad_accum batches; returns the step's metrics."""
     frac = step / max(1, args.steps - 1)
+    for group, base in zip(optimizer.param_groups, (args.lr, args.lr_logz)):
+        group["lr"] = base * lr_factor(args, step / args.steps)  # the last step keeps a small, non-zero rate
     optimizer.zero_grad(set_to_none=True)
-    rows = []
+    rows, cpu_start = [], time.process_time()
     for i in range(args.grad_accum):
         tokens, lengths, source, *items = get_batch(args, task, policy, buffer, rng, frac, shared_coin(args, step, i))
         log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, *items)
@@ -255,6 +294,9 @@ def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
         valid = torch.tensor([task.is_valid(t) for t in texts], dtype=torch.float)
         rows.append(dict(loss=loss.item(), reward=final.mean().item(), validity=valid.mean().item(),
                          length=lengths.float().mean().item(), replay=float(source == "replay"),
+                         # the task's cost: sequences and prefix texts scored (a replayed batch reuses its scores)
+                         objects_scored=float(len(lengths)) * (source == "policy"),
+                         prefixes_scored=float((lengths + 1).sum()) * (source == "policy"),
                          log_pstop_final=log_pterm.detach().gather(1, lengths[:, None]).mean().item(),
                          **{k: float(v) for k, v in stats.items()}))
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -266,7 +308,11 @@ def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
     optimizer.step()
     metrics = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     metrics = dict(zip(metrics, average_across_ranks([torch.tensor(list(metrics.values()), dtype=torch.float64)])[0].tolist()))
-    return dict(step=step + 1, **metrics, log_z=log_z.item(), grad_norm=grad_norm.item(), k_min=loss_knobs(args, frac)["k_min"])
+    scale = len(rows) * (dist.get_world_size() if dist.is_initialized() else 1)  # per step over all ranks, not means
+    metrics.update({k: metrics[k] * scale for k in ("objects_scored", "prefixes_scored")})
+    knobs = loss_knobs(args, frac)
+    return dict(step=step + 1, **metrics, log_z=log_z.item(), grad_norm=grad_norm.item(), k_min=knobs["k_min"],
+                eta=knobs["eta"], lr=optimizer.param_groups[0]["lr"], cpu_seconds=time.process_time() - cpu_start)
 
 
 # ----------------------------------------------------------------------------- main
@@ -275,7 +321,7 @@ def run(args):
     rank, world = setup_distributed(args)
     ckpt, state = None, None
     if args.resume:
-        args, ckpt, state = resume_args(args, get_args)
+        args, ckpt, state = resume_args(args, get_args, before_flags)
         if len(state["ranks"]) != world:
             raise modellib.ModelError(f"checkpoint {ckpt!r} was written by {len(state['ranks'])} processes; "
                                       f"resume it with the same number (got {world})")
