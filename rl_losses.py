@@ -168,7 +168,7 @@ def check_args(args):
         args.grpo_beta = args.kappa / args.lam
     if not rl:
         return None
-    why = f"--loss {args.loss} is an on-policy estimator (METHOD.md §9)"
+    why = f"--loss {args.loss}, an on-policy estimator (METHOD.md §9)"
     if args.replay != "none":
         return f"--replay {args.replay} cannot be used with {why}; leave --replay unset (none)"
     if args.temp_prob != 0:

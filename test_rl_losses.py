@@ -17,15 +17,6 @@ from test_losses import GARBAGE, PrefixTree, grads, make_batch
 from test_train import read_log, run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: thread start-up dominates, and CI shares 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- random batches and loop references
 
 def with_garbage(x, lengths, seed, from_tau):

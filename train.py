@@ -76,7 +76,7 @@ def make_parser():
     # the RL baselines (rloo, grpo, dpg; METHOD.md §9): on-policy at temperature 1, no replay
     a("--grpo-std-norm", action=argparse.BooleanOptionalAction, default=True, help="grpo: advantages (S - mean) / "
       "(std + 1e-4) and a per-sequence mean over actions, as practitioners run it; --no-grpo-std-norm is Dr. GRPO "
-      "(S - mean, a constant normaliser), whose unclipped gradient has no length or scale bias")
+      "(S - mean and a constant normaliser: no length or difficulty weighting, Liu et al. 2025)")
     a("--grpo-clip", type=float, default=0.2, help="grpo: the ratio is clipped to [1 - eps, 1 + eps] (PPO's 0.2)")
     a("--grpo-beta", type=float, default=None, help="grpo: weight of the per-action k3 KL penalty to the reference "
       "(default kappa / lambda, the weight of KL(q || P_ref) in the target's objective; TRL's usual 0.04)")
@@ -278,18 +278,23 @@ def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
                          log_pstop_final=log_pterm.detach().gather(1, lengths[:, None]).mean().item(),
                          **{k: float(v) for k, v in stats.items()}))
     grad_norm = optimizer_step(args, optimizer, log_z)
-    for _ in range(1, args.grpo_epochs if args.loss == "grpo" else 1):  # GRPO's inner epochs on the same batches
+    inner_epochs(args, policy, log_z, optimizer, batches, frac)
+    metrics = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    metrics = dict(zip(metrics, average_across_ranks([torch.tensor(list(metrics.values()), dtype=torch.float64)])[0].tolist()))
+    if args.loss == "dpg":  # its running Z estimate rides in log_z, which every checkpoint saves
+        rl_losses.update_running_log_z(log_z, metrics["dpg_weight_mean"], step)
+    return dict(step=step + 1, **metrics, log_z=log_z.item(), grad_norm=grad_norm.item(), k_min=loss_knobs(args, frac)["k_min"])
+
+
+def inner_epochs(args, policy, log_z, optimizer, batches, frac):
+    """GRPO's epochs after the first: the loss again on the same stored batches (q_old fixed), one more step each."""
+    for _ in range(1, args.grpo_epochs if args.loss == "grpo" else 1):
         optimizer.zero_grad(set_to_none=True)
         for tokens, lengths, log_r, u, rl in batches:
             log_pf, log_pterm = policy.log_probs(tokens, lengths)
             loss, _ = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, log_z, **loss_knobs(args, frac), **rl)
             (loss / args.grad_accum).backward()
         optimizer_step(args, optimizer, log_z)
-    metrics = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-    metrics = dict(zip(metrics, average_across_ranks([torch.tensor(list(metrics.values()), dtype=torch.float64)])[0].tolist()))
-    if args.loss == "dpg":  # its running Z estimate rides in log_z, which every checkpoint saves
-        rl_losses.update_running_log_z(log_z, metrics["dpg_weight_mean"], step)
-    return dict(step=step + 1, **metrics, log_z=log_z.item(), grad_norm=grad_norm.item(), k_min=loss_knobs(args, frac)["k_min"])
 
 
 def optimizer_step(args, optimizer, log_z):
