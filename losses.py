@@ -21,12 +21,15 @@ log_pterm is -inf there and those prefixes are not terminal objects. The prefix 
 states k >= min_len (SubTB windows start there, RapTB's rooted residuals are rooted at s_min_len).
 
 Every loss returns (loss, stats); loss is float32 (float64 for float64 inputs), stats a dict of
-detached 0-d tensors. `compute_loss(name, ...)` is the single entry point the trainer calls.
+detached 0-d tensors. `compute_loss(name, ...)` is the single entry point the trainer calls; it also reaches the
+RL baselines of rl_losses.py (RLOO, GRPO, DPG; METHOD.md §9).
 """
 import inspect
 
 import torch
 import torch.nn.functional as F
+
+import rl_losses
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -242,7 +245,8 @@ def rootsubtb_loss(log_pf, log_pterm, log_r, lengths, log_z, lam=1.0, min_len=0)
 
 
 LOSSES = {"tb": tb_loss, "subtb": subtb_loss, "raptb": raptb_loss,
-          "avgprefixtb": avgprefixtb_loss, "rootsubtb": rootsubtb_loss}
+          "avgprefixtb": avgprefixtb_loss, "rootsubtb": rootsubtb_loss,
+          **rl_losses.LOSSES}  # RLOO, GRPO, DPG: the RL baselines on the same target (METHOD.md §9)
 _TENSOR_ARGS = ("log_pf", "log_pterm", "log_r", "u", "lengths", "log_z")
 KNOBS = {name: [p for p in inspect.signature(fn).parameters if p not in _TENSOR_ARGS] for name, fn in LOSSES.items()}
 

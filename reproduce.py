@@ -5,9 +5,10 @@ SMILES scaffold task with the embedded prior, several seeds each, sample every r
     python reproduce.py --quick            # a few minutes: the whole grid with a tiny budget (results/quick/)
     python reproduce.py                    # the default budget (results/)
     python reproduce.py --task expr24      # Expr24: {TB, SubTB, RapTB} x {RP, SubM} replay
+    python reproduce.py --methods RLOO,GRPO,DPG,GRPO-TRL   # the RL baselines on the same target (METHOD.md §9)
 
 Every method runs train.py with the same defaults (the paper's) and the same --steps / --batch-size /
---grad-accum / --train-args: nothing is tuned per method. Runs live in OUT/runs/<method>-s<seed>/; rerunning the
+--grad-accum / --train-args: nothing is tuned per method (GRPO-TRL is GRPO at TRL's usual beta by definition). Runs live in OUT/runs/<method>-s<seed>/; rerunning the
 same command skips finished runs and resumes interrupted ones. Writes OUT/table.md (also printed),
 OUT/summary.json and OUT/{lengths,depth,curves}.png (the plots need matplotlib, optional).
 """
@@ -33,6 +34,14 @@ METHODS = {
     "expr24": {"TB": ("tb", "rp"), "SubTB": ("subtb", "rp"), "RapTB": ("raptb", "rp"),
                "TB+SubM": ("tb", "subm"), "SubTB+SubM": ("subtb", "subm"), "RapTB+SubM": ("raptb", "subm")},
 }
+# the RL baselines on the same target (METHOD.md §9), on either task, run only when named in --methods; GRPO-TRL is
+# GRPO at the setting TRL users run (beta 0.04, std-normalised) instead of beta = kappa / lambda
+BASELINES = {"RLOO": ("rloo", "none"), "GRPO": ("grpo", "none"), "DPG": ("dpg", "none"), "GRPO-TRL": ("grpo", "none")}
+METHOD_ARGS = {"GRPO-TRL": "--grpo-beta 0.04"}  # train.py flags of one method, on top of --train-args
+
+
+def methods_of(task):
+    return {**METHODS[task], **BASELINES}
 # table columns: (header, metric key, digits). log_pstop_final comes from the training log, not from sample.py;
 # the distance to the target (KL, TV, missed mass, log Z) from sample.py's fidelity block (METHOD.md §8).
 TARGET = [("KL(q‖p*)", "kl_q_target", 2), ("TV", "tv_target", 3), ("Missed", "missed_mass", 3),
@@ -59,7 +68,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--task", default="smiles", choices=sorted(METHODS), help="default smiles")
-    a("--methods", default=None, help="comma-separated subset of the task's methods (default: all)")
+    a("--methods", default=None, help="comma-separated subset of the task's methods (default: its GFlowNet methods; "
+      f"the RL baselines {','.join(BASELINES)} run when named)")
     a("--seeds", type=int, default=3, help="seeds 0 .. N-1 per method (default 3)")
     a("--steps", type=int, default=None, help=f"training steps per run (default: SMILES {SMILES_STEPS}, Expr24 its task's; --quick {QUICK['steps']})")
     a("--batch-size", type=int, default=None, help="train.py --batch-size (default: train.py's, 32)")
@@ -72,8 +82,8 @@ def get_args(argv=None):
     a("--jobs", type=int, default=os.cpu_count(), help="runs in parallel, each with one thread (default: the number of CPU cores)")
     a("--out", default=None, help="output folder (default results/, or results/quick/ with --quick)")
     args = p.parse_args(argv)
-    methods = METHODS[args.task]
-    args.methods = args.methods.split(",") if args.methods else list(methods)
+    methods = methods_of(args.task)
+    args.methods = args.methods.split(",") if args.methods else list(METHODS[args.task])
     if set(args.methods) - set(methods):
         p.error(f"unknown methods {sorted(set(args.methods) - set(methods))}; {args.task} has {list(methods)}")
     if args.steps is None:
@@ -142,7 +152,7 @@ def format_table(agg, task):
     seeds = {m: max([s["n"] for s in stats.values()] or [0]) for m, stats in agg.items()}  # Acc is always defined
     for method, stats in agg.items():
         lines.append(f"| {method} | " + " | ".join(format_cell(stats.get(k), d, seeds[method]) for _, k, d in cols) + " |")
-        if task == "smiles":
+        if task == "smiles" and method not in BASELINES:
             paper = dict(zip(PAPER_KEYS, PAPER.get(method, ())))
             lines.append(f"| *{method} (paper)* | " + " | ".join(
                 f"{paper[k]:.{d}f}" if k in paper else "—" for _, k, d in cols) + " |")
@@ -160,10 +170,11 @@ def final_log_pstop(log_rows, frac=0.1):
 
 # ----------------------------------------------------------------------------- running the grid
 
-def run_settings(args, loss, replay, seed):
+def run_settings(args, loss, replay, seed, method_args=""):
     """What defines a run: a run folder holding other settings is never silently reused."""
     return dict(task=args.task, loss=loss, replay=replay, seed=seed, steps=args.steps, batch_size=args.batch_size,
-                grad_accum=args.grad_accum, model=args.model, train_args=args.train_args, n=args.n)
+                grad_accum=args.grad_accum, model=args.model, train_args=args.train_args, n=args.n,
+                **({"method_args": method_args} if method_args else {}))
 
 
 def read_json(path):
@@ -179,7 +190,7 @@ def train_command(args, s, run_dir):
         return ["--resume", "--out", run_dir, "--task", args.task, "--steps", str(args.steps), "--device", args.device]
     cmd = ["--task", args.task, "--loss", s["loss"], "--replay", s["replay"], "--seed", str(s["seed"]),
            "--steps", str(args.steps), "--out", run_dir, "--device", args.device,
-           "--eval-n", str(min(256, args.n)), *shlex.split(args.train_args)]  # the KL curve: 4 points + start
+           "--eval-n", str(min(256, args.n)), *shlex.split(s.get("method_args", "")), *shlex.split(args.train_args)]  # the KL curve: 4 points + start
     for flag, value in [("--model", args.model), ("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum)]:
         cmd += [flag, str(value)] if value is not None else []
     return cmd
@@ -207,7 +218,7 @@ def run_one(args, method, loss, replay, seed):
     run_dir = run_dir_of(args, method, seed)
     os.makedirs(run_dir, exist_ok=True)
     record = (read_json(os.path.join(run_dir, "run.json"))
-              or dict(settings=run_settings(args, loss, replay, seed), train_s=0.0, sample_s=0.0))
+              or dict(settings=run_settings(args, loss, replay, seed, METHOD_ARGS.get(method, "")), train_s=0.0, sample_s=0.0))
     if not trained(run_dir, args.steps):
         child(["train.py", *train_command(args, record["settings"], run_dir)], run_dir, "train", record)
     child(["sample.py", run_dir, "--n", str(args.n), "--seed", str(seed), "--device", args.device,
@@ -274,9 +285,10 @@ def plot_all(out, task, run_dirs, agg, logs):
     except ImportError:
         print("matplotlib is not installed: skipping the plots (pip install matplotlib)")
         return []
-    methods, losses = list(agg), list(dict.fromkeys(METHODS[task][m][0] for m in agg))
-    style = {m: dict(color=f"C{losses.index(METHODS[task][m][0])}", label=m,  # colour = loss, dashed = SubM
-                     linestyle="--" if METHODS[task][m][1] == "subm" else "-") for m in methods}
+    spec, methods = methods_of(task), list(agg)
+    losses = list(dict.fromkeys(spec[m][0] for m in agg))
+    style = {m: dict(color=f"C{losses.index(spec[m][0])}", label=m,  # colour = loss, dashed = SubM
+                     linestyle="--" if spec[m][1] == "subm" else "-") for m in methods}
     max_len = max([int(k.split("@")[1]) for s in agg.values() for k in s if k.startswith("surv@")] or [1])
     fig, axes = plt.subplots(1, len(methods), figsize=(2.6 * len(methods), 2.8), sharey=True, squeeze=False)
     for ax, m in zip(axes[0], methods):
@@ -361,7 +373,7 @@ def report(args, run_dirs):
     table = format_table(agg, args.task)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
-    methods = {m: dict(loss=METHODS[args.task][m][0], replay=METHODS[args.task][m][1],
+    methods = {m: dict(loss=methods_of(args.task)[m][0], replay=methods_of(args.task)[m][1],
                        paper=dict(zip(PAPER_KEYS, PAPER[m])) if args.task == "smiles" and m in PAPER else None,
                        runs=[os.path.basename(d) for d in dirs], seeds=per_seed[m], aggregate=agg[m],
                        timings=[{k: read_json(os.path.join(d, "run.json"))[k] for k in ("train_s", "sample_s")} for d in dirs])
@@ -375,10 +387,10 @@ def report(args, run_dirs):
 
 def main(argv=None):
     args = get_args(argv)
-    grid = [(m, *METHODS[args.task][m], seed) for m in args.methods for seed in range(args.seeds)]
+    grid = [(m, *methods_of(args.task)[m], seed) for m in args.methods for seed in range(args.seeds)]
     clashes = [run_dir_of(args, m, seed) for m, loss, replay, seed in grid
                if (r := read_json(os.path.join(run_dir_of(args, m, seed), "run.json")))
-               and r["settings"] != run_settings(args, loss, replay, seed)]
+               and r["settings"] != run_settings(args, loss, replay, seed, METHOD_ARGS.get(m, ""))]
     if clashes:
         print(f"error: {len(clashes)} run folders ({clashes[0]}, ...) hold runs with other settings (see their run.json); "
               "use another --out or delete them", file=sys.stderr)

@@ -159,3 +159,18 @@ def test_tiny_grid_end_to_end(tiny_gpt2, tmp_path, capsys, preforked_children):
     assert "2 already done" in capsys.readouterr().out
     assert (out / "runs" / "TB-s0" / "run.json").read_text() == before
     assert reproduce.main([*argv[:-2], "--steps", "3", *argv[-2:]]) == 2
+
+
+def test_the_rl_baselines_are_methods_by_name(tmp_path):
+    """RLOO, GRPO, DPG and GRPO-TRL (METHOD.md §9) run when named, through train.py's own parser, and the default
+    grid stays the GFlowNet one."""
+    import train
+    assert reproduce.get_args(["--out", str(tmp_path)]).methods == list(reproduce.METHODS["smiles"])
+    args = reproduce.get_args(["--out", str(tmp_path), "--methods", "RLOO,GRPO,DPG,GRPO-TRL", "--task", "expr24"])
+    for method in args.methods:
+        loss, replay = reproduce.methods_of("expr24")[method]
+        settings = reproduce.run_settings(args, loss, replay, 0, reproduce.METHOD_ARGS.get(method, ""))
+        parsed = train.get_args(reproduce.train_command(args, settings, str(tmp_path / method)))
+        assert (parsed.loss, parsed.replay, parsed.temp_prob) == (loss, "none", 0.0)
+        assert parsed.grpo_beta == pytest.approx(0.04 if method == "GRPO-TRL" else 1 / 50)
+    assert "method_args" not in reproduce.run_settings(args, "tb", "rp", 0)  # older run folders still match

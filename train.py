@@ -28,6 +28,7 @@ import fidelity
 import losses
 import model as modellib
 import rewards
+import rl_losses
 from batches import estimate_log_z, get_batch, linear, score_rows, to_items
 from checkpoint import (load_rank_state, non_finite_loss, resume_args, save_checkpoint, stop_on_ctrl_c,
                         stop_requested)
@@ -90,12 +91,23 @@ def make_parser():
     a("--horizon", type=int, default=None)
     a("--no-detach", action="store_true", help="ablation: let the aux term send gradient to log P(stop)")
     a("--no-absorb", action="store_true", help="ablation: RapTB without absorbed targets")
+    # the RL baselines (rloo, grpo, dpg; METHOD.md §9): on-policy at temperature 1, no replay
+    a("--grpo-std-norm", action=argparse.BooleanOptionalAction, default=True, help="grpo: advantages (S - mean) / "
+      "(std + 1e-4) and a per-sequence mean over actions, as practitioners run it; --no-grpo-std-norm is Dr. GRPO "
+      "(S - mean and a constant normaliser: no length or difficulty weighting, Liu et al. 2025)")
+    a("--grpo-clip", type=float, default=0.2, help="grpo: the ratio is clipped to [1 - eps, 1 + eps] (PPO's 0.2)")
+    a("--grpo-beta", type=float, default=None, help="grpo: weight of the per-action k3 KL penalty to the reference "
+      "(default kappa / lambda, the weight of KL(q || P_ref) in the target's objective; TRL's usual 0.04)")
+    a("--grpo-epochs", type=int, default=1, help="grpo: optimiser steps on each sampled batch (q_old fixed); "
+      "more reuse each reward call, 1 is on-policy and leaves the clip inert")
     # exploration and replay
-    a("--replay", default="subm", choices=["none", "rp", "prt", "subm"])
+    a("--replay", default=None, choices=["none", "rp", "prt", "subm"],
+      help="default: subm for the GFlowNet losses; none for rloo, grpo and dpg, whose gradients need on-policy samples")
     a("--buffer-size", type=int, default=200)
     a("--p-replay-start", type=float, default=0.5)
     a("--p-replay-end", type=float, default=0.25)
-    a("--temp-prob", type=float, default=0.666, help="probability of a tempered on-policy batch")
+    a("--temp-prob", type=float, default=None, help="probability of a tempered on-policy batch "
+      "(default 0.666; 0 for rloo, grpo and dpg, which must sample at temperature 1)")
     a("--t-lo-start", type=float, default=0.8)
     a("--t-lo-end", type=float, default=1.0)
     a("--t-hi-start", type=float, default=1.5)
@@ -154,6 +166,9 @@ def check_args(p, args):
     for key, value in {**PAPER_DEFAULTS, **task.defaults}.items():  # e.g. SMILES: the prior, 2..10; Expr24: 3..9
         if getattr(args, key) is None:
             setattr(args, key, value)
+    problem = rl_losses.check_args(args)  # the RL baselines' own defaults and limits
+    if problem:
+        p.error(problem)
     bad = [k for k, v in vars(args).items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         p.error(f"--{bad[0].replace('_', '-')} must be a finite number (got {getattr(args, bad[0])})")
@@ -268,7 +283,8 @@ def loss_knobs(args, frac):
     return dict(eta=linear(args.eta, args.eta_end, done), absorb=0.0 if args.no_absorb else linear(1.0, args.absorb_end, done),
                 gamma=args.gamma, alpha=args.alpha, beta=args.beta, rho=args.rho,
                 k_min=round(linear(args.k_min_start, args.k_min_end, frac)), lam=args.subtb_lam,
-                eps_absorb=args.eps_absorb, horizon=args.horizon, detach_pterm=not args.no_detach, min_len=args.min_len)
+                eps_absorb=args.eps_absorb, horizon=args.horizon, detach_pterm=not args.no_detach, min_len=args.min_len,
+                grpo_clip=args.grpo_clip, grpo_beta=args.grpo_beta, grpo_std_norm=args.grpo_std_norm)
 
 
 def lr_factor(args, frac):
@@ -282,13 +298,17 @@ def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
     for group, base in zip(optimizer.param_groups, (args.lr, args.lr_logz)):
         group["lr"] = base * lr_factor(args, step / args.steps)  # the last step keeps a small, non-zero rate
     optimizer.zero_grad(set_to_none=True)
-    rows, cpu_start = [], time.process_time()
+    rows, batches, cpu_start = [], [], time.process_time()
     for i in range(args.grad_accum):
         tokens, lengths, source, *items = get_batch(args, task, policy, buffer, rng, frac, shared_coin(args, step, i))
         log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, *items)
         log_pf, log_pterm = policy.log_probs(tokens, lengths)
-        loss, stats = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, log_z, **loss_knobs(args, frac))
+        rl = rl_losses.batch_knobs(args.loss, policy, tokens, lengths, final)  # {} for the GFlowNet losses
+        loss, stats = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, log_z,
+                                          **loss_knobs(args, frac), **rl)
         (loss / args.grad_accum).backward()
+        if args.loss == "grpo" and args.grpo_epochs > 1:  # kept for the inner epochs, with q_old = this pass
+            batches.append((tokens, lengths, log_r, u, dict(rl, old_log_pf=log_pf.detach(), old_log_pterm=log_pterm.detach())))
         if source == "policy" and buffer is not None:
             buffer.add(to_items(task, tokens, lengths, texts, final, log_ref, scores))
         valid = torch.tensor([task.is_valid(t) for t in texts], dtype=torch.float)
@@ -299,6 +319,32 @@ def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
                          prefixes_scored=float((lengths + 1).sum()) * (source == "policy"),
                          log_pstop_final=log_pterm.detach().gather(1, lengths[:, None]).mean().item(),
                          **{k: float(v) for k, v in stats.items()}))
+    grad_norm = optimizer_step(args, optimizer, log_z)
+    inner_epochs(args, policy, log_z, optimizer, batches, frac)
+    metrics = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    metrics = dict(zip(metrics, average_across_ranks([torch.tensor(list(metrics.values()), dtype=torch.float64)])[0].tolist()))
+    if args.loss == "dpg":  # its running Z estimate rides in log_z, which every checkpoint saves
+        rl_losses.update_running_log_z(log_z, metrics["dpg_weight_mean"], step)
+    scale = len(rows) * (dist.get_world_size() if dist.is_initialized() else 1)  # per step over all ranks, not means
+    metrics.update({k: metrics[k] * scale for k in ("objects_scored", "prefixes_scored")})
+    knobs = loss_knobs(args, frac)
+    return dict(step=step + 1, **metrics, log_z=log_z.item(), grad_norm=grad_norm.item(), k_min=knobs["k_min"],
+                eta=knobs["eta"], lr=optimizer.param_groups[0]["lr"], cpu_seconds=time.process_time() - cpu_start)
+
+
+def inner_epochs(args, policy, log_z, optimizer, batches, frac):
+    """GRPO's epochs after the first: the loss again on the same stored batches (q_old fixed), one more step each."""
+    for _ in range(1, args.grpo_epochs if args.loss == "grpo" else 1):
+        optimizer.zero_grad(set_to_none=True)
+        for tokens, lengths, log_r, u, rl in batches:
+            log_pf, log_pterm = policy.log_probs(tokens, lengths)
+            loss, _ = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, log_z, **loss_knobs(args, frac), **rl)
+            (loss / args.grad_accum).backward()
+        optimizer_step(args, optimizer, log_z)
+
+
+def optimizer_step(args, optimizer, log_z):
+    """Average the gradients over ranks, clip them (logZ included), step; returns the norm before clipping."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if args.fsdp:
         grad_norm = fsdp_average_and_clip(params, log_z, args.grad_clip)
@@ -306,13 +352,7 @@ def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
         average_across_ranks([p.grad if p.grad is not None else torch.zeros_like(p) for p in params], write_back=params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
     optimizer.step()
-    metrics = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-    metrics = dict(zip(metrics, average_across_ranks([torch.tensor(list(metrics.values()), dtype=torch.float64)])[0].tolist()))
-    scale = len(rows) * (dist.get_world_size() if dist.is_initialized() else 1)  # per step over all ranks, not means
-    metrics.update({k: metrics[k] * scale for k in ("objects_scored", "prefixes_scored")})
-    knobs = loss_knobs(args, frac)
-    return dict(step=step + 1, **metrics, log_z=log_z.item(), grad_norm=grad_norm.item(), k_min=knobs["k_min"],
-                eta=knobs["eta"], lr=optimizer.param_groups[0]["lr"], cpu_seconds=time.process_time() - cpu_start)
+    return grad_norm
 
 
 # ----------------------------------------------------------------------------- main
