@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import conventions
 import fidelity
 import losses
 import model as modellib
@@ -89,8 +90,8 @@ def make_parser():
     a("--grad-accum", type=int, default=None, help="batches per optimiser step (paper: 4)")
     a("--lr", type=float, default=None, help="learning rate of the network (paper: 1e-4)")
     a("--lr-logz", type=float, default=0.1, help="logZ's own learning rate (not stated in the paper)")
-    a("--log-z-init", type=float, default=None,
-      help="initial logZ (default: the importance-sampling estimate log mean exp(log R - log q) of one batch)")
+    a("--log-z-init", type=conventions.log_z_init, default=None,
+      help="initial logZ, or 'estimate' (default): the importance-sampling estimate log mean exp(log R - log q) of one batch")
     a("--weight-decay", type=float, default=0.01)
     a("--grad-clip", type=float, default=0.5)
     a("--seed", type=int, default=0)
@@ -105,6 +106,7 @@ def make_parser():
     # models that do not fit one GPU
     a("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the ranks (FSDP2)")
     a("--grad-ckpt", action="store_true", help="activation checkpointing: keep block inputs only, recompute in backward")
+    conventions.add_arguments(p)
     return p
 
 
@@ -112,11 +114,11 @@ def get_args(argv=None):
     p = make_parser()
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line, not argparse's screenful of usage
     args = p.parse_args(argv)
-    check_args(p, args)
+    check_args(p, args, conventions.explicit_flags(make_parser, argv, vars(args)))
     return args
 
 
-def check_args(p, args):
+def check_args(p, args, explicit=()):
     try:
         task = build_task(args)  # a user's task is imported here, so a broken one fails before any work
     except rewards.TaskError as e:
@@ -124,6 +126,7 @@ def check_args(p, args):
     for key, value in {**PAPER_DEFAULTS, **task.defaults}.items():  # e.g. SMILES: the prior, 2..10; Expr24: 3..9
         if getattr(args, key) is None:
             setattr(args, key, value)
+    conventions.apply(args, explicit)  # --conventions authors: the authors' settings for the flags not given
     bad = [k for k, v in vars(args).items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         p.error(f"--{bad[0].replace('_', '-')} must be a finite number (got {getattr(args, bad[0])})")
@@ -144,7 +147,7 @@ def check_args(p, args):
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.eta < 0 or args.rho < 0 or args.weight_decay < 0 or args.grad_clip <= 0:
         p.error("--eta, --rho and --weight-decay must be >= 0 and --grad-clip > 0")
-    for problem in (device_problem(args.device), out_problem(args.out), context_problem(args)):
+    for problem in (conventions.problem(args), device_problem(args.device), out_problem(args.out), context_problem(args)):
         if problem:
             p.error(problem)
 
@@ -192,8 +195,9 @@ def context_problem(args):
 
 
 def build_task(args):
-    return rewards.load_task(args.task, scaffold=args.scaffold, attach=getattr(args, "attach", "graph"),
+    task = rewards.load_task(args.task, scaffold=args.scaffold, attach=getattr(args, "attach", "graph"),
                              charset=getattr(args, "charset", None))  # getattr: checkpoints older than the flags
+    return conventions.task_for(args, task)  # --expr24-target authors: their digits and reward
 
 
 def build_policy(args, task, ckpt=None, with_reference=True):
@@ -229,29 +233,31 @@ def build_policy(args, task, ckpt=None, with_reference=True):
 def build_buffer(args, task):
     if args.replay == "none":
         return None
-    return make_buffer(args.replay, capacity=args.buffer_size, similarity=task.similarity)
+    return make_buffer(args.replay, capacity=args.buffer_size, similarity=task.similarity,
+                       **conventions.buffer_options(args))
 
 
 def loss_knobs(args, frac):
     return dict(eta=args.eta, gamma=args.gamma, alpha=args.alpha, beta=args.beta, rho=args.rho,
                 k_min=round(linear(args.k_min_start, args.k_min_end, frac)), lam=args.subtb_lam,
                 eps_absorb=args.eps_absorb, horizon=args.horizon, detach_pterm=not args.no_detach,
-                absorb=not args.no_absorb, min_len=args.min_len)
+                absorb=not args.no_absorb, min_len=args.min_len, root=getattr(args, "prefix_root", "lmin"))
 
 
 def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
     """One optimiser step over grad_accum batches; returns the step's metrics."""
-    frac = step / max(1, args.steps - 1)
+    frac = conventions.schedule_frac(args, step)
     optimizer.zero_grad(set_to_none=True)
     rows = []
     for i in range(args.grad_accum):
         tokens, lengths, source, *items = get_batch(args, task, policy, buffer, rng, frac, shared_coin(args, step, i))
         log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, *items)
-        log_pf, log_pterm = policy.log_probs(tokens, lengths)
+        log_pf, log_pterm = conventions.log_probs(args, policy, tokens, lengths)
         loss, stats = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, log_z, **loss_knobs(args, frac))
         (loss / args.grad_accum).backward()
         if source == "policy" and buffer is not None:
-            buffer.add(to_items(task, tokens, lengths, texts, final, log_ref, scores))
+            items = to_items(task, tokens, lengths, texts, final, log_ref, scores)
+            buffer.add(conventions.buffer_items(args, items, scores, log_r, lengths))
         valid = torch.tensor([task.is_valid(t) for t in texts], dtype=torch.float)
         rows.append(dict(loss=loss.item(), reward=final.mean().item(), validity=valid.mean().item(),
                          length=lengths.float().mean().item(), replay=float(source == "replay"),
@@ -294,10 +300,8 @@ def run(args):
     random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)  # ... but each rank its own samples
     rng = np.random.default_rng(args.seed + rank)
     buffer = build_buffer(args, task)
-    log_z = torch.nn.Parameter(torch.zeros((), device=policy.device))
-    optimizer = torch.optim.AdamW([
-        dict(params=[p for p in policy.model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay),
-        dict(params=[log_z], lr=args.lr_logz, weight_decay=0.0)])
+    log_z = conventions.make_log_z(args, policy.device)
+    optimizer = conventions.make_optimizer(args, [p for p in policy.model.parameters() if p.requires_grad], log_z)
     step = 0
     if state is not None:
         step = state["step"]
@@ -319,7 +323,7 @@ def run(args):
     if rank == 0:
         print(f"training {args.model} on {args.task} with {args.loss} + {args.replay} replay on {world} x "
               f"{policy.device}, {sum(p.numel() for p in policy.model.parameters() if p.requires_grad):,} "
-              f"trainable parameters")
+              f"trainable parameters; {conventions.describe(args)}")
     with open(log_path, "a" if step else "w") if rank == 0 else contextlib.nullcontext() as log_file, stop_on_ctrl_c():
         if step == 0 and eval_due(args, 0):
             first = evaluate(args, task, policy, log_z, 0)
