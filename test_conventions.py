@@ -317,3 +317,10 @@ def test_authors_run_end_to_end(tiny_gpt2, tmp_path):
     assert all(math.isfinite(r["loss"]) for r in rows) and abs(rows[-1]["log_z"]) < 0.01  # from 0, at 1e-4
     state = torch.load(os.path.join(train.find_checkpoint(str(out)), "state.pt"), weights_only=True)
     assert state["log_z"].dtype == torch.bfloat16 and state["args"]["prefix_root"] == "s0"
+
+
+def test_authors_run_resumes_bit_identically(tiny_llama, tmp_path, monkeypatch):
+    """The bf16 logZ and its AdamW state go through a checkpoint unchanged (test_train's kill-and-resume check)."""
+    import test_train
+    test_train.test_kill_and_resume_is_bit_identical(tiny_llama, tmp_path, monkeypatch,
+                                                     ["--replay", "subm", "--conventions", "authors"])
