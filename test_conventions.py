@@ -324,3 +324,16 @@ def test_authors_run_resumes_bit_identically(tiny_llama, tmp_path, monkeypatch):
     import test_train
     test_train.test_kill_and_resume_is_bit_identical(tiny_llama, tmp_path, monkeypatch,
                                                      ["--replay", "subm", "--conventions", "authors"])
+
+
+def test_reproduce_runs_the_grid_in_either_regime(tmp_path):
+    import reproduce
+    ours = reproduce.get_args(["--out", str(tmp_path)])
+    authors = reproduce.get_args(["--out", str(tmp_path), "--conventions", "authors"])
+    assert reproduce.method_table(ours)["TB"] == ("tb", "rp") and reproduce.method_table(authors)["TB"] == ("tb", "prt")
+    assert reproduce.method_table(authors)["RapTB"] == ("raptb", "rp") and ours.n == 3200
+    assert reproduce.get_args(["--task", "expr24", "--conventions", "authors"]).n == 3 * 6400
+    command = reproduce.train_command(authors, reproduce.run_settings(authors, "tb", "prt", 0), str(tmp_path))
+    assert command[command.index("--conventions") + 1] == "authors" and "--conventions" not in reproduce.train_command(
+        ours, reproduce.run_settings(ours, "tb", "rp", 0), str(tmp_path))
+    assert "conventions" not in reproduce.run_settings(ours, "tb", "rp", 0)  # earlier run folders still match
