@@ -83,6 +83,7 @@ class Expr24Task(Task):
     # themselves takes this model only to Acc 0.14 in that time. Paper settings: --lr 1e-4 --batch-size 32
     # --grad-accum 4 --steps 5000.
     defaults = dict(model=None, min_len=3, max_len=9, lr=1e-3, batch_size=64, grad_accum=1, steps=1500)
+    digits = EXPR24_DIGITS
     charset = frozenset(EXPR24_DIGITS + EXPR24_OPS)
     max_token_chars = 1  # single digits: a BPE token like "24" or "*3" would leave the paper's grammar
     target, max_numbers = 24, 5
@@ -142,12 +143,47 @@ class Expr24Task(Task):
         lengths = [k for k in range(max(min_len, 1), min(max_len, 2 * self.max_numbers - 1) + 1) if k % 2]
         if not lengths:
             raise TaskError(f"no expression has {min_len}..{max_len} characters")
-        steps = [op + d for op in EXPR24_OPS for d in EXPR24_DIGITS if op + d != "/0"]
+        steps = [op + d for op in EXPR24_OPS for d in self.digits if op + d != "/0"]  # digits 1-9: 9 * 36^m
         counts = np.array([float(len(steps)) ** (k // 2) for k in lengths])
         sizes = rng.choice(lengths, size=n, p=counts / counts.sum()) // 2
-        first = rng.integers(len(EXPR24_DIGITS), size=n)
+        first = rng.integers(len(self.digits), size=n)
         rest = rng.integers(len(steps), size=(n, max(sizes, default=0)))
-        return [EXPR24_DIGITS[f] + "".join(steps[s] for s in row[:m]) for f, row, m in zip(first, rest, sizes)]
+        return [self.digits[f] + "".join(steps[s] for s in row[:m]) for f, row, m in zip(first, rest, sizes)]
+
+
+class Expr24AuthorsTask(Expr24Task):
+    """Expr24 as the authors' code defines it (METHOD.md §10): digits 1-9 only (their token list has no 0; 57,904
+    solutions of 3..9 characters), and their reward, which subtracts the reference's log-prob of the trajectory's
+    state L_max from every prefix in proportion to its score: a solution of length L_max earns log R = lambda
+    exactly, a shorter one kappa log P_ref(x) + lambda, anything else kappa log P_ref(x) (ComDec/ChemGFN,
+    chemgfn/models/reward.py, PrefixShapedReward)."""
+    digits = "123456789"
+    charset = frozenset(digits + EXPR24_OPS)
+
+    def score(self, text):
+        return 0.0 if "0" in text else super().score(text)
+
+    def is_valid(self, text):
+        return "0" not in text and super().is_valid(text)
+
+    def solutions(self, min_len=0, max_len=None):
+        return tuple(s for s in super().solutions(min_len, max_len) if "0" not in s)
+
+    @staticmethod
+    def prefix_log_reward(log_ref, scores, lengths, kappa, lam, max_len):
+        """(log R(s_k T), u_k) at every prefix of every row ([B, L_max + 1]): log R = kappa (log P_ref(s_k T) -
+        S(s_k) log P_ref(s_{L_max} T)) + lam S(s_k) in a row that reaches L_max (so exactly lam at its end when it
+        is a solution), kappa log P_ref(s_k T) + lam S(s_k) in a shorter one; u_k = log R - kappa log P_ref(s_k T)."""
+        full = (lengths == max_len).to(log_ref.device)[:, None]
+        at_end = torch.where(full, log_ref[:, max_len:max_len + 1], 0.0)
+        scores = scores.to(log_ref.dtype)
+        return kappa * (log_ref - scores * at_end) + lam * scores, scores * (lam - kappa * at_end)
+
+    @staticmethod
+    def object_log_reward(log_ref, scores, lengths, kappa, lam, max_len):
+        """log R(x) of finished objects (arrays): the value prefix_log_reward gives at k = tau."""
+        full = np.asarray(lengths) == max_len
+        return kappa * np.asarray(log_ref) * (1 - np.asarray(scores) * full) + lam * np.asarray(scores)
 
 
 TASKS = {"expr24": Expr24Task}

@@ -34,8 +34,10 @@ def score_rows(args, task, policy, tokens, lengths, items=None):
         log_ref, scores = cached
     else:
         scores = rewards.prefix_scores(task, policy.token_texts, tokens, lengths, args.max_len).to(policy.device)
-        log_ref = policy.log_ref_stop(tokens, lengths)
-    log_r, u = rewards.log_reward(log_ref.double(), scores, args.kappa, args.lam)
+        log_ref = policy.log_ref_stop(tokens, lengths, raw=getattr(args, "log_probs", "masked") == "raw")
+    task_reward = getattr(task, "prefix_log_reward", None)  # a task with its own form of log R (METHOD.md §10)
+    log_r, u = (task_reward(log_ref.double(), scores, lengths, args.kappa, args.lam, args.max_len) if task_reward
+                else rewards.log_reward(log_ref.double(), scores, args.kappa, args.lam))
     texts = policy.texts(tokens, lengths)
     final = scores.gather(1, lengths[:, None]).squeeze(1)
     return log_r.float(), u.float(), texts, final, log_ref, scores

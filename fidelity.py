@@ -182,15 +182,19 @@ def dominated(f):
     return top is not None and kl is not None and kl > 0.02 and top > 0.5 * kl
 
 
-def exact_log_z(lam, log_ref_sol):
-    """log Z = log(1 + (e^lam - 1) P_ref(Sol)), with log P_ref(Sol) and 1 - P_ref(Sol) (computed accurately)."""
+def exact_log_z(lam, log_ref_sol, log_r_sol=None):
+    """log Z = log(1 + (e^lam - 1) P_ref(Sol)), with log P_ref(Sol) and 1 - P_ref(Sol) (computed accurately).
+    With `log_r_sol`, the log R of each solution under another form of the reward (METHOD.md §10; non-solutions
+    still earn P_ref): log Z = log(P_ref(not Sol) + sum_Sol R)."""
     log_pref_sol = float(np.logaddexp.reduce(log_ref_sol)) if len(log_ref_sol) else -math.inf
     pref_non = -math.expm1(log_pref_sol)
-    log_z = float(np.logaddexp(math.log(pref_non) if pref_non > 0 else -math.inf, lam + log_pref_sol))
+    log_r_all = lam + log_pref_sol if log_r_sol is None else \
+        float(np.logaddexp.reduce(log_r_sol)) if len(log_r_sol) else -math.inf
+    log_z = float(np.logaddexp(math.log(pref_non) if pref_non > 0 else -math.inf, log_r_all))
     return log_z, log_pref_sol, pref_non
 
 
-def exact_solution_fidelity(lam, log_ref_sol, log_q_sol, q=None):
+def exact_solution_fidelity(lam, log_ref_sol, log_q_sol, q=None, log_r_sol=None):
     """Exact distance to the target for a task whose score is 1 on a known solution set and 0 elsewhere, with
     kappa = 1 (Expr24; METHOD.md §8). The reference's probabilities sum to 1 over every object, so
     Z = 1 + (e^lam - 1) P_ref(Sol) exactly, and p*(x) = e^lam P_ref(x) / Z on a solution, P_ref(x) / Z elsewhere.
@@ -198,10 +202,11 @@ def exact_solution_fidelity(lam, log_ref_sol, log_q_sol, q=None):
     hold target mass p*(notSol) = (1 - P_ref(Sol)) / Z, about e^-lam: TV and KL(p*||q) are exact to within it.
     KL(q||p*) needs q's spread over the non-solutions: its part there is q(notSol) * (log Z + E[log q - log P_ref
     | notSol]), the expectation over the policy's non-solution samples `q` (dict with score, log_q, log_ref) when
-    there are any; else the log-sum lower bound q(notSol) * (log Z + log(q(notSol) / P_ref(notSol)))."""
+    there are any; else the log-sum lower bound q(notSol) * (log Z + log(q(notSol) / P_ref(notSol))).
+    `log_r_sol`: each solution's log R when it is not lam + log P_ref (exact_log_z)."""
     log_ref_sol, log_q_sol = np.asarray(log_ref_sol, np.float64), np.asarray(log_q_sol, np.float64)
-    log_z, log_pref_sol, pref_non = exact_log_z(lam, log_ref_sol)
-    log_p = lam + log_ref_sol - log_z
+    log_z, log_pref_sol, pref_non = exact_log_z(lam, log_ref_sol, log_r_sol)
+    log_p = (lam + log_ref_sol if log_r_sol is None else np.asarray(log_r_sol, np.float64)) - log_z
     p, qx = np.exp(log_p), np.exp(log_q_sol)
     q_non = max(0.0, 1.0 - float(qx.sum()))
     kl_sol = float(np.sum(qx * (log_q_sol - log_p)))
@@ -252,8 +257,9 @@ def sequence_log_probs(policy, tokens, lengths, reference=False):
 @torch.no_grad()
 def draw(policy, task, n, kappa, lam, reference=False, batch_size=256):
     """n samples from the policy (or from the reference), each with its key (the token sequence: the GFlowNet's
-    terminal object), score, and exact log q, log P_ref and log R = kappa log P_ref + lam S."""
-    out = dict(key=[], score=[], log_q=[], log_ref=[])
+    terminal object), score, length, and exact log q, log P_ref and log R = kappa log P_ref + lam S (or the task's
+    own form of it, object_log_reward)."""
+    out = dict(key=[], score=[], log_q=[], log_ref=[], length=[])
     for start in range(0, n, batch_size):
         tokens, lengths, log_steps = policy.sample(min(batch_size, n - start), reference=reference)
         drawn = log_steps.sum(1).double().cpu()  # the sampler's own log-prob, temperature 1
@@ -262,9 +268,16 @@ def draw(policy, task, n, kappa, lam, reference=False, batch_size=256):
         out["log_ref"] += (drawn if reference else other).tolist()
         out["score"] += task.score_batch(policy.texts(tokens, lengths))
         out["key"] += [tuple(row[:tau]) for row, tau in zip(tokens.tolist(), lengths.tolist())]
+        out["length"] += lengths.tolist()
     out = {k: (np.asarray(v, np.float64) if k != "key" else v) for k, v in out.items()}
-    out["log_r"] = kappa * out["log_ref"] + lam * out["score"]
+    out["log_r"] = object_log_reward(task, out["log_ref"], out["score"], out["length"], kappa, lam, policy.max_len)
     return out
+
+
+def object_log_reward(task, log_ref, scores, lengths, kappa, lam, max_len):
+    """log R(x) = kappa log P_ref(x) + lam S(x) of finished objects, or the task's own form of it."""
+    own = getattr(task, "object_log_reward", None)
+    return own(log_ref, scores, lengths, kappa, lam, max_len) if own else kappa * log_ref + lam * scores
 
 
 @torch.no_grad()
@@ -304,10 +317,15 @@ def measure(policy, task, kappa, lam, n=256, log_z_learned=None, seed=0, exact=T
                 cache = policy.__dict__.setdefault("_solution_ref_log_probs", {})  # the reference never changes
                 if solutions not in cache:
                     cache[solutions] = solution_log_probs(policy, solutions, reference=True)
+                log_r_sol = None
+                if getattr(task, "object_log_reward", None) is not None:
+                    log_r_sol = task.object_log_reward(cache[solutions], np.ones(len(solutions)),
+                                                       [len(s) for s in solutions], kappa, lam, policy.max_len)
                 if exact:
-                    out = exact_solution_fidelity(lam, cache[solutions], solution_log_probs(policy, solutions), q)
+                    out = exact_solution_fidelity(lam, cache[solutions], solution_log_probs(policy, solutions), q,
+                                                  log_r_sol)
                 else:
-                    log_z = exact_log_z(lam, cache[solutions])[0]
+                    log_z = exact_log_z(lam, cache[solutions], log_r_sol)[0]
                     ref = draw(policy, task, n, kappa, lam, reference=True)
                     out = dict(fidelity(q, ref, seed=seed, log_z=log_z), exact_log_z=True)
             else:

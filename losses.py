@@ -50,11 +50,14 @@ def _positions(log_pf, lengths):
     return k, tau, k < tau, k <= tau
 
 
-def _usable(k, state, log_pterm, min_len):
+def _usable(k, state, log_pterm, min_len, root="lmin"):
     """The states that can stop, i.e. are the parent of an object (METHOD.md §1): k >= min_len and the stop not
     masked there by a task's state mask (log_pterm = -inf, e.g. Expr24 after an operator). Only these are
-    window ends and rooted prefixes; the others are passed through."""
-    return state & (k >= min_len) & (log_pterm > float("-inf"))
+    window ends and rooted prefixes; the others are passed through. root="s0", the authors' convention
+    (METHOD.md §10): every state k <= tau, from s_0, which needs log_pterm finite there (raw log-probs)."""
+    if root not in ("lmin", "s0"):
+        raise ValueError(f"root must be 'lmin' or 's0', not {root!r}")
+    return state if root == "s0" else state & (k >= min_len) & (log_pterm > float("-inf"))
 
 
 def _prefix_residual(log_pf, log_pterm, log_r, step, live):
@@ -116,7 +119,7 @@ def tb_loss(log_pf, log_pterm, log_r, lengths, log_z):
     return (d_tb ** 2).mean(), _tb_stats(d_tb, log_pterm, state, tau)
 
 
-def subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0):
+def subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0, root="lmin"):
     """Modified SubTB (Hu et al. 2024), no logZ:
         delta_t = log_r[t] + log_pf[t] + log_pterm[t+1] - log_r[t+1] - log_pterm[t],  C_k = sum_{t<k} delta_t
         loss = sum_b sum_{i<j<=tau} lam^(j-i-1) (C_j - C_i)^2 / sum_b sum_{i<j<=tau} lam^(j-i-1)
@@ -130,10 +133,11 @@ def subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0):
       lam^m, Q_s = sum_{m<tau-s} lam^m), so the numerator is
           sum_t P_t Q_t delta_t^2 + 2 sum_{t<s} (P delta)_t lam^(s-t) (Q delta)_s
       and the cross sum is one [B, T] x [T, T] matmul with the Toeplitz matrix lam^(s-t). Only products
-      of one-step residuals appear, so it stays accurate in float32 (no cancellation of large C_k)."""
+      of one-step residuals appear, so it stays accurate in float32 (no cancellation of large C_k).
+    root="s0": every window 0 <= i < j <= tau (_usable)."""
     log_pf, log_pterm, log_r = _prepare(log_pf, log_pterm, log_r)
     k, tau, step, state = _positions(log_pf, lengths)
-    live = _usable(k, state, log_pterm, min_len)
+    live = _usable(k, state, log_pterm, min_len, root)
     n = live.sum(1).to(log_pf.dtype)
     if lam == 1.0:
         g = _prefix_residual(log_pf, log_pterm, log_r, step, live)  # C_j - C_i = G_j - G_i
@@ -161,7 +165,7 @@ def subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0):
 
 def raptb_loss(log_pf, log_pterm, log_r, u, lengths, log_z, *, eta=0.25, gamma=0.99, alpha=0.5, beta=5.0,
                rho=0.1, k_min=2, lam=1.0, eps_absorb=1e-6, horizon=None, detach_pterm=True, absorb=1.0,
-               min_len=0):
+               min_len=0, root="lmin"):
     """Rooted Absorbed Prefix TB (METHOD.md §3):
         loss  = mean_b( d_TB^2 + eta * 1[active_b] * aux_b )
         aux_b = sum_k w_k Cab_k^2 / sum_k w_k over k_min <= k <= h,  w_k = lam^(k - k_min)
@@ -173,21 +177,22 @@ def raptb_loss(log_pf, log_pterm, log_r, u, lengths, log_z, *, eta=0.25, gamma=0
     (_usable) are prefixes or targets; when a task mask forbids the stop at s_min_len, the root is the row's first
     state that can stop. absorb is the absorption's strength: 1 (or True) the paper's, 0 (or False) the gate off (rooted
     prefixes with raw stop rewards, the no-absorb ablation); in between it scales the absorbed offset, which is how a
-    schedule takes RapTB to an objective whose fixed point is R/Z (METHOD.md §3.3)."""
+    schedule takes RapTB to an objective whose fixed point is R/Z (METHOD.md §3.3).
+    root="s0" (the authors' convention, METHOD.md §10): rooted at s_0 over every state, k_min >= 1."""
     log_pf, log_pterm, log_r, u, log_z = _prepare(log_pf, log_pterm, log_r, u, log_z)
     k, tau, step, state = _positions(log_pf, lengths)
     d_tb = _tb_residual(log_pf, log_pterm, log_r, log_z, step, state, tau)
 
     # 1. rooted residuals Cbar_k = Gbar_k - Gbar_root (log_pterm detached inside the aux term only)
-    live = _usable(k, state, log_pterm, min_len)
+    live = _usable(k, state, log_pterm, min_len, root)
     pterm_aux = log_pterm.detach() if detach_pterm else log_pterm
     g_bar = _prefix_residual(log_pf, pterm_aux, log_r, step, live)
-    root = live.long().argmax(1, keepdim=True)  # the first usable state: s_min_len unless a task mask forbids its stop
-    c_bar = g_bar - g_bar.gather(1, root)
+    first = live.long().argmax(1, keepdim=True)  # the first usable state: s_min_len unless a task mask forbids its stop
+    c_bar = g_bar - g_bar.gather(1, first)
     # 2. horizon and eligible prefixes (usable ones only)
     h = tau if horizon is None else tau.clamp(max=horizon)
-    k_min = max(k_min, min_len + 1)
-    eligible = live & (k >= k_min) & (k > root) & (k <= h)
+    k_min = max(k_min, (0 if root == "s0" else min_len) + 1)
+    eligible = live & (k >= k_min) & (k > first) & (k <= h)
     # 3-5. absorbed targets, gate, Cab
     u = torch.where(state, u.detach(), 0.0)
     gate = eligible & (u.abs() <= eps_absorb) if absorb else torch.zeros_like(eligible)  # absorb = 0: no gate

@@ -355,12 +355,23 @@ def sequence_divergences(correct, n_solutions):
     return kl, js
 
 
+def blockwise_coverage(samples, correct_flags, block=6400, repeats=3):
+    """The authors' protocol: up to `repeats` independent sampling runs of `block` samples each, NormCov = distinct
+    correct / block in each, averaged. Returns (mean, distinct correct per block), (None, []) below one block."""
+    counts = [len({s["generated"] for s, ok in zip(samples[i:i + block], correct_flags[i:i + block]) if ok})
+              for i in range(0, block * repeats, block) if i + block <= len(samples)]
+    return (sum(counts) / len(counts) / block if counts else None), counts
+
+
 def expr24_metrics(samples, solutions, max_depth=None, alpha=0.5):
     """METHOD.md §7's Expr24 metrics of a list of sample dicts against the solution set (strings). On top of
     sequence_metrics computed over the CORRECT samples (TokEnt, Len, prefix diagnostics):
       acc            fraction of all samples that are correct (value == 24)
       valid_frac     fraction of all samples that are syntactically valid expressions (and defined)
       unique_correct distinct correct expressions;  norm_cov = unique_correct / min(N, |solutions|)
+      norm_cov_at_3200  norm_cov of the first 3,200 samples (the paper's N), when there are more
+      norm_cov_authors  the authors' NormCov (METHOD.md §10): the mean over consecutive blocks of 6,400 samples
+                     (at most 3) of distinct correct in the block / 6,400; None below 6,400 samples
       cov_by_len     {length: distinct correct of that length / solutions of that length}
       kl_fwd, kl_rev, js   KL(sampler || target), KL(target || sampler), JS of the per-position symbol
                      distributions (position_divergences), averaged over positions (lists in pos_*)
@@ -381,6 +392,10 @@ def expr24_metrics(samples, solutions, max_depth=None, alpha=0.5):
     out["n_solutions"] = len(solutions)
     out["unique_correct"] = len(distinct)
     out["norm_cov"] = len(distinct) / min(len(samples), len(solutions)) if samples and solutions else None
+    first = {e for e, ok in zip([s["generated"] for s in samples[:3200]], correct_flags) if ok}
+    out["norm_cov_at_3200"] = len(first) / min(3200, len(solutions)) if len(samples) > 3200 and solutions \
+        else out["norm_cov"]
+    out["norm_cov_authors"], out["unique_correct_authors"] = blockwise_coverage(samples, correct_flags)
     per_len = Counter(len(s) for s in solutions)
     found = Counter(len(e) for e in distinct)
     out["cov_by_len"] = {n: found[n] / per_len[n] for n in sorted(per_len)}

@@ -137,17 +137,20 @@ class Policy:
         past_end = torch.arange(depth + 1, device=allowed.device)[None] > lengths[:, None]
         return allowed | past_end[..., None]
 
-    def log_probs(self, tokens, lengths, reference=False):
+    def log_probs(self, tokens, lengths, reference=False, raw=False):
         """One teacher-forced pass over prompt + tokens: log_pf [B, T] (log q(y_{k+1} | s_k), k < tau) and
-        log_pterm [B, T] (log q(stop | s_k), k <= tau), zero past tau, T = L_max + 1."""
+        log_pterm [B, T] (log q(stop | s_k), k <= tau), zero past tau, T = L_max + 1. With `raw`, the authors'
+        convention for the loss and the reference (METHOD.md §10): both are read off the full-vocabulary
+        log-softmax, no mask applied, and the stop at L_max keeps its own log-prob."""
         net = self.model if not reference else (self.reference or self.model)
         depth = int(lengths.max()) if len(lengths) else 0
-        read = min(depth, self.max_len - 1)  # the last state the network reads: at L_max stop is forced (log 1 = 0)
+        read = depth if raw else min(depth, self.max_len - 1)  # masked: at L_max stop is forced (log 1 = 0)
         ids = torch.cat([self.prompt.expand(len(tokens), -1), tokens[:, :read]], 1)
         with self._adapters_off() if reference and self.reference is None else contextlib.nullcontext(), self._autocast():
             logits = net(input_ids=ids).logits[:, len(self.prompt) - 1:]  # state k is read at prompt end + k
         k = torch.arange(depth + 1, device=ids.device)
-        logp = self.action_log_probs(logits, k[:read + 1], self.allowed_actions(tokens, read, lengths))
+        logp = torch.log_softmax(logits.float(), -1)[..., self.actions] if raw else \
+            self.action_log_probs(logits, k[:read + 1], self.allowed_actions(tokens, read, lengths))
         log_pterm = F.pad(logp[..., self.stop], (0, depth - read))
         next_action = self.action_of[tokens[:, :depth]]
         log_pf = F.pad(logp[:, :depth].gather(-1, next_action.unsqueeze(-1)).squeeze(-1), (0, 1))
@@ -158,9 +161,9 @@ class Policy:
         return F.pad(log_pf, (0, pad)), F.pad(log_pterm, (0, pad))
 
     @torch.no_grad()
-    def log_ref_stop(self, tokens, lengths):
-        """log P_ref(s_k T) = sum_{t<k} log p_ref(y_{t+1} | s_t) + log p_ref(stop | s_k), [B, T]."""
-        log_pf, log_pterm = self.log_probs(tokens, lengths, reference=True)
+    def log_ref_stop(self, tokens, lengths, raw=False):
+        """log P_ref(s_k T) = sum_{t<k} log p_ref(y_{t+1} | s_t) + log p_ref(stop | s_k), [B, T] (raw: log_probs)."""
+        log_pf, log_pterm = self.log_probs(tokens, lengths, reference=True, raw=raw)
         return torch.cumsum(log_pf, 1) - log_pf + log_pterm
 
     def _adapters_off(self):

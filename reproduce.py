@@ -6,6 +6,7 @@ SMILES scaffold task with the embedded prior, several seeds each, sample every r
     python reproduce.py                    # the default budget (results/)
     python reproduce.py --task expr24      # Expr24: {TB, SubTB, RapTB} x {RP, SubM} replay
     python reproduce.py --methods RLOO,GRPO,DPG,GRPO-TRL   # the RL baselines on the same target (METHOD.md §9)
+    python reproduce.py --conventions authors --out results/authors   # the same grid in the authors' regime
 
 Every method runs train.py with the same defaults (the paper's) and the same --steps / --batch-size /
 --grad-accum / --train-args: nothing is tuned per method (GRPO-TRL is GRPO at TRL's usual beta by definition). Runs live in OUT/runs/<method>-s<seed>/; rerunning the
@@ -38,6 +39,10 @@ METHODS = {
 # GRPO at the setting TRL users run (beta 0.04, std-normalised) instead of beta = kappa / lambda
 BASELINES = {"RLOO": ("rloo", "none"), "GRPO": ("grpo", "none"), "DPG": ("dpg", "none"), "GRPO-TRL": ("grpo", "none")}
 METHOD_ARGS = {"GRPO-TRL": "--grpo-beta 0.04"}  # train.py flags of one method, on top of --train-args
+# --conventions authors (METHOD.md §10): the authors' Table 1 runs SMILES TB with PRT replay (their
+# configs/experiment/smiles/tb.yaml); their other per-method settings are train.py's (conventions.py)
+AUTHORS_REPLAY = {("smiles", "TB"): "prt"}
+AUTHORS_N = {"expr24": 3 * 6400}  # their protocol: 3 sampling runs of 6,400, for NormCov both ways
 
 
 def methods_of(task):
@@ -51,7 +56,8 @@ COLUMNS = {
                ("Len", "len_mean", 2), ("Uniq", "uniqueness", 3), ("IntDiv", "int_div", 3),
                ("log P(stop)", "log_pstop_final", 2), *TARGET],
     "expr24": [("Acc", "acc", 3), ("Unique-correct", "unique_correct", 1), ("NormCov", "norm_cov", 3),
-               ("TokEnt", "tok_ent", 2), ("Len", "len_mean", 2), ("q(Sol)", "q_solution_mass", 3), *TARGET,
+               ("NormCov 3×6400", "norm_cov_authors", 3), ("TokEnt", "tok_ent", 2), ("Len", "len_mean", 2),
+               ("q(Sol)", "q_solution_mass", 3), *TARGET,
                ("KL(p*‖q)", "kl_target_q", 2)],
 }
 # the paper's Table 1 (SMILES, L_max = 10, Llama-3.2-1B): Acc, Score, TokEnt, FPDiv, Len
@@ -78,6 +84,8 @@ def get_args(argv=None):
     a("--quick", action="store_true", help="a smoke version of the grid in a few minutes")
     a("--model", default=None, help="train.py --model (default: the task's, i.e. the embedded prior for SMILES)")
     a("--train-args", default="", help="extra train.py flags, the same for every method, e.g. '--max-len 15'")
+    a("--conventions", default="ours", choices=["ours", "authors"], help="train.py --conventions; authors also "
+      "replays SMILES TB with PRT and samples Expr24 3 x 6400 times, as the authors do (METHOD.md §10)")
     a("--device", default="auto", help="train.py / sample.py --device (default auto)")
     a("--jobs", type=int, default=os.cpu_count(), help="runs in parallel, each with one thread (default: the number of CPU cores)")
     a("--out", default=None, help="output folder (default results/, or results/quick/ with --quick)")
@@ -89,13 +97,21 @@ def get_args(argv=None):
     if args.steps is None:
         args.steps = QUICK["steps"] if args.quick else default_steps(args.task)
     if args.n is None:
-        args.n = QUICK["n"] if args.quick else 3200
+        args.n = QUICK["n"] if args.quick else AUTHORS_N.get(args.task, 3200) if args.conventions == "authors" else 3200
     if args.grad_accum is None:
         args.grad_accum = QUICK["grad_accum"] if args.quick else DEFAULT_ACCUM
     args.out = args.out or ("results/quick" if args.quick else "results")
     if min(args.seeds, args.steps, args.n, args.jobs) < 1:
         p.error("--seeds, --steps, --n and --jobs must be at least 1")
     return args
+
+
+def method_table(args):
+    """{method: (loss, replay)} of the task, with the authors' replay where they use another."""
+    table = methods_of(args.task)
+    if args.conventions == "authors":
+        table.update({m: (table[m][0], r) for (task, m), r in AUTHORS_REPLAY.items() if task == args.task})
+    return table
 
 
 def default_steps(task):
@@ -145,7 +161,7 @@ def format_cell(stat, digits, n_runs):
     return cell + (f" (n={stat['n']})" if stat["n"] < n_runs else "")
 
 
-def format_table(agg, task):
+def format_table(agg, task, conventions="ours"):
     """Markdown: one row per method (mean ± 95% CI over seeds); for SMILES each is followed by the paper's row."""
     cols = COLUMNS[task]
     lines = ["| Method | " + " | ".join(h for h, _, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -159,7 +175,9 @@ def format_table(agg, task):
     stop_note = ("log P(stop): log-probability of stopping at the final state, in the training batches of the last "
                  "10% of steps. " if any(k == "log_pstop_final" for _, k, _ in cols) else "")
     lines.append(f"\nmean ± 95% CI (t distribution) over {'/'.join(map(str, sorted(set(seeds.values()))))} seeds. "
-                 + stop_note + ("Paper rows: Llama-3.2-1B, 5000 steps." if task == "smiles" else ""))
+                 + stop_note + ("Paper rows: Llama-3.2-1B, 5000 steps." if task == "smiles" else "")
+                 + (" The authors' conventions (train.py --conventions authors, METHOD.md §10)"
+                    + (", SMILES TB with PRT replay." if task == "smiles" else ".") if conventions == "authors" else ""))
     return "\n".join(lines)
 
 
@@ -174,7 +192,8 @@ def run_settings(args, loss, replay, seed, method_args=""):
     """What defines a run: a run folder holding other settings is never silently reused."""
     return dict(task=args.task, loss=loss, replay=replay, seed=seed, steps=args.steps, batch_size=args.batch_size,
                 grad_accum=args.grad_accum, model=args.model, train_args=args.train_args, n=args.n,
-                **({"method_args": method_args} if method_args else {}))
+                **({"method_args": method_args} if method_args else {}),
+                **({"conventions": args.conventions} if args.conventions != "ours" else {}))  # older folders: ours
 
 
 def read_json(path):
@@ -190,7 +209,8 @@ def train_command(args, s, run_dir):
         return ["--resume", "--out", run_dir, "--task", args.task, "--steps", str(args.steps), "--device", args.device]
     cmd = ["--task", args.task, "--loss", s["loss"], "--replay", s["replay"], "--seed", str(s["seed"]),
            "--steps", str(args.steps), "--out", run_dir, "--device", args.device,
-           "--eval-n", str(min(256, args.n)), *shlex.split(s.get("method_args", "")), *shlex.split(args.train_args)]  # the KL curve: 4 points + start
+           "--eval-n", str(min(256, args.n)), *shlex.split(s.get("method_args", "")), *shlex.split(args.train_args),
+           *(["--conventions", args.conventions] if args.conventions != "ours" else [])]  # the KL curve: 4 points + start
     for flag, value in [("--model", args.model), ("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum)]:
         cmd += [flag, str(value)] if value is not None else []
     return cmd
@@ -370,10 +390,10 @@ def report(args, run_dirs):
     for m, dirs in run_dirs.items():
         per_seed[m], logs[m] = map(list, zip(*[load_run(d) for d in dirs]))
     agg = aggregate(per_seed)
-    table = format_table(agg, args.task)
+    table = format_table(agg, args.task, args.conventions)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
-    methods = {m: dict(loss=methods_of(args.task)[m][0], replay=methods_of(args.task)[m][1],
+    methods = {m: dict(loss=method_table(args)[m][0], replay=method_table(args)[m][1],
                        paper=dict(zip(PAPER_KEYS, PAPER[m])) if args.task == "smiles" and m in PAPER else None,
                        runs=[os.path.basename(d) for d in dirs], seeds=per_seed[m], aggregate=agg[m],
                        timings=[{k: read_json(os.path.join(d, "run.json"))[k] for k in ("train_s", "sample_s")} for d in dirs])
@@ -387,7 +407,7 @@ def report(args, run_dirs):
 
 def main(argv=None):
     args = get_args(argv)
-    grid = [(m, *methods_of(args.task)[m], seed) for m in args.methods for seed in range(args.seeds)]
+    grid = [(m, *method_table(args)[m], seed) for m in args.methods for seed in range(args.seeds)]
     clashes = [run_dir_of(args, m, seed) for m, loss, replay, seed in grid
                if (r := read_json(os.path.join(run_dir_of(args, m, seed), "run.json")))
                and r["settings"] != run_settings(args, loss, replay, seed, METHOD_ARGS.get(m, ""))]

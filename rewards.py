@@ -79,7 +79,7 @@ class SmilesTask(Task):
     ring label 1 or 2 silently rewires this scaffold (METHOD.md §6)."""
     name = "smiles"
     max_token_chars = None  # multi-character tokens are fine ("Cl", "[nH]", "CC(=O)" in a BPE vocabulary)
-    defaults = dict(model="prior", min_len=2, max_len=10)  # the paper's L_max = 10 (the authors' configs: L_min = 2)
+    defaults = dict(model="prior", min_len=2, max_len=10)  # the paper's L_max = 10 (the authors' runs: L_min = 1)
     chemical, similarity = True, "tanimoto"
     # characters of organic-subset SMILES (Cl and Br need l and r; H and @ for bracket atoms like [C@@H]);
     # a vocabulary token is allowed iff its text uses only these. More letters would admit English BPE tokens.

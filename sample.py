@@ -44,7 +44,8 @@ def _expr24_headline(metrics, g):
     return [
         f"samples {g('n')}  syntactically valid {g('n_syntax_valid')} ({g('valid_frac')})  correct {g('n_correct')}",
         f"Acc {g('acc')}  Unique-correct {g('unique_correct')} of {g('n_solutions')} solutions  "
-        f"NormCov {g('norm_cov')}  TokEnt {g('tok_ent')} nats",
+        f"NormCov {g('norm_cov')} (N = 3200: {g('norm_cov_at_3200')}; the authors', 3 x 6400 samples: "
+        f"{g('norm_cov_authors')})  TokEnt {g('tok_ent')} nats",
         f"Len mean {g('len_mean')}  median {g('len_median')}  p90 {g('len_p90')} (correct; all samples: "
         f"{g('len_all_mean')} / {g('len_all_median')} / {g('len_all_p90')})",
         f"vs uniform over the solutions, per position: KL(sampler||target) {g('kl_fwd')}  "

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import conventions
 import fidelity
 import losses
 import model as modellib
@@ -43,13 +44,13 @@ PAPER_DEFAULTS = dict(steps=5000, batch_size=32, grad_accum=4, lr=1e-4)
 # how the defaults reach the target (RESULTS.md, "Reach the target"), the same for every method: RapTB's eta goes to 0
 # over the first half of the run (so the second half trains TB, whose fixed point is R/Z, while the first keeps the
 # dense early credit), and the learning rate follows a cosine to 0. --paper restores the paper's constant eta and lr.
-OURS = dict(eta_end=0.0, anneal=0.5, lr_schedule="cosine")
-PAPER = dict(eta_end=None, anneal=1.0, lr_schedule="constant")  # eta_end None: --eta throughout
+OURS = dict(eta_end=0.0, eta_anneal=0.5, lr_schedule="cosine")
+PAPER = dict(eta_end=None, eta_anneal=1.0, lr_schedule="constant")  # eta_end None: --eta throughout
 
 
 def before_flags(saved):
     """A checkpoint written before these flags existed was trained without them: resume it that way."""
-    return dict(eta_end=saved.get("eta", 0.25), absorb_end=1.0, anneal=1.0, lr_schedule="constant", no_smiles_mask=True)
+    return dict(eta_end=saved.get("eta", 0.25), absorb_end=1.0, eta_anneal=1.0, lr_schedule="constant", no_smiles_mask=True)
 
 
 def make_parser():
@@ -74,11 +75,11 @@ def make_parser():
     # objective
     a("--loss", default="raptb", choices=sorted(losses.LOSSES))
     a("--eta", type=float, default=0.25, help="weight of RapTB's rooted prefix term (the paper's 0.25) at the start")
-    a("--eta-end", type=float, default=None, help="eta at the end of --anneal (default 0: absorbed targets bias "
+    a("--eta-end", type=float, default=None, help="eta at the end of --eta-anneal (default 0: absorbed targets bias "
       "RapTB's fixed point away from R/Z, METHOD.md §3.3; --paper: eta throughout)")
-    a("--absorb-end", type=float, default=1.0, help="absorption strength at the end of --anneal (1: the paper's "
+    a("--absorb-end", type=float, default=1.0, help="absorption strength at the end of --eta-anneal (1: the paper's "
       "absorbed targets throughout; 0: RapTB without absorption, whose fixed point is R/Z)")
-    a("--anneal", type=float, default=None, help="fraction of the run over which eta and the absorption move to their "
+    a("--eta-anneal", type=float, default=None, help="fraction of the run over which eta and the absorption move to their "
       "end values, then held (default 0.5, so the rest trains an unbiased objective; --paper 1)")
     a("--gamma", type=float, default=0.99)
     a("--alpha", type=float, default=0.5, help="1 = max-only absorbed target, 0 = soft-only")
@@ -123,9 +124,10 @@ def make_parser():
       "0 (the default: the late steps average out sampling noise, which sets the last tenths of a nat) or the "
       "paper's constant")
     a("--paper", action="store_true", help="the paper's settings for every flag left unset: constant eta and learning "
-      "rate (the defaults differ only there; see OURS and PAPER at the top of train.py)")
-    a("--log-z-init", type=float, default=None,
-      help="initial logZ (default: the importance-sampling estimate log mean exp(log R - log q) of one batch)")
+      "rate (the defaults differ only there; see OURS and PAPER at the top of train.py; --conventions authors "
+      "implies them)")
+    a("--log-z-init", type=conventions.log_z_init, default=None,
+      help="initial logZ, or 'estimate' (default): the importance-sampling estimate log mean exp(log R - log q) of one batch")
     a("--weight-decay", type=float, default=0.01)
     a("--grad-clip", type=float, default=0.5)
     a("--seed", type=int, default=0)
@@ -142,6 +144,7 @@ def make_parser():
     # models that do not fit one GPU
     a("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the ranks (FSDP2)")
     a("--grad-ckpt", action="store_true", help="activation checkpointing: keep block inputs only, recompute in backward")
+    conventions.add_arguments(p)
     return p
 
 
@@ -149,26 +152,27 @@ def get_args(argv=None):
     p = make_parser()
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line, not argparse's screenful of usage
     args = p.parse_args(argv)
-    check_args(p, args)
+    check_args(p, args, conventions.explicit_flags(make_parser, argv, vars(args)))
     return args
 
 
-def check_args(p, args):
+def check_args(p, args, explicit=()):
     try:
         task = build_task(args)  # a user's task is imported here, so a broken one fails before any work
     except rewards.TaskError as e:
         p.exit(2, f"error: {e}\n")
-    for key, value in (PAPER if args.paper else OURS).items():
+    for key, value in (PAPER if args.paper or args.conventions == "authors" else OURS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.eta_end is None:  # --paper: eta throughout
-        args.eta_end = args.eta
     for key, value in {**PAPER_DEFAULTS, **task.defaults}.items():  # e.g. SMILES: the prior, 2..10; Expr24: 3..9
         if getattr(args, key) is None:
             setattr(args, key, value)
     problem = rl_losses.check_args(args)  # the RL baselines' own defaults and limits
     if problem:
         p.error(problem)
+    conventions.apply(args, explicit)  # --conventions authors: the authors' settings for the flags not given
+    if args.eta_end is None:  # --paper: eta throughout
+        args.eta_end = args.eta
     bad = [k for k, v in vars(args).items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         p.error(f"--{bad[0].replace('_', '-')} must be a finite number (got {getattr(args, bad[0])})")
@@ -181,7 +185,7 @@ def check_args(p, args):
     for name in ("steps", "batch_size", "grad_accum", "buffer_size", "ckpt_every", "eval_n", "eval_n_final"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("p_replay_start", "p_replay_end", "temp_prob", "alpha", "gamma", "subtb_lam", "absorb_end", "anneal"):
+    for name in ("p_replay_start", "p_replay_end", "temp_prob", "alpha", "gamma", "subtb_lam", "absorb_end", "eta_anneal"):
         if not 0 <= getattr(args, name) <= 1:
             p.error(f"--{name.replace('_', '-')} must be in [0, 1]")
     for name in ("t_lo_start", "t_lo_end", "t_hi_start", "t_hi_end", "lr", "lr_logz", "beta"):
@@ -189,7 +193,7 @@ def check_args(p, args):
             p.error(f"--{name.replace('_', '-')} must be positive")
     if min(args.eta, args.eta_end, args.rho, args.weight_decay) < 0 or args.grad_clip <= 0:
         p.error("--eta, --eta-end, --rho and --weight-decay must be >= 0 and --grad-clip > 0")
-    for problem in (device_problem(args.device), out_problem(args.out), context_problem(args)):
+    for problem in (conventions.problem(args), device_problem(args.device), out_problem(args.out), context_problem(args)):
         if problem:
             p.error(problem)
 
@@ -237,9 +241,10 @@ def context_problem(args):
 
 
 def build_task(args):
-    return rewards.load_task(args.task, scaffold=args.scaffold, attach=getattr(args, "attach", "graph"),
+    task = rewards.load_task(args.task, scaffold=args.scaffold, attach=getattr(args, "attach", "graph"),
                              charset=getattr(args, "charset", None),  # getattr: checkpoints older than the flags,
                              smiles_mask=not getattr(args, "no_smiles_mask", True))  # which had no SMILES mask
+    return conventions.task_for(args, task)  # --expr24-target authors: their digits and reward
 
 
 def build_policy(args, task, ckpt=None, with_reference=True):
@@ -275,16 +280,18 @@ def build_policy(args, task, ckpt=None, with_reference=True):
 def build_buffer(args, task):
     if args.replay == "none":
         return None
-    return make_buffer(args.replay, capacity=args.buffer_size, similarity=task.similarity)
+    return make_buffer(args.replay, capacity=args.buffer_size, similarity=task.similarity,
+                       **conventions.buffer_options(args))
 
 
 def loss_knobs(args, frac):
-    done = min(1.0, frac / args.anneal) if args.anneal > 0 else 1.0  # how far eta and absorption have moved
+    done = min(1.0, frac / args.eta_anneal) if args.eta_anneal > 0 else 1.0  # how far eta and absorption have moved
     return dict(eta=linear(args.eta, args.eta_end, done), absorb=0.0 if args.no_absorb else linear(1.0, args.absorb_end, done),
                 gamma=args.gamma, alpha=args.alpha, beta=args.beta, rho=args.rho,
                 k_min=round(linear(args.k_min_start, args.k_min_end, frac)), lam=args.subtb_lam,
                 eps_absorb=args.eps_absorb, horizon=args.horizon, detach_pterm=not args.no_detach, min_len=args.min_len,
-                grpo_clip=args.grpo_clip, grpo_beta=args.grpo_beta, grpo_std_norm=args.grpo_std_norm)
+                root=getattr(args, "prefix_root", "lmin"), grpo_clip=args.grpo_clip, grpo_beta=args.grpo_beta,
+                grpo_std_norm=args.grpo_std_norm)
 
 
 def lr_factor(args, frac):
@@ -294,7 +301,7 @@ def lr_factor(args, frac):
 
 def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
     """One optimiser step over grad_accum batches; returns the step's metrics."""
-    frac = step / max(1, args.steps - 1)
+    frac = conventions.schedule_frac(args, step)
     for group, base in zip(optimizer.param_groups, (args.lr, args.lr_logz)):
         group["lr"] = base * lr_factor(args, step / args.steps)  # the last step keeps a small, non-zero rate
     optimizer.zero_grad(set_to_none=True)
@@ -302,7 +309,7 @@ def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
     for i in range(args.grad_accum):
         tokens, lengths, source, *items = get_batch(args, task, policy, buffer, rng, frac, shared_coin(args, step, i))
         log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, *items)
-        log_pf, log_pterm = policy.log_probs(tokens, lengths)
+        log_pf, log_pterm = conventions.log_probs(args, policy, tokens, lengths)
         rl = rl_losses.batch_knobs(args.loss, policy, tokens, lengths, final)  # {} for the GFlowNet losses
         loss, stats = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, log_z,
                                           **loss_knobs(args, frac), **rl)
@@ -310,7 +317,8 @@ def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
         if args.loss == "grpo" and args.grpo_epochs > 1:  # kept for the inner epochs, with q_old = this pass
             batches.append((tokens, lengths, log_r, u, dict(rl, old_log_pf=log_pf.detach(), old_log_pterm=log_pterm.detach())))
         if source == "policy" and buffer is not None:
-            buffer.add(to_items(task, tokens, lengths, texts, final, log_ref, scores))
+            items = to_items(task, tokens, lengths, texts, final, log_ref, scores)
+            buffer.add(conventions.buffer_items(args, items, scores, log_r, lengths))
         valid = torch.tensor([task.is_valid(t) for t in texts], dtype=torch.float)
         rows.append(dict(loss=loss.item(), reward=final.mean().item(), validity=valid.mean().item(),
                          length=lengths.float().mean().item(), replay=float(source == "replay"),
@@ -337,7 +345,7 @@ def inner_epochs(args, policy, log_z, optimizer, batches, frac):
     for _ in range(1, args.grpo_epochs if args.loss == "grpo" else 1):
         optimizer.zero_grad(set_to_none=True)
         for tokens, lengths, log_r, u, rl in batches:
-            log_pf, log_pterm = policy.log_probs(tokens, lengths)
+            log_pf, log_pterm = conventions.log_probs(args, policy, tokens, lengths)
             loss, _ = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, log_z, **loss_knobs(args, frac), **rl)
             (loss / args.grad_accum).backward()
         optimizer_step(args, optimizer, log_z)
@@ -380,10 +388,8 @@ def run(args):
     random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)  # ... but each rank its own samples
     rng = np.random.default_rng(args.seed + rank)
     buffer = build_buffer(args, task)
-    log_z = torch.nn.Parameter(torch.zeros((), device=policy.device))
-    optimizer = torch.optim.AdamW([
-        dict(params=[p for p in policy.model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay),
-        dict(params=[log_z], lr=args.lr_logz, weight_decay=0.0)])
+    log_z = conventions.make_log_z(args, policy.device)
+    optimizer = conventions.make_optimizer(args, [p for p in policy.model.parameters() if p.requires_grad], log_z)
     step = 0
     if state is not None:
         step = state["step"]
@@ -405,7 +411,7 @@ def run(args):
     if rank == 0:
         print(f"training {args.model} on {args.task} with {args.loss} + {args.replay} replay on {world} x "
               f"{policy.device}, {sum(p.numel() for p in policy.model.parameters() if p.requires_grad):,} "
-              f"trainable parameters")
+              f"trainable parameters; {conventions.describe(args)}")
     with open(log_path, "a" if step else "w") if rank == 0 else contextlib.nullcontext() as log_file, stop_on_ctrl_c():
         if step == 0 and eval_due(args, 0):
             first = evaluate(args, task, policy, log_z, 0)
