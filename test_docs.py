@@ -4,7 +4,8 @@ Documentation checks (fast: no model is loaded, nothing is trained or sampled).
 - every *.py and *.md file of the repository cites only markdown files that exist, and nothing outside
   the repository (the method notes are METHOD.md);
 - every "METHOD.md §N" cited anywhere is a numbered section of METHOD.md;
-- every `python X.py ...` line in README.md's bash blocks is accepted by X.py's argument parser.
+- every `python X.py ...` line in the bash blocks of README.md and RESULTS.md is accepted by X.py's argument
+  parser, and README.md stays a user's document of at most 20 KB (the measurements live in RESULTS.md).
 """
 import argparse
 import importlib
@@ -106,13 +107,18 @@ def test_method_sections_cited_exist():
     assert not missing, f"cited sections that METHOD.md does not have (it has {sections}):\n" + "\n".join(missing)
 
 
-# ----------------------------------------------------------------------------- README commands
+# ----------------------------------------------------------------------------- the commands of the documents
 
-def readme_commands():
-    """(line number, command) for every `python X.py ...` line of README.md's bash blocks, backslash
-    continuations joined; torchrun / pip / pytest lines are skipped."""
+DOCS_WITH_COMMANDS = ("README.md", "RESULTS.md")
+README_MAX_BYTES = 20_000  # nanoGPT's README is 13.9 KB: a user's document, read in minutes
+ENV_PREFIX = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)+")  # OMP_NUM_THREADS=1 python ...
+
+
+def doc_commands(doc):
+    """(line number, command) for every `python X.py ...` line of the document's bash blocks, backslash
+    continuations joined, environment assignments in front dropped; torchrun / pip / pytest lines are skipped."""
     commands, in_bash, pending, start = [], False, "", 0
-    for n, line in enumerate(read_lines("README.md"), 1):
+    for n, line in enumerate(read_lines(doc), 1):
         stripped = line.strip()
         if stripped.startswith("```"):
             in_bash = not in_bash and stripped[3:].strip() in ("bash", "sh", "shell", "console")
@@ -124,7 +130,7 @@ def readme_commands():
         if stripped.endswith("\\"):
             pending += stripped[:-1] + " "
             continue
-        command, pending = (pending + stripped).strip(), ""
+        command, pending = ENV_PREFIX.sub("", (pending + stripped).strip()), ""
         if command.startswith(("torchrun", "pip", "pytest")):
             continue
         if re.match(r"python3?\s+\S+\.py(\s|$)", command):
@@ -192,9 +198,10 @@ def check_parses(script, argv):
     return None
 
 
-def test_readme_commands_parse(capsys, tmp_path, monkeypatch):
-    commands = readme_commands()
-    assert commands, "README.md has no `python X.py` line in a bash block"
+@pytest.mark.parametrize("doc", DOCS_WITH_COMMANDS)
+def test_doc_commands_parse(doc, capsys, tmp_path, monkeypatch):
+    commands = doc_commands(doc)
+    assert commands, f"{doc} has no `python X.py` line in a bash block"
     readme = open(os.path.join(ROOT, "README.md")).read()
     for name, code in re.findall(r"```python\n# (\w+\.py):.*?\n(.*?)```", readme, re.S):
         (tmp_path / name).write_text(code)  # README's own example files, e.g. the task of "Your own task"
@@ -204,7 +211,15 @@ def test_readme_commands_parse(capsys, tmp_path, monkeypatch):
         tokens = shlex.split(command, comments=True)
         reason = check_parses(tokens[1], tokens[2:])
         if reason:
-            failures.append(f"README.md:{n}: {command}\n    -> {reason}")
+            failures.append(f"{doc}:{n}: {command}\n    -> {reason}")
     stderr = capsys.readouterr().err  # argparse's own message for a rejected command
-    assert not failures, "README commands that do not parse:\n" + "\n".join(failures) + (
+    assert not failures, f"{doc} commands that do not parse:\n" + "\n".join(failures) + (
         f"\nparser output:\n{stderr}" if stderr else "")
+
+
+def test_readme_is_a_users_document():
+    size = os.path.getsize(os.path.join(ROOT, "README.md"))
+    assert size <= README_MAX_BYTES, (f"README.md is {size} bytes, over {README_MAX_BYTES}: measurements go to "
+                                      f"RESULTS.md (newest first, each table with its command), not README")
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "(RESULTS.md)" in readme, "README's results summary links to RESULTS.md"
