@@ -9,6 +9,7 @@ Documentation checks (fast: no model is loaded, nothing is trained or sampled).
 """
 import argparse
 import importlib
+import importlib.util
 import os
 import re
 import shlex
@@ -133,7 +134,7 @@ def doc_commands(doc):
         command, pending = ENV_PREFIX.sub("", (pending + stripped).strip()), ""
         if command.startswith(("torchrun", "pip", "pytest")):
             continue
-        if re.match(r"python3?\s+\S+\.py(\s|$)", command):
+        if re.match(r"python3?\s+(\S+\.py|-m\s+\w+)(\s|$)", command):
             commands.append((start, command))
     return commands
 
@@ -160,19 +161,33 @@ def parse_only(fn, argv):
     raise AssertionError("returned without ever parsing its arguments")
 
 
+def import_script(script):
+    """The module a command runs: `X.py` at the root, `folder/X.py` (a recipe beside what it makes) by its path,
+    `-m package` as its __main__."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    if not script.endswith(".py"):
+        is_package = os.path.isfile(os.path.join(ROOT, script, "__main__.py"))
+        return importlib.import_module(f"{script}.__main__" if is_package else script)
+    if "/" not in script:
+        return importlib.import_module(script[:-3])
+    name = "doc_" + re.sub(r"\W", "_", script[:-3])
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def check_parses(script, argv):
     """None if `script` accepts `argv`, else why not. get_args / parse_args are called as they are (their
     own checks included); a script with only main(argv) is checked by its argparse call alone."""
-    stem = script[:-3]
-    if not os.path.isfile(os.path.join(ROOT, script)) or "/" in stem:
-        return f"{script} is not a script at the repository root"
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
+    if script.endswith(".py") and not os.path.isfile(os.path.join(ROOT, script)):
+        return f"{script} is not a script of the repository"
     try:
-        module = importlib.import_module(stem)
+        module = import_script(script)
     except Exception as e:
         return f"cannot import {script} to find its parser: {type(e).__name__}: {e}"
-    sections = getattr(module, "SECTIONS", None)  # bench.py: positional section names, no argparse
+    sections = getattr(module, "SECTIONS", None)  # bench: positional section names, no argparse
     if isinstance(sections, dict) and not any(hasattr(module, f) for f in ("get_args", "parse_args", "make_parser")):
         unknown = [a for a in argv if a not in sections]
         return f"unknown section(s) {unknown}; {script} has {list(sections)}" if unknown else None
@@ -209,7 +224,8 @@ def test_doc_commands_parse(doc, capsys, tmp_path, monkeypatch):
     failures = []
     for n, command in commands:
         tokens = shlex.split(command, comments=True)
-        reason = check_parses(tokens[1], tokens[2:])
+        script, argv = (tokens[2], tokens[3:]) if tokens[1] == "-m" else (tokens[1], tokens[2:])
+        reason = check_parses(script, argv)
         if reason:
             failures.append(f"{doc}:{n}: {command}\n    -> {reason}")
     stderr = capsys.readouterr().err  # argparse's own message for a rejected command
