@@ -35,7 +35,7 @@ from checkpoint import MEASURE_ONLY, RUN_ONLY, STOP, find_checkpoint, load_state
 from distributed import (average_across_ranks, enable_grad_ckpt, fsdp_average_and_clip, load_optimizer,
                          setup_distributed, shard, shared_coin)
 from replay import make_buffer
-from tracking import eval_due, evaluate, log_step, report_fidelity
+from tracking import eval_due, evaluate, log_step, report_fidelity, save_curves, trackers, tracking_problem
 
 # the paper's optimisation settings (SMILES), used for every flag left unset that the task's defaults do not set
 PAPER_DEFAULTS = dict(steps=5000, batch_size=32, grad_accum=4, lr=1e-4)
@@ -102,6 +102,10 @@ def make_parser():
     a("--eval-every", type=int, default=None, help="measure the distance to the target every N steps, at the start "
       "and at the end (METHOD.md §8; default: 4 times per run; 0: never)")
     a("--eval-n", type=int, default=256, help="policy samples (and as many reference samples) per measurement")
+    a("--wandb", default=None, metavar="PROJECT", help="also log metrics.jsonl's scalars to this Weights & Biases "
+      "project (pip install wandb; WANDB_MODE=offline needs no account); metrics.jsonl stays the record")
+    a("--tensorboard", action="store_true", help="also write them as TensorBoard events to OUT/tensorboard "
+      "(pip install tensorboard)")
     # models that do not fit one GPU
     a("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the ranks (FSDP2)")
     a("--grad-ckpt", action="store_true", help="activation checkpointing: keep block inputs only, recompute in backward")
@@ -144,7 +148,7 @@ def check_args(p, args):
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.eta < 0 or args.rho < 0 or args.weight_decay < 0 or args.grad_clip <= 0:
         p.error("--eta, --rho and --weight-decay must be >= 0 and --grad-clip > 0")
-    for problem in (device_problem(args.device), out_problem(args.out), context_problem(args)):
+    for problem in (device_problem(args.device), out_problem(args.out), tracking_problem(args), context_problem(args)):
         if problem:
             p.error(problem)
 
@@ -320,11 +324,13 @@ def run(args):
         print(f"training {args.model} on {args.task} with {args.loss} + {args.replay} replay on {world} x "
               f"{policy.device}, {sum(p.numel() for p in policy.model.parameters() if p.requires_grad):,} "
               f"trainable parameters")
-    with open(log_path, "a" if step else "w") if rank == 0 else contextlib.nullcontext() as log_file, stop_on_ctrl_c():
+    with open(log_path, "a" if step else "w") if rank == 0 else contextlib.nullcontext() as log_file, \
+            trackers(args, step, enabled=rank == 0) as track, stop_on_ctrl_c():
         if step == 0 and eval_due(args, 0):
             first = evaluate(args, task, policy, log_z, 0)
             if rank == 0:
                 log_step(log_file, dict(step=0, **first))
+                track(dict(step=0, **first))
                 print(fidelity.format_fidelity(first))
         kl = {}
         bar = tqdm(range(step, args.steps), initial=step, total=args.steps, dynamic_ncols=True, disable=rank != 0)
@@ -338,6 +344,7 @@ def run(args):
                 raise modellib.ModelError(non_finite_loss(args.out, metrics["step"]))
             if rank == 0:
                 log_step(log_file, metrics)
+                track(metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3g}", logZ=f"{metrics['log_z']:.2f}",
                             R=f"{metrics['reward']:.3f}", valid=f"{metrics['validity']:.2f}",
                             len=f"{metrics['length']:.1f}", **kl)
@@ -345,6 +352,7 @@ def run(args):
                 bar.close()
                 path = save_checkpoint(args, policy, buffer, log_z, optimizer, rng, metrics["step"])
                 if rank == 0:
+                    save_curves(args.out)
                     print(f"\ninterrupted: saved {path}; continue with: python train.py --resume --out {args.out}")
                 return 130
             if metrics["step"] % args.ckpt_every == 0 and metrics["step"] < args.steps:
@@ -352,7 +360,7 @@ def run(args):
     path = save_checkpoint(args, policy, buffer, log_z, optimizer, rng, args.steps)
     if rank == 0:
         report_fidelity(log_path, time.perf_counter() - started)
-        print(f"done: {path}\nsample with: python sample.py {args.out}")
+        print(f"done: {path}, curves in {save_curves(args.out) or 'none'}\nsample with: python sample.py {args.out}")
     return 0
 
 
