@@ -181,18 +181,37 @@ def context_problem(args):
     from transformers import AutoConfig, AutoTokenizer
     if args.model is None:  # the task's scratch model, one token per character, built by run()
         n, prompt = inspect.signature(modellib.build_scratch_model).parameters["n_positions"].default, len(args.prompt)
+        unknown = [c for c in dict.fromkeys(args.prompt) if c not in build_task(args).charset]
     else:
         try:
             path, remote = modellib.resolve(args.model), args.trust_remote_code
             config = AutoConfig.from_pretrained(path, trust_remote_code=remote).get_text_config()
             n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-            prompt = len(AutoTokenizer.from_pretrained(path, trust_remote_code=remote)(
-                args.prompt, add_special_tokens=False).input_ids) if args.prompt else 0
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+            prompt = len(tokenizer(args.prompt, add_special_tokens=False).input_ids) if args.prompt else 0
+            unknown = unknown_text(tokenizer, args.prompt)
         except Exception:
             return None
+    if unknown:  # the model would be prompted with <unk> in their place
+        return (f"--prompt {args.prompt!r}: the model's tokenizer cannot represent {', '.join(map(repr, unknown))} "
+                f"(it reads <unk> there); write the prompt without it")
     if n and 1 + prompt + args.max_len > n:
         return (f"--max-len {args.max_len} does not fit the model: BOS + {prompt} prompt tokens + {args.max_len} "
                 f"> its {n} positions")
+
+
+def unknown_text(tokenizer, text):
+    """The pieces of `text` the tokenizer maps to its unknown token, in order (byte-level BPE has none). A fast
+    tokenizer says which characters each token covers; a slow one is asked character by character."""
+    unk = tokenizer.unk_token_id
+    if not text or unk is None:
+        return []
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        pieces = [text[a:b] for i, (a, b) in zip(enc.input_ids, enc.offset_mapping) if i == unk]
+    except NotImplementedError:  # slow tokenizers have no offsets
+        pieces = [c for c in text if unk in tokenizer(c, add_special_tokens=False).input_ids]
+    return list(dict.fromkeys(pieces))
 
 
 def build_task(args):
