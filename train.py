@@ -181,7 +181,8 @@ def context_problem(args):
     from transformers import AutoConfig, AutoTokenizer
     if args.model is None:  # the task's scratch model, one token per character, built by run()
         n, prompt = inspect.signature(modellib.build_scratch_model).parameters["n_positions"].default, len(args.prompt)
-        unknown = [c for c in dict.fromkeys(args.prompt) if c not in build_task(args).charset]
+        charset = build_task(args).charset or ()  # the scratch model's vocabulary
+        unknown = [c for c in dict.fromkeys(args.prompt) if c not in charset]
     else:
         try:
             path, remote = modellib.resolve(args.model), args.trust_remote_code
