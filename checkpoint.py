@@ -124,7 +124,8 @@ def non_finite_loss(out, step):
 
 RUN_ONLY = ("out", "steps", "device", "ckpt_every", "resume", "grad_ckpt",  # what --resume may change; and
             "trust_remote_code")  # never from the checkpoint: running a model's code is the user's choice each time
-MEASURE_ONLY = ("eval_every", "eval_n", "eval_n_final")  # --resume keeps the run's unless given again: they never change training
+MEASURE_ONLY = ("eval_every", "eval_n", "eval_n_final", "wandb", "tensorboard")  # --resume keeps the run's unless
+# given again: they never change training
 
 
 def resume_args(args, get_args, before_flags=None):

@@ -1,5 +1,6 @@
 """Shared test fixtures: tiny random GPT-2 and Llama-style models with a BPE tokenizer trained here, offline."""
 import os
+import sys
 
 import pytest
 
@@ -10,6 +11,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def pytest_configure(config):
     import torch
     torch.set_num_threads(1)  # the test models are tiny: one thread is as fast, and never oversubscribes 2 cores
+    config.addinivalue_line("markers", "curves: the test checks the curves.png train.py draws (test_plot.py)")
+
+
+@pytest.fixture(autouse=True)
+def _curves_only_where_checked(request, monkeypatch):
+    """train.py draws curves.png after every run, about 0.5 s of matplotlib: a fifth of the suite's time over its
+    many tiny runs. Tests marked `curves` check the drawing; the others skip it (runs in child processes draw)."""
+    train = sys.modules.get("train")  # imported by the test's module if the test trains
+    if train is not None and "curves" not in request.keywords:
+        monkeypatch.setattr(train, "save_curves", lambda out: None)
 
 SMILES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN(CC)CC", "O=C(O)c1ccccc1", "CC(C)Cc1ccc(C)cc1", "C1CCCCC1",
           "CCOC(=O)C", "Nc1ccccc1", "CC#N", "OCC(O)CO", "ClCCl", "BrC=CBr", "FC(F)(F)c1ccccc1", "CS(=O)(=O)C",

@@ -284,7 +284,7 @@ def object_log_reward(task, log_ref, scores, lengths, kappa, lam, max_len):
 def solution_log_probs(policy, solutions, reference=False, batch_size=512):
     """log q(x) (or log P_ref(x)) of every solution string, teacher-forced in batches. A solution is spelled with
     one action per character (Expr24's tokens are single characters), so it is exactly one path of the tree.
-    Batches of 512 keep the activations in cache: 40% faster on CPU than 4096 (bench.py fidelity-expr24)."""
+    Batches of 512 keep the activations in cache: 40% faster on CPU than 4096 (python -m bench fidelity-expr24)."""
     action_id = {text: i for i, text in policy.token_texts.items() if len(text) == 1}
     width = max(map(len, solutions), default=0)
     tokens = np.full((len(solutions), policy.max_len), policy.eos, dtype=np.int64)

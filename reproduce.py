@@ -11,7 +11,7 @@ SMILES scaffold task with the embedded prior, several seeds each, sample every r
 Every method runs train.py with the same defaults (the paper's) and the same --steps / --batch-size /
 --grad-accum / --train-args: nothing is tuned per method (GRPO-TRL is GRPO at TRL's usual beta by definition). Runs live in OUT/runs/<method>-s<seed>/; rerunning the
 same command skips finished runs and resumes interrupted ones. Writes OUT/table.md (also printed),
-OUT/summary.json and OUT/{lengths,depth,curves}.png (the plots need matplotlib, optional).
+OUT/summary.json and OUT/{lengths,depth,curves}.png (curves.png: plot.py's panels, mean over seeds).
 """
 import argparse
 import csv
@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 from tqdm import tqdm
+
+import plot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # method name -> (train.py --loss, --replay). RP (top-B by reward) is the paper's baseline replay.
@@ -282,13 +284,6 @@ def load_run(run_dir):
 
 # ----------------------------------------------------------------------------- plots
 
-def moving_average(x, w):
-    """Trailing mean over up to w points (shorter windows at the start), same length as x."""
-    c = np.cumsum(np.insert(np.asarray(x, dtype=float), 0, 0.0))
-    i = np.arange(1, len(x) + 1)
-    return (c[i] - c[np.maximum(0, i - w)]) / (i - np.maximum(0, i - w))
-
-
 def valid_lengths(csv_path, task):
     """Lengths of the valid samples (Expr24: the correct ones, as in its metrics)."""
     with open(csv_path) as f:
@@ -298,13 +293,9 @@ def valid_lengths(csv_path, task):
 
 
 def plot_all(out, task, run_dirs, agg, logs):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plots (pip install matplotlib)")
-        return []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     spec, methods = methods_of(task), list(agg)
     losses = list(dict.fromkeys(spec[m][0] for m in agg))
     style = {m: dict(color=f"C{losses.index(spec[m][0])}", label=m,  # colour = loss, dashed = SubM
@@ -328,25 +319,7 @@ def plot_all(out, task, run_dirs, agg, logs):
                title={"surv": "Surv(k): fraction longer than k", "top1": "Top1(k): mass of the top depth-k prefix"}[name])
     axes[0].legend(fontsize=8)
     paths.append(save(fig, out, "depth.png", plt))
-    keys = [("reward", "reward (final score)"), ("validity", "validity"), ("length", "mean length (tokens)"),
-            ("log_pstop_final", "log P(stop) at the final state"), ("log_z", "logZ")]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    for (key, title), ax in zip(keys, axes.flat):
-        for m in methods:
-            steps = [[row for row in log if "loss" in row] for log in logs[m]]
-            n = min(len(rows) for rows in steps)
-            curve = np.mean([[row[key] for row in rows[:n]] for rows in steps], axis=0)
-            ax.plot(np.arange(1, n + 1), moving_average(curve, max(1, n // 20)), **style[m])
-        ax.set(title=title, xlabel="training step")
-    ax = axes.flat[-1]
-    for m in methods:  # the distance to the target, measured every --eval-every steps (mean over seeds)
-        evals = [{row["step"]: row["kl_q_target"] for row in log if "kl_q_target" in row} for log in logs[m]]
-        at = sorted(set.intersection(*(set(e) for e in evals))) if evals else []
-        if at:
-            ax.plot(at, [np.mean([e[t] for e in evals]) for t in at], marker="o", ms=3, **style[m])
-    ax.set(title="KL(q‖p*) to the target (nats)", xlabel="training step", yscale="symlog")
-    ax.legend(fontsize=7, title="mean over seeds", title_fontsize=7)
-    paths.append(save(fig, out, "curves.png", plt))
+    paths.append(plot.draw(logs, os.path.join(out, "curves.png"), styles=style, legend_title="mean over seeds"))
     return paths
 
 

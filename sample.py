@@ -97,6 +97,8 @@ def get_args(argv=None):
                    "default: the embedded prior's training set when the model is the prior")
     p.add_argument("--task", default=None, help="for a bare model: the task (default smiles); "
                    "for a run on your own task (module:attr), that task again: loading it runs its code")
+    p.add_argument("--any-task", action="store_true", help="sample a checkpoint under another --task than the one it "
+                   "was trained on (its metrics and distance then describe that task)")
     p.add_argument("--scaffold", default=None, help="for a bare model: the scaffold (default the paper's)")
     p.add_argument("--min-len", type=int, default=None, help="for a bare model")
     p.add_argument("--max-len", type=int, default=None, help="for a bare model")
@@ -125,10 +127,15 @@ def get_args(argv=None):
 def run_settings(args):
     """The training run's settings from a checkpoint, or train.py's defaults around a bare model."""
     import train
+    from model import ModelError
     if os.path.isfile(os.path.join(args.ckpt, "latest")) or os.path.isfile(os.path.join(args.ckpt, "state.pt")):
         ckpt = train.find_checkpoint(args.ckpt)
         state = train.load_state(ckpt, args.task)
-        settings = argparse.Namespace(**state["args"], log_z=float(state["log_z"]))
+        saved = state["args"].get("task", "smiles")
+        if args.task not in (None, saved) and not args.any_task:
+            raise ModelError(f"checkpoint {ckpt!r} was trained on the task {saved!r}, not {args.task!r}; to sample it "
+                             f"under {args.task!r} anyway, add --any-task")
+        settings = argparse.Namespace(**{**state["args"], "task": args.task or saved}, log_z=float(state["log_z"]))
     else:
         argv = ["--model", args.ckpt, "--task", args.task or "smiles", "--out", "."]  # train.py checks them all
         for name in ("scaffold", "min_len", "max_len", "prompt"):
@@ -206,7 +213,7 @@ def task_metrics(task, samples, settings, train_smiles=None):
 def load_smiles(path):
     """The SMILES of a .smi / .smi.gz file (first column) as a set, for novelty; None without a file. They are
     compared as they are, so the file must hold RDKit-canonical SMILES: MOSES does (4998 of 5000 lines of the
-    prior's training file are unchanged by canonicalisation). train_prior.py canonicalises it for its own eval."""
+    prior's training file are unchanged by canonicalisation). prior/train_prior.py canonicalises it for its own eval."""
     if path is None:
         return None
     opener = gzip.open if path.endswith(".gz") else open

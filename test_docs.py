@@ -4,10 +4,12 @@ Documentation checks (fast: no model is loaded, nothing is trained or sampled).
 - every *.py and *.md file of the repository cites only markdown files that exist, and nothing outside
   the repository (the method notes are METHOD.md);
 - every "METHOD.md §N" cited anywhere is a numbered section of METHOD.md;
-- every `python X.py ...` line in README.md's bash blocks is accepted by X.py's argument parser.
+- every `python X.py ...` line in the bash blocks of README.md and RESULTS.md is accepted by X.py's argument
+  parser, and README.md stays a user's document of at most 20 KB (the measurements live in RESULTS.md).
 """
 import argparse
 import importlib
+import importlib.util
 import os
 import re
 import shlex
@@ -106,13 +108,18 @@ def test_method_sections_cited_exist():
     assert not missing, f"cited sections that METHOD.md does not have (it has {sections}):\n" + "\n".join(missing)
 
 
-# ----------------------------------------------------------------------------- README commands
+# ----------------------------------------------------------------------------- the commands of the documents
 
-def readme_commands():
-    """(line number, command) for every `python X.py ...` line of README.md's bash blocks, backslash
-    continuations joined; torchrun / pip / pytest lines are skipped."""
+DOCS_WITH_COMMANDS = ("README.md", "RESULTS.md")
+README_MAX_BYTES = 20_000  # nanoGPT's README is 13.9 KB: a user's document, read in minutes
+ENV_PREFIX = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)+")  # OMP_NUM_THREADS=1 python ...
+
+
+def doc_commands(doc):
+    """(line number, command) for every `python X.py ...` line of the document's bash blocks, backslash
+    continuations joined, environment assignments in front dropped; torchrun / pip / pytest lines are skipped."""
     commands, in_bash, pending, start = [], False, "", 0
-    for n, line in enumerate(read_lines("README.md"), 1):
+    for n, line in enumerate(read_lines(doc), 1):
         stripped = line.strip()
         if stripped.startswith("```"):
             in_bash = not in_bash and stripped[3:].strip() in ("bash", "sh", "shell", "console")
@@ -124,10 +131,10 @@ def readme_commands():
         if stripped.endswith("\\"):
             pending += stripped[:-1] + " "
             continue
-        command, pending = (pending + stripped).strip(), ""
+        command, pending = ENV_PREFIX.sub("", (pending + stripped).strip()), ""
         if command.startswith(("torchrun", "pip", "pytest")):
             continue
-        if re.match(r"python3?\s+\S+\.py(\s|$)", command):
+        if re.match(r"python3?\s+(\S+\.py|-m\s+\w+)(\s|$)", command):
             commands.append((start, command))
     return commands
 
@@ -154,19 +161,33 @@ def parse_only(fn, argv):
     raise AssertionError("returned without ever parsing its arguments")
 
 
+def import_script(script):
+    """The module a command runs: `X.py` at the root, `folder/X.py` (a recipe beside what it makes) by its path,
+    `-m package` as its __main__."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    if not script.endswith(".py"):
+        is_package = os.path.isfile(os.path.join(ROOT, script, "__main__.py"))
+        return importlib.import_module(f"{script}.__main__" if is_package else script)
+    if "/" not in script:
+        return importlib.import_module(script[:-3])
+    name = "doc_" + re.sub(r"\W", "_", script[:-3])
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def check_parses(script, argv):
     """None if `script` accepts `argv`, else why not. get_args / parse_args are called as they are (their
     own checks included); a script with only main(argv) is checked by its argparse call alone."""
-    stem = script[:-3]
-    if not os.path.isfile(os.path.join(ROOT, script)) or "/" in stem:
-        return f"{script} is not a script at the repository root"
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
+    if script.endswith(".py") and not os.path.isfile(os.path.join(ROOT, script)):
+        return f"{script} is not a script of the repository"
     try:
-        module = importlib.import_module(stem)
+        module = import_script(script)
     except Exception as e:
         return f"cannot import {script} to find its parser: {type(e).__name__}: {e}"
-    sections = getattr(module, "SECTIONS", None)  # bench.py: positional section names, no argparse
+    sections = getattr(module, "SECTIONS", None)  # bench: positional section names, no argparse
     if isinstance(sections, dict) and not any(hasattr(module, f) for f in ("get_args", "parse_args", "make_parser")):
         unknown = [a for a in argv if a not in sections]
         return f"unknown section(s) {unknown}; {script} has {list(sections)}" if unknown else None
@@ -192,9 +213,10 @@ def check_parses(script, argv):
     return None
 
 
-def test_readme_commands_parse(capsys, tmp_path, monkeypatch):
-    commands = readme_commands()
-    assert commands, "README.md has no `python X.py` line in a bash block"
+@pytest.mark.parametrize("doc", DOCS_WITH_COMMANDS)
+def test_doc_commands_parse(doc, capsys, tmp_path, monkeypatch):
+    commands = doc_commands(doc)
+    assert commands, f"{doc} has no `python X.py` line in a bash block"
     readme = open(os.path.join(ROOT, "README.md")).read()
     for name, code in re.findall(r"```python\n# (\w+\.py):.*?\n(.*?)```", readme, re.S):
         (tmp_path / name).write_text(code)  # README's own example files, e.g. the task of "Your own task"
@@ -202,9 +224,18 @@ def test_readme_commands_parse(capsys, tmp_path, monkeypatch):
     failures = []
     for n, command in commands:
         tokens = shlex.split(command, comments=True)
-        reason = check_parses(tokens[1], tokens[2:])
+        script, argv = (tokens[2], tokens[3:]) if tokens[1] == "-m" else (tokens[1], tokens[2:])
+        reason = check_parses(script, argv)
         if reason:
-            failures.append(f"README.md:{n}: {command}\n    -> {reason}")
+            failures.append(f"{doc}:{n}: {command}\n    -> {reason}")
     stderr = capsys.readouterr().err  # argparse's own message for a rejected command
-    assert not failures, "README commands that do not parse:\n" + "\n".join(failures) + (
+    assert not failures, f"{doc} commands that do not parse:\n" + "\n".join(failures) + (
         f"\nparser output:\n{stderr}" if stderr else "")
+
+
+def test_readme_is_a_users_document():
+    size = os.path.getsize(os.path.join(ROOT, "README.md"))
+    assert size <= README_MAX_BYTES, (f"README.md is {size} bytes, over {README_MAX_BYTES}: measurements go to "
+                                      f"RESULTS.md (newest first, each table with its command), not README")
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "(RESULTS.md)" in readme, "README's results summary links to RESULTS.md"

@@ -1,12 +1,14 @@
-"""Tests for the shipped SMILES prior (prior/) and its tokenizer. Run: pytest test_prior.py"""
+"""Tests for the shipped SMILES prior (prior/), its recipe prior/train_prior.py and its tokenizer. Run: pytest test_prior.py"""
 
 import json
 import os
+import sys
 
 import pytest
 import torch
 
-from train_prior import (
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "prior"))  # the recipe's folder
+from train_prior import (  # noqa: E402
     BOS,
     EOS,
     PAD,
@@ -18,6 +20,7 @@ from train_prior import (
     read_smiles,
     regex_tokens,
     sample_smiles,
+    save_prior,
     smiles_vocabulary,
 )
 
@@ -111,3 +114,25 @@ def test_prior_samples_are_mostly_valid(prior):
     valid = [s for s in samples if s and Chem.MolFromSmiles(s) is not None]
     assert len(valid) / len(samples) >= 0.6, samples
     assert len(set(valid)) > len(valid) // 2  # not one molecule over and over
+
+
+@pytest.mark.parametrize("folder", ["prior", "prior_sidechain"])
+def test_a_model_folder_with_its_recipe_runs_no_code_when_loaded(folder):
+    """Each embedded model keeps the script that made it beside it; Hugging Face only runs a folder's code through
+    an auto_map in its configs (and trust_remote_code), which neither has."""
+    path = os.path.join(ROOT, folder)
+    assert [f for f in os.listdir(path) if f.endswith(".py")], f"{folder}/ holds its recipe"
+    for name in ("config.json", "tokenizer_config.json"):
+        with open(os.path.join(path, name)) as f:
+            assert "auto_map" not in json.load(f), f"{folder}/{name}"
+
+
+def test_saving_a_prior_keeps_the_recipe_beside_it(prior, tmp_path):
+    model, tokenizer = prior
+    out = tmp_path / "prior"
+    out.mkdir()
+    (out / "train_prior.py").write_text("# the recipe\n")
+    (out / "stale.json").write_text("{}")
+    save_prior(model, tokenizer, {"train": {}}, str(out))
+    assert (out / "train_prior.py").read_text() == "# the recipe\n" and not (out / "stale.json").exists()
+    assert load_prior(str(out))[0].config.vocab_size == len(tokenizer)

@@ -1,12 +1,16 @@
-"""Side-chain corpus and prior (sidechains.py): derivation by hand and by determinism, the shipped prior_sidechain."""
+"""Side-chain corpus and prior (prior_sidechain/sidechains.py): derivation by hand and by determinism, the shipped
+prior_sidechain."""
 import os
+import sys
 
 import torch
 from rdkit import Chem
 
 import rewards
-import sidechains
-from train_prior import read_smiles
+
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "prior_sidechain"))  # the recipe's folder
+import sidechains  # noqa: E402 (it puts prior/ on the path for train_prior)
+from train_prior import read_smiles  # noqa: E402
 
 
 GRAPH = rewards.SmilesTask(attach="graph")  # the paper's scaffold, side chains joined on the molecular graph
@@ -54,7 +58,7 @@ def test_derivation_is_deterministic(tmp_path):
 
 def test_shipped_corpus_is_covered_by_the_tokenizer():
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(sidechains.HERE, "prior"))
+    tokenizer = AutoTokenizer.from_pretrained(sidechains.PRIOR)
     counts = sidechains.read_counts(sidechains.HELDOUT_FILE)
     stats = sidechains.corpus_stats(counts, tokenizer)
     assert stats["unknown_tokens"] == 0 and stats["occurrences"] > 10_000

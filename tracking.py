@@ -1,12 +1,22 @@
 """
 What a run reports while it trains: one JSON line per step in metrics.jsonl (the run's record), and the distance to
-the target measured at the start, every --eval-every steps and at the end (METHOD.md §8), with what measuring cost.
+the target measured at the start, every --eval-every steps and at the end (METHOD.md §8), with what measuring cost;
+the same scalars to Weights & Biases (--wandb) and TensorBoard (--tensorboard) when asked; when it ends, curves.png
+drawn from metrics.jsonl (plot.py).
 """
+import contextlib
+import importlib
 import json
+import math
 import os
+import secrets
+import sys
 import time
 
 import fidelity
+from model import ModelError
+
+TRACKERS = (("wandb", "wandb", "wandb"), ("tensorboard", "torch.utils.tensorboard", "tensorboard"))  # flag, module, pip
 
 TIMINGS = ("cpu_seconds", "eval_seconds")  # how long things took: the only part of a run that resuming cannot repeat
 
@@ -38,6 +48,17 @@ def eval_due(args, step):
     return every > 0 and (step % every == 0 or step == args.steps)
 
 
+def save_curves(out):
+    """out/curves.png from out/metrics.jsonl. The run is saved before this is called, so a failure to draw costs
+    nothing: it is one line, and `python plot.py OUT` draws it again."""
+    import plot
+    try:
+        return plot.draw_run(out)
+    except Exception as e:  # matplotlib's own errors (a full disk, a broken font cache, ...): the run is safe
+        print(f"note: could not draw {os.path.join(out, 'curves.png')} ({type(e).__name__}: {e}); "
+              f"python plot.py {out} draws it", file=sys.stderr)
+
+
 def report_fidelity(log_path, seconds):
     """The first and the last measurement of the run, and the share of the run they took."""
     with open(log_path) as f:
@@ -47,3 +68,83 @@ def report_fidelity(log_path, seconds):
     for name, row in (("start", rows[0]), ("end", rows[-1])) if len(rows) > 1 else (("end", rows[0]),):
         print(f"{name} (step {row['step']}): " + fidelity.format_fidelity(row, explain=name == "end"))
     print(f"measuring took {sum(r['eval_seconds'] for r in rows):.0f} s of this run's {seconds:.0f} s")
+
+
+# ----------------------------------------------------------------------------- Weights & Biases, TensorBoard
+
+def tracking_problem(args):
+    """Why a tracker asked for cannot run here (None if it can): a missing package, named with its pip command."""
+    for flag, module, pip in TRACKERS:
+        if getattr(args, flag, None):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                return f"--{flag} needs the {pip} package, which is not installed: pip install {pip}"
+
+
+def scalars(metrics):
+    """A metrics.jsonl row as flat name -> number: an interval [lo, hi] as name_lo / name_hi, a dict (ESS) as
+    name/key; flags (exact) and the step itself are left out."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or key == "step":
+            continue
+        if isinstance(value, (int, float)):
+            out[key] = float(value)
+        elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+            out[f"{key}_lo"], out[f"{key}_hi"] = map(float, value)
+        elif isinstance(value, dict):
+            out.update({f"{key}/{k}": float(v) for k, v in value.items() if isinstance(v, (int, float))})
+    return out
+
+
+class Trackers:
+    """The trackers a run asked for, logging every metrics.jsonl row (which stays the record). A resumed run
+    continues the same wandb run (its id is kept in the run's settings, so in every checkpoint) and TensorBoard
+    drops what a killed run logged after its checkpoint (purge_step); wandb cannot drop steps it already has, so
+    after a kill it keeps those and ignores their repeats."""
+
+    def __init__(self, args, step):
+        problem = tracking_problem(args)  # a resumed run's saved flags meet this machine here
+        if problem:
+            raise ModelError(problem)
+        self.wandb = self.tensorboard = None
+        if getattr(args, "wandb", None):
+            import wandb
+            args.wandb_id = getattr(args, "wandb_id", None) or secrets.token_hex(6)
+            try:
+                self.wandb = wandb.init(project=args.wandb, id=args.wandb_id, resume="allow", dir=args.out,
+                                        name=os.path.basename(os.path.abspath(args.out)), config=vars(args))
+            except Exception as e:  # not logged in, no network: one line, and the offline mode that needs neither
+                raise ModelError(f"--wandb could not start ({type(e).__name__}: {str(e).splitlines()[0]}); run "
+                                 f"`wandb login`, or set WANDB_MODE=offline and `wandb sync` later") from None
+        if getattr(args, "tensorboard", False):
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(os.path.join(args.out, "tensorboard"), purge_step=step or None)
+
+    def log(self, metrics):
+        values = scalars(metrics)
+        if self.wandb is not None:
+            self.wandb.log(values, step=metrics["step"])
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                if math.isfinite(value):
+                    self.tensorboard.add_scalar(key, value, metrics["step"])
+            self.tensorboard.flush()
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+@contextlib.contextmanager
+def trackers(args, step, enabled=True):
+    """Trackers(args, step) on the rank that logs (closed however the run ends); a no-op elsewhere."""
+    t = Trackers(args, step) if enabled else None
+    try:
+        yield t.log if t is not None else (lambda metrics: None)
+    finally:
+        if t is not None:
+            t.close()

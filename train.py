@@ -37,7 +37,7 @@ from checkpoint import MEASURE_ONLY, RUN_ONLY, STOP, find_checkpoint, load_state
 from distributed import (average_across_ranks, enable_grad_ckpt, fsdp_average_and_clip, load_optimizer,
                          setup_distributed, shard, shared_coin)
 from replay import make_buffer
-from tracking import eval_due, evaluate, log_step, report_fidelity
+from tracking import eval_due, evaluate, log_step, report_fidelity, save_curves, trackers, tracking_problem
 
 # the paper's optimisation settings (SMILES), used for every flag left unset that the task's defaults do not set
 PAPER_DEFAULTS = dict(steps=5000, batch_size=32, grad_accum=4, lr=1e-4)
@@ -141,6 +141,10 @@ def make_parser():
     a("--eval-n", type=int, default=256, help="policy samples (and as many reference samples) per measurement")
     a("--eval-n-final", type=int, default=1000, help="samples for the measurement at the end: at 256 + 256 a few "
       "invalid samples decide the estimate and its interval covers the truth about half the time (RESULTS.md)")
+    a("--wandb", default=None, metavar="PROJECT", help="also log metrics.jsonl's scalars to this Weights & Biases "
+      "project (pip install wandb; WANDB_MODE=offline needs no account); metrics.jsonl stays the record")
+    a("--tensorboard", action="store_true", help="also write them as TensorBoard events to OUT/tensorboard "
+      "(pip install tensorboard)")
     # models that do not fit one GPU
     a("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the ranks (FSDP2)")
     a("--grad-ckpt", action="store_true", help="activation checkpointing: keep block inputs only, recompute in backward")
@@ -193,7 +197,8 @@ def check_args(p, args, explicit=()):
             p.error(f"--{name.replace('_', '-')} must be positive")
     if min(args.eta, args.eta_end, args.rho, args.weight_decay) < 0 or args.grad_clip <= 0:
         p.error("--eta, --eta-end, --rho and --weight-decay must be >= 0 and --grad-clip > 0")
-    for problem in (conventions.problem(args), device_problem(args.device), out_problem(args.out), context_problem(args)):
+    for problem in (conventions.problem(args), device_problem(args.device), out_problem(args.out), tracking_problem(args),
+                    context_problem(args)):
         if problem:
             p.error(problem)
 
@@ -226,18 +231,38 @@ def context_problem(args):
     from transformers import AutoConfig, AutoTokenizer
     if args.model is None:  # the task's scratch model, one token per character, built by run()
         n, prompt = inspect.signature(modellib.build_scratch_model).parameters["n_positions"].default, len(args.prompt)
+        charset = build_task(args).charset or ()  # the scratch model's vocabulary
+        unknown = [c for c in dict.fromkeys(args.prompt) if c not in charset]
     else:
         try:
             path, remote = modellib.resolve(args.model), args.trust_remote_code
             config = AutoConfig.from_pretrained(path, trust_remote_code=remote).get_text_config()
             n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-            prompt = len(AutoTokenizer.from_pretrained(path, trust_remote_code=remote)(
-                args.prompt, add_special_tokens=False).input_ids) if args.prompt else 0
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+            prompt = len(tokenizer(args.prompt, add_special_tokens=False).input_ids) if args.prompt else 0
+            unknown = unknown_text(tokenizer, args.prompt)
         except Exception:
             return None
+    if unknown:  # the model would be prompted with <unk> in their place
+        return (f"--prompt {args.prompt!r}: the model's tokenizer cannot represent {', '.join(map(repr, unknown))} "
+                f"(it reads <unk> there); write the prompt without it")
     if n and 1 + prompt + args.max_len > n:
         return (f"--max-len {args.max_len} does not fit the model: BOS + {prompt} prompt tokens + {args.max_len} "
                 f"> its {n} positions")
+
+
+def unknown_text(tokenizer, text):
+    """The pieces of `text` the tokenizer maps to its unknown token, in order (byte-level BPE has none). A fast
+    tokenizer says which characters each token covers; a slow one is asked character by character."""
+    unk = tokenizer.unk_token_id
+    if not text or unk is None:
+        return []
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        pieces = [text[a:b] for i, (a, b) in zip(enc.input_ids, enc.offset_mapping) if i == unk]
+    except NotImplementedError:  # slow tokenizers have no offsets
+        pieces = [c for c in text if unk in tokenizer(c, add_special_tokens=False).input_ids]
+    return list(dict.fromkeys(pieces))
 
 
 def build_task(args):
@@ -412,11 +437,13 @@ def run(args):
         print(f"training {args.model} on {args.task} with {args.loss} + {args.replay} replay on {world} x "
               f"{policy.device}, {sum(p.numel() for p in policy.model.parameters() if p.requires_grad):,} "
               f"trainable parameters; {conventions.describe(args)}")
-    with open(log_path, "a" if step else "w") if rank == 0 else contextlib.nullcontext() as log_file, stop_on_ctrl_c():
+    with open(log_path, "a" if step else "w") if rank == 0 else contextlib.nullcontext() as log_file, \
+            trackers(args, step, enabled=rank == 0) as track, stop_on_ctrl_c():
         if step == 0 and eval_due(args, 0):
             first = evaluate(args, task, policy, log_z, 0)
             if rank == 0:
                 log_step(log_file, dict(step=0, **first))
+                track(dict(step=0, **first))
                 print(fidelity.format_fidelity(first))
         kl = {}
         bar = tqdm(range(step, args.steps), initial=step, total=args.steps, dynamic_ncols=True, disable=rank != 0)
@@ -430,6 +457,7 @@ def run(args):
                 raise modellib.ModelError(non_finite_loss(args.out, metrics["step"]))
             if rank == 0:
                 log_step(log_file, metrics)
+                track(metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3g}", logZ=f"{metrics['log_z']:.2f}",
                             R=f"{metrics['reward']:.3f}", valid=f"{metrics['validity']:.2f}",
                             len=f"{metrics['length']:.1f}", **kl)
@@ -437,6 +465,7 @@ def run(args):
                 bar.close()
                 path = save_checkpoint(args, policy, buffer, log_z, optimizer, rng, metrics["step"])
                 if rank == 0:
+                    save_curves(args.out)
                     print(f"\ninterrupted: saved {path}; continue with: python train.py --resume --out {args.out}")
                 return 130
             if metrics["step"] % args.ckpt_every == 0 and metrics["step"] < args.steps:
@@ -444,7 +473,7 @@ def run(args):
     path = save_checkpoint(args, policy, buffer, log_z, optimizer, rng, args.steps)
     if rank == 0:
         report_fidelity(log_path, time.perf_counter() - started)
-        print(f"done: {path}\nsample with: python sample.py {args.out}")
+        print(f"done: {path}, curves in {save_curves(args.out) or 'none'}\nsample with: python sample.py {args.out}")
     return 0
 
 

@@ -1,10 +1,11 @@
 """
-A side-chain prior for the scaffold task: the embedded whole-molecule prior (prior/) fine-tuned on side
-chains cut from MOSES molecules, so that P_ref(x) is a distribution over short substituents that stop.
+A side-chain prior for the scaffold task, this folder prior_sidechain/: the embedded whole-molecule prior (prior/)
+fine-tuned on side chains cut from MOSES molecules, so that P_ref(x) is a distribution over short substituents
+that stop. Run from the repository root:
 
-    python sidechains.py derive      # data/sidechains_{train,heldout}.tsv.gz: side chains of MOSES molecules
-    python sidechains.py fine-tune   # prior/ fine-tuned on them -> prior_sidechain/ (+ measure)
-    python sidechains.py measure     # the quality bar under the task's mask, for prior_sidechain/ and prior/
+    python prior_sidechain/sidechains.py derive      # data/sidechains_{train,heldout}.tsv.gz from MOSES molecules
+    python prior_sidechain/sidechains.py fine-tune   # prior/ fine-tuned on them -> prior_sidechain/ (+ measure)
+    python prior_sidechain/sidechains.py measure     # the quality bar under the task's mask, for both priors
 
 Why: under the task's mask (2 <= length <= 10 tokens) the whole-molecule prior almost never stops early
 (log p_ref(stop | s_k) is about -15 nats), so every target P_ref(x) exp(lambda S(x)) sits at L_max.
@@ -33,11 +34,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-MOLECULES = os.path.join(HERE, "data", "moses_train_subset.smi.gz")
-TRAIN_FILE = os.path.join(HERE, "data", "sidechains_train.tsv.gz")
-HELDOUT_FILE = os.path.join(HERE, "data", "sidechains_heldout.tsv.gz")
-PRIOR, OUT = os.path.join(HERE, "prior"), os.path.join(HERE, "prior_sidechain")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the trainer's modules, data/
+if ROOT not in sys.path:  # model.py and rewards.py, run as a script from this folder
+    sys.path.insert(0, ROOT)
+if os.path.join(ROOT, "prior") not in sys.path:  # prior/train_prior.py: the tokenizer's regex, loading and saving
+    sys.path.append(os.path.join(ROOT, "prior"))
+MOLECULES = os.path.join(ROOT, "data", "moses_train_subset.smi.gz")
+TRAIN_FILE = os.path.join(ROOT, "data", "sidechains_train.tsv.gz")
+HELDOUT_FILE = os.path.join(ROOT, "data", "sidechains_heldout.tsv.gz")
+PRIOR, OUT = os.path.join(ROOT, "prior"), os.path.join(ROOT, "prior_sidechain")
 N_TRAIN, N_HELDOUT, SEED = 100_000, 10_000, 0  # molecules drawn for each split (disjoint)
 MIN_TOKENS, MAX_TOKENS = 2, 10  # the task's L_min / L_max: the fine-tune learns side chains of this window only
 
@@ -220,7 +225,7 @@ def fine_tune(args):
             break
     model.load_state_dict(best_state)  # the weights of the last gain of more than min_delta, not the last ones
     seconds = time.time() - start
-    paths = {k: os.path.relpath(v, HERE) for k, v in vars(args).items() if isinstance(v, str) and os.path.isabs(v)}
+    paths = {k: os.path.relpath(v, ROOT) for k, v in vars(args).items() if isinstance(v, str) and os.path.isabs(v)}
     info = {"steps_done": step, "kept_step": best_step, "kept_val_loss": round(best, 4), "wall_seconds": round(seconds, 1),
             "seconds_per_step": round(seconds / max(step, 1), 3), "train_distinct": len(data),
             "train_occurrences": int(weights.sum()), "heldout_distinct": len(val_data),
@@ -317,7 +322,7 @@ def main(argv=None):
     if args.command == "fine-tune":
         from train_prior import save_prior
         model, tokenizer, info = fine_tune(args)
-        info["command"] = "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
+        info["command"] = "python " + " ".join([os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:])
         save_prior(model, tokenizer, {"fine_tune": info}, args.out)
         print(f"saved {args.out}")
     report = {"new": measure(args.out, args.samples, args.seed), "old_prior": measure(PRIOR, args.samples, args.seed)}

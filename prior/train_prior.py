@@ -1,13 +1,14 @@
 """
-Train the small SMILES prior that ships in prior/ (tokenizer + GPT-2), so that
-`python train.py --task smiles` works offline on a fresh machine.
+Train the small SMILES prior that ships in this folder, prior/ (tokenizer + GPT-2), so that
+`python train.py --task smiles` works offline on a fresh machine. Run from the repository root:
 
-    python train_prior.py                   # tokenizer + training + evaluation -> prior/
-    python train_prior.py --eval-only       # re-evaluate the shipped prior (CPU is fine)
-    python train_prior.py --steps 20 --batch-size 64 --out /tmp/prior_smoke   # quick smoke run
+    python prior/train_prior.py                   # tokenizer + training + evaluation -> prior/
+    python prior/train_prior.py --eval-only       # re-evaluate the shipped prior (CPU is fine)
+    python prior/train_prior.py --steps 20 --batch-size 64 --out /tmp/prior_smoke   # quick smoke run
 
-The shipped prior: `python train_prior.py --no-eval` on one H100 (8000 steps, ~2.6 min of
-training), then `python train_prior.py --eval-only` on a CPU with RDKit.
+The shipped prior: `python prior/train_prior.py --no-eval` on one H100 (8000 steps, ~2.6 min of
+training), then `python prior/train_prior.py --eval-only` on a CPU with RDKit. Hugging Face loads this
+folder as a model; it never runs this file (no auto_map in config.json), and saving a new prior keeps it.
 
 The prior is trained on exactly data/moses_train_subset.smi.gz (see data/README.md), so
 novelty is measured against exactly its training set, offline.
@@ -42,6 +43,8 @@ from transformers import (
     GPT2LMHeadModel,
     PreTrainedTokenizerFast,
 )
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: data/ and prior/
 
 # Atom-level SMILES regex (Schwaller et al. 2019, Molecular Transformer). Note "Br?" and
 # "Cl?": the two-letter halogens win over B and C.
@@ -266,6 +269,7 @@ def device_name(device):
 
 
 def save_prior(model, tokenizer, metrics, out_dir):
+    """The model, tokenizer and metrics.json replace out_dir's; a recipe kept there (this file) stays."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -274,6 +278,9 @@ def save_prior(model, tokenizer, metrics, out_dir):
     model.float()
     tokenizer.save_pretrained(tmp)
     write_json(os.path.join(tmp, "metrics.json"), metrics)
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else ():
+        if name.endswith(".py"):
+            shutil.copy2(os.path.join(out_dir, name), tmp)
     os.chmod(tmp, 0o755)  # mkdtemp (and safetensors) make things private
     for name in os.listdir(tmp):
         os.chmod(os.path.join(tmp, name), 0o644)
@@ -379,9 +386,11 @@ def evaluate(prior_dir, data_path, n, seed, device):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default="data/moses_train_subset.smi.gz", help="training SMILES, one per line")
-    p.add_argument("--heldout", default="data/moses_test_holdout.smi", help="held-out SMILES for the val loss")
-    p.add_argument("--out", default="prior", help="output folder (replaced atomically)")
+    p.add_argument("--data", default=os.path.join(ROOT, "data", "moses_train_subset.smi.gz"),
+                   help="training SMILES, one per line")
+    p.add_argument("--heldout", default=os.path.join(ROOT, "data", "moses_test_holdout.smi"),
+                   help="held-out SMILES for the val loss")
+    p.add_argument("--out", default=os.path.join(ROOT, "prior"), help="output folder (replaced atomically)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)

@@ -1,8 +1,7 @@
 """
-Benchmarks of the training step (not tests), run through bench.py: `python bench.py step`.
+Benchmarks of the training step (not tests): `python -m bench step` (sampler, fidelity, gpu, expr24).
 
-step: one training micro-batch phase by phase (on-policy and replayed), today's code against the step before
-issue 15 (bench_legacy.py: its sampler, pass, buffer and GELU; no replay cache), interleaved, CPU time and ratios.
+step: one training micro-batch phase by phase (on-policy and replayed), CPU time of each phase.
 sampler: Policy.sample's cost per token step against the GEMMs of that step and a teacher-forced forward.
 fidelity, fidelity-expr24: the fidelity meter's share of a default run. gpu: MFU and the step on a GPU.
 expr24: the grammar mask's cost.
@@ -15,10 +14,9 @@ import numpy as np
 import torch
 
 import losses
-from bench_legacy import LegacySubMBuffer, legacy_log_probs, legacy_sample, set_gelu
 
-def _median_time(fn, repeats):
-    import time
+
+def median_time(fn, repeats):
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -27,10 +25,9 @@ def _median_time(fn, repeats):
     return sorted(times)[len(times) // 2]
 
 
-def _random_gpt2(n_positions, device):
+def random_gpt2(n_positions, device):
     """The embedded prior's shape (4 layers, width 256) with a longer context, random weights:
     speed does not depend on the weights, and the prior's context (128) is shorter than 256 + prompt."""
-    import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
     import model as modellib
     tokenizer = AutoTokenizer.from_pretrained(modellib.DEFAULT_MODEL)
@@ -45,13 +42,11 @@ def _random_gpt2(n_positions, device):
 STEP_PHASES = ("sample", "fetch", "reward", "reference", "forward", "loss", "backward", "refresh")
 
 
-def bench_step(model="prior", extra=(), steps=12, warmup=3, modes=("old", "new"), seed=0):
+def bench_step(model="prior", extra=(), steps=12, warmup=3, seed=0):
     """Where one training micro-batch's time goes (SMILES task, batch 32, one thread, the embedded prior by
-    default), for today's code ("new") and the step as it was before issue 15 ("old": Hugging Face's forward at
-    every sampling step, the reference pass and the task again on replayed batches, the old SubM refresh, GPT-2's
-    gelu_new as HF computes it), interleaved in one run. Each micro-batch is timed twice: on-policy (sample, score,
-    loss, refresh the buffer) and replayed (fetch 32 items, score, loss). Times are CPU time of this thread
-    (robust to other processes sharing the cores) and wall time; the ratios are old / new."""
+    default). Each micro-batch is timed twice: on-policy (sample, score, loss, refresh the buffer) and replayed
+    (fetch 32 items, their cached reference pass and scores, loss). Times are CPU time of this thread (robust to
+    other processes sharing the cores) and wall time."""
     import batches
     import train
     torch.set_num_threads(1)
@@ -61,15 +56,13 @@ def bench_step(model="prior", extra=(), steps=12, warmup=3, modes=("old", "new")
     policy = train.build_policy(args, task)
     log_z = torch.nn.Parameter(torch.zeros((), device=policy.device))
     rng = np.random.default_rng(seed)
-    buffers = dict(old=LegacySubMBuffer(capacity=args.buffer_size, similarity=task.similarity),
-                   new=train.build_buffer(args, task))
-    cpu = {m: {s: {p: 0.0 for p in STEP_PHASES} for s in ("policy", "replay")} for m in modes}
-    wall = {m: {s: 0.0 for s in ("policy", "replay")} for m in modes}
+    buffer = train.build_buffer(args, task)
+    sources = ("policy", "replay")
+    cpu = {s: dict.fromkeys(STEP_PHASES, 0.0) for s in sources}
+    wall = dict.fromkeys(sources, 0.0)
     sync = torch.cuda.synchronize if policy.device.type == "cuda" else (lambda: None)
 
-    def micro_batch(mode, source, record):
-        old = mode == "old"
-        set_gelu(policy, fused=not old)
+    def micro_batch(source, record):
         times = dict.fromkeys(STEP_PHASES, 0.0)
 
         def timed(name, fn):
@@ -83,79 +76,52 @@ def bench_step(model="prior", extra=(), steps=12, warmup=3, modes=("old", "new")
         items = None
         if source == "policy":
             temperature = 1.0 if rng.random() >= args.temp_prob else float(rng.uniform(0.8, 1.5))
-            sampler = (lambda: legacy_sample(policy, policy.model, args.batch_size, temperature)) if old else \
-                (lambda: policy.sample(args.batch_size, temperature))
-            tokens, lengths, _ = timed("sample", sampler)
+            tokens, lengths, _ = timed("sample", lambda: policy.sample(args.batch_size, temperature))
         else:
-            items = timed("fetch", lambda: buffers[mode].sample(args.batch_size, rng))
+            items = timed("fetch", lambda: buffer.sample(args.batch_size, rng))
             tokens, lengths = timed("fetch", lambda: batches.from_items(policy, items))
-        cached = None if old else timed("fetch", lambda: batches.cached_rows(args, policy, items))
+        cached = timed("fetch", lambda: batches.cached_rows(args, policy, items))
         if cached is None:
             scores = timed("reward", lambda: train.rewards.prefix_scores(task, policy.token_texts, tokens, lengths,
                                                                          args.max_len).to(policy.device))
-            log_ref = timed("reference", lambda: legacy_log_probs(policy, tokens, lengths, reference=True) if old
-                            else policy.log_ref_stop(tokens, lengths))
+            log_ref = timed("reference", lambda: policy.log_ref_stop(tokens, lengths))
         else:
             log_ref, scores = cached
         log_r, u = train.rewards.log_reward(log_ref.double(), scores, args.kappa, args.lam)
-        log_pf, log_pterm = timed("forward", lambda: legacy_log_probs(policy, tokens, lengths) if old
-                                  else policy.log_probs(tokens, lengths))
+        log_pf, log_pterm = timed("forward", lambda: policy.log_probs(tokens, lengths))
         loss, _ = timed("loss", lambda: losses.compute_loss("raptb", log_pf, log_pterm, log_r.float(), u.float(),
                                                             lengths, log_z, **train.loss_knobs(args, 0.0)))
         timed("backward", lambda: loss.backward())
         if source == "policy":
             texts = policy.texts(tokens, lengths)
             final = scores.gather(1, lengths[:, None]).squeeze(1)
-            made = (lambda: batches.to_items(task, tokens, lengths, texts, final)) if old else \
-                (lambda: batches.to_items(task, tokens, lengths, texts, final, log_ref, scores))
-            timed("refresh", lambda: buffers[mode].add(made()))
+            timed("refresh", lambda: buffer.add(batches.to_items(task, tokens, lengths, texts, final, log_ref, scores)))
         elapsed = time.perf_counter() - start
         policy.model.zero_grad(set_to_none=True)
         log_z.grad = None
         if record:
             for name, t in times.items():
-                cpu[mode][source][name] += t
-            wall[mode][source] += elapsed
+                cpu[source][name] += t
+            wall[source] += elapsed
 
     for i in range(warmup + steps):
-        order = modes if i % 2 == 0 else modes[::-1]  # alternate who goes first
-        for mode in order:
-            micro_batch(mode, "policy", i >= warmup)
-        for mode in order:
-            if len(buffers[mode]) >= args.batch_size:
-                micro_batch(mode, "replay", i >= warmup)
-    set_gelu(policy, fused=True)  # as load_model leaves it
+        micro_batch("policy", i >= warmup)
+        if len(buffer) >= args.batch_size:
+            micro_batch("replay", i >= warmup)
 
     p = (args.p_replay_start + args.p_replay_end) / 2  # the mean replay probability over a run (linear schedule)
     print(f"\n== one training micro-batch, phase by phase ({model}, {args.task}, B={args.batch_size}, SubM buffer "
           f"{args.buffer_size}, {policy.device}, {torch.get_num_threads()} thread, {steps} micro-batches each; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores) ==")
-    print("CPU ms of this thread per micro-batch; old = before issue 15 (HF forward per sampling step, reference "
-          "and task rerun on replay, old SubM refresh, HF gelu_new, every state read at L_max), new = this code")
-    header = f"{'phase':>10}" + "".join(f" {m + ' ' + s[:6]:>14}" for s in ("policy", "replay") for m in modes)
-    if len(modes) == 2:
-        header += f" {'ratio policy':>13} {'ratio replay':>13}"
-    print(header)
-    total = {(m, s): sum(cpu[m][s].values()) / steps for m in modes for s in ("policy", "replay")}
+    print(f"CPU ms of this thread per micro-batch\n{'phase':>10} {'on-policy':>10} {'replayed':>10}")
     for name in STEP_PHASES + ("total",):
-        vals = {(m, s): (sum(cpu[m][s].values()) if name == "total" else cpu[m][s][name]) / steps * 1e3
-                for m in modes for s in ("policy", "replay")}
-        line = f"{name:>10}" + "".join(f" {vals[m, s]:14.1f}" for s in ("policy", "replay") for m in modes)
-        if len(modes) == 2:
-            line += "".join(f" {vals['old', s] / vals['new', s]:12.2f}x" if vals["new", s] > 0.05 else f" {'':>13}"
-                            for s in ("policy", "replay"))
-        print(line)
-    wall_ms = {(m, s): wall[m][s] / steps * 1e3 for m in modes for s in ("policy", "replay")}
-    print(f"{'wall':>10}" + "".join(f" {wall_ms[m, s]:14.1f}" for s in ("policy", "replay") for m in modes))
-    mixed = {m: (1 - p) * total[m, "policy"] + p * total[m, "replay"] for m in modes}
-    for m in modes:
-        print(f"{m}: {mixed[m] * 1e3:.1f} CPU ms per micro-batch at the run's mean replay share {p:.3f}, "
-              f"{mixed[m] * args.grad_accum * 1e3:.0f} ms per optimiser step of {args.grad_accum} (before AdamW)")
-    if len(modes) == 2:
-        print(f"speed-up old/new: on-policy micro-batch {total['old', 'policy'] / total['new', 'policy']:.2f}x, "
-              f"replayed {total['old', 'replay'] / total['new', 'replay']:.2f}x, "
-              f"mixed {mixed['old'] / mixed['new']:.2f}x (CPU time); wall, on-policy "
-              f"{wall_ms['old', 'policy'] / wall_ms['new', 'policy']:.2f}x")
+        vals = [(sum(cpu[s].values()) if name == "total" else cpu[s][name]) / steps * 1e3 for s in sources]
+        print(f"{name:>10}" + "".join(f" {v:10.1f}" for v in vals))
+    print(f"{'wall':>10}" + "".join(f" {wall[s] / steps * 1e3:10.1f}" for s in sources))
+    total = {s: sum(cpu[s].values()) / steps for s in sources}
+    mixed = (1 - p) * total["policy"] + p * total["replay"]
+    print(f"{mixed * 1e3:.1f} CPU ms per micro-batch at the run's mean replay share {p:.3f}, "
+          f"{mixed * args.grad_accum * 1e3:.0f} ms per optimiser step of {args.grad_accum} (before AdamW)")
     return dict(cpu=cpu, wall=wall, steps=steps, mixed=mixed)
 
 
@@ -164,7 +130,7 @@ def bench_sampler(model="prior", n=32, max_len=10, repeats=15):
     the whole network with a KV cache) next to (a) the step's matrix products alone (the GEMMs of one forward of
     n tokens, weights [E, 3E], [E, E], [E, 4E], [4E, E] per layer + the action rows of the LM head) and (b) a
     teacher-forced forward per token column (n x (max_len + 1) tokens at once, divided by max_len + 1). Today's
-    sampler and the Hugging Face forward per step (the old one) are interleaved. Minimum CPU time over repeats."""
+    Minimum CPU time over repeats."""
     import model as modellib
     import rewards
     torch.set_num_threads(1)
@@ -188,7 +154,6 @@ def bench_sampler(model="prior", n=32, max_len=10, repeats=15):
     def forward():
         with torch.no_grad():
             policy.log_probs(tokens, lengths)
-    set_gelu(policy, fused=True)  # the comparator at its fastest: GPT-2's GELU as one kernel
 
     def best(fn):
         times = []
@@ -197,10 +162,9 @@ def bench_sampler(model="prior", n=32, max_len=10, repeats=15):
             fn()
             times.append(time.thread_time() - t)
         return min(times)
-    res = dict(new=[], old=[], gemm=[], forward=[])
+    res = dict(new=[], gemm=[], forward=[])
     for _ in range(2):
         res["new"].append(best(lambda: policy.sample(n)) / steps)
-        res["old"].append(best(lambda: legacy_sample(policy, net, n)) / steps)
         res["gemm"].append(best(gemms))
         res["forward"].append(best(forward) / steps)
     r = {k: min(v) * 1e3 for k, v in res.items()}
@@ -211,8 +175,6 @@ def bench_sampler(model="prior", n=32, max_len=10, repeats=15):
     print(f"{'teacher-forced forward per column':>36} {r['forward']:7.2f} ms")
     print(f"{'Policy.sample (GPT-2 decoder)':>36} {r['new']:7.2f} ms  = {r['new'] / r['gemm']:.2f}x the GEMMs, "
           f"{r['new'] / r['forward']:.2f}x a forward column")
-    print(f"{'before (HF forward per step)':>36} {r['old']:7.2f} ms  = {r['old'] / r['gemm']:.2f}x the GEMMs, "
-          f"{r['old'] / r['forward']:.2f}x a forward column; new is {r['old'] / r['new']:.2f}x faster")
     return r
 
 
@@ -303,7 +265,7 @@ def bench_gpu(peak_tflops=989.0):
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-        t = _median_time(lambda: (step(), torch.cuda.synchronize()), 10)
+        t = median_time(lambda: (step(), torch.cuda.synchronize()), 10)
         flops = 6 * n_params * batch * length + 12 * config.num_hidden_layers * config.hidden_size * batch * length ** 2
         print(f"{batch:>5} x {length:<5} {batch * length / t:>10.0f} {flops / t / 1e12:>8.1f} {flops / t / 1e12 / peak_tflops:>6.1%}")
     net = optimizer = None  # free the GPU for the trainer run below
@@ -340,9 +302,9 @@ def bench_expr24(batch=64, repeats=15):
         def one_pass():
             log_pf, log_pterm = policy.log_probs(tokens, lengths)
             (log_pf.sum() + torch.where(log_pterm.isfinite(), log_pterm, 0.0).sum()).backward()
-        t_sample = _median_time(lambda: policy.sample(batch), repeats)
-        t_pass = _median_time(one_pass, repeats)
+        t_sample = median_time(lambda: policy.sample(batch), repeats)
+        t_pass = median_time(one_pass, repeats)
         print(f"{name:>14} {t_sample * 1e3:>10.1f} {t_pass * 1e3:>17.1f}")
     policy = policies["grammar mask"]
-    t_mask = _median_time(lambda: policy.allowed_actions(tokens, int(lengths.max()), lengths), repeats)
+    t_mask = median_time(lambda: policy.allowed_actions(tokens, int(lengths.max()), lengths), repeats)
     print(f"mask function alone, all {int(lengths.max()) + 1} states of the batch: {t_mask * 1e3:.2f} ms")
