@@ -211,7 +211,8 @@ def train_command(args, s, run_dir):
         return ["--resume", "--out", run_dir, "--task", args.task, "--steps", str(args.steps), "--device", args.device]
     cmd = ["--task", args.task, "--loss", s["loss"], "--replay", s["replay"], "--seed", str(s["seed"]),
            "--steps", str(args.steps), "--out", run_dir, "--device", args.device,
-           "--eval-n", str(min(256, args.n)), *shlex.split(s.get("method_args", "")), *shlex.split(args.train_args),
+           "--eval-n", str(min(256, args.n)), "--eval-n-final", str(min(256, args.n)),  # sample.py measures the end
+           *shlex.split(s.get("method_args", "")), *shlex.split(args.train_args),
            *(["--conventions", args.conventions] if args.conventions != "ours" else [])]  # the KL curve: 4 points + start
     for flag, value in [("--model", args.model), ("--batch-size", args.batch_size), ("--grad-accum", args.grad_accum)]:
         cmd += [flag, str(value)] if value is not None else []
