@@ -5,6 +5,8 @@ the target measured at the start, every --eval-every steps and at the end (METHO
 import json
 import time
 
+import condition_fidelity
+import conditions
 import fidelity
 
 
@@ -16,6 +18,9 @@ def log_step(log_file, metrics):
 def evaluate(args, task, policy, log_z, step):
     """The distance to the target after `step` steps (fidelity.measure), with what it cost. Its samples come from
     a forked RNG, so a run with evaluations trains exactly as one without."""
+    if isinstance(policy, conditions.ConditionalPolicy):  # per condition, averaged over each split (METHOD.md §10.4)
+        return condition_fidelity.evaluate(args, task, policy, log_z, step,
+                                           lambda c: conditions.learned_log_z(args, log_z, policy, c))
     start = time.perf_counter()
     f = fidelity.measure(policy, task, args.kappa, args.lam, args.eval_n, log_z.item(), seed=args.seed + step,
                          exact=step == args.steps)  # Expr24: exact at the end; before, Z exact and the rest estimated
@@ -27,6 +32,10 @@ def eval_due(args, step):
     return every > 0 and (step % every == 0 or step == args.steps)
 
 
+def format_fidelity(f, explain=False):
+    return (condition_fidelity if f.get("conditional") else fidelity).format_fidelity(f, explain)
+
+
 def report_fidelity(log_path, seconds):
     """The first and the last measurement of the run, and the share of the run they took."""
     with open(log_path) as f:
@@ -34,5 +43,5 @@ def report_fidelity(log_path, seconds):
     if not rows:
         return
     for name, row in (("start", rows[0]), ("end", rows[-1])) if len(rows) > 1 else (("end", rows[0]),):
-        print(f"{name} (step {row['step']}): " + fidelity.format_fidelity(row, explain=name == "end"))
+        print(f"{name} (step {row['step']}): " + format_fidelity(row, explain=name == "end"))
     print(f"measuring took {sum(r['eval_seconds'] for r in rows):.0f} s of this run's {seconds:.0f} s")

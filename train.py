@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import conditions
 import fidelity
 import losses
 import model as modellib
@@ -35,7 +36,7 @@ from checkpoint import MEASURE_ONLY, RUN_ONLY, STOP, find_checkpoint, load_state
 from distributed import (average_across_ranks, enable_grad_ckpt, fsdp_average_and_clip, load_optimizer,
                          setup_distributed, shard, shared_coin)
 from replay import make_buffer
-from tracking import eval_due, evaluate, log_step, report_fidelity
+from tracking import eval_due, evaluate, format_fidelity, log_step, report_fidelity
 
 # the paper's optimisation settings (SMILES), used for every flag left unset that the task's defaults do not set
 PAPER_DEFAULTS = dict(steps=5000, batch_size=32, grad_accum=4, lr=1e-4)
@@ -50,7 +51,11 @@ def make_parser():
     a("--model", default=None, help="hub name or local folder (default: the task's; 'prior' is the embedded SMILES GPT-2)")
     a("--lora", action="store_true", help="train LoRA adapters (r=16, alpha=16, dropout 0.1) instead of all weights")
     a("--trust-remote-code", action="store_true")
-    a("--prompt", default="", help="text before the generated part (the embedded prior uses BOS only)")
+    a("--prompt", default="", help="text before the generated part (the embedded prior uses BOS only); with "
+      "conditions, before each condition's text")
+    a("--prompts", default=None, help="a file of prompts, one per line, to train on: each is a condition (METHOD.md "
+      "§10); your own score function gets them if it takes a `prompts` argument (TRL's convention)")
+    a("--heldout-prompts", default=None, help="with --prompts: prompts never trained on, measured beside them")
     a("--scaffold", default=rewards.PAPER_SCAFFOLD, help="SMILES with one '*' to fill; '' for whole molecules")
     a("--attach", default="graph", choices=["graph", "string"],
       help="join the side chain to the scaffold on the molecular graph, or paste the string as the paper does")
@@ -89,6 +94,13 @@ def make_parser():
     a("--grad-accum", type=int, default=None, help="batches per optimiser step (paper: 4)")
     a("--lr", type=float, default=None, help="learning rate of the network (paper: 1e-4)")
     a("--lr-logz", type=float, default=0.1, help="logZ's own learning rate (not stated in the paper)")
+    a("--log-z", dest="log_z_mode", default=None, choices=["scalar", "head", "batch"],
+      help="logZ: one learned scalar (default for a single prompt); head: logZ(c) learned from the prompt's last "
+      "hidden state (default with conditions); batch: no learned logZ, the mean of log R - log q over each "
+      "condition's k samples (VarGrad), which is log Z(c) - KL(q||p*) in expectation, so biased low while q is "
+      "far from p* (METHOD.md §10.2)")
+    a("--samples-per-prompt", type=int, default=None, help="k: each batch holds batch-size / k conditions x k "
+      "samples (default: the task's, else the whole batch); --log-z batch needs k >= 2 to compare samples")
     a("--log-z-init", type=float, default=None,
       help="initial logZ (default: the importance-sampling estimate log mean exp(log R - log q) of one batch)")
     a("--weight-decay", type=float, default=0.01)
@@ -102,6 +114,8 @@ def make_parser():
     a("--eval-every", type=int, default=None, help="measure the distance to the target every N steps, at the start "
       "and at the end (METHOD.md §8; default: 4 times per run; 0: never)")
     a("--eval-n", type=int, default=256, help="policy samples (and as many reference samples) per measurement")
+    a("--eval-prompts", type=int, default=32, help="with conditions: the prompts of each split measured (spread "
+      "over the split, the same each time; 0: all), to keep a measurement to seconds")
     # models that do not fit one GPU
     a("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the ranks (FSDP2)")
     a("--grad-ckpt", action="store_true", help="activation checkpointing: keep block inputs only, recompute in backward")
@@ -144,7 +158,8 @@ def check_args(p, args):
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.eta < 0 or args.rho < 0 or args.weight_decay < 0 or args.grad_clip <= 0:
         p.error("--eta, --rho and --weight-decay must be >= 0 and --grad-clip > 0")
-    for problem in (device_problem(args.device), out_problem(args.out), context_problem(args)):
+    problem = conditions.flag_problem(args, task)
+    for problem in (problem, device_problem(args.device), out_problem(args.out), context_problem(args, task)):
         if problem:
             p.error(problem)
 
@@ -171,19 +186,21 @@ def out_problem(out):
         return f"--out {out!r} cannot be created or written ({parent!r} is not a writable folder)"
 
 
-def context_problem(args):
-    """BOS + prompt + --max-len tokens must fit the model's positions, read from its config without the weights.
-    No check when the config cannot be read here (offline, not a model): loading the model says why later."""
+def context_problem(args, task=None):
+    """BOS + prompt + --max-len tokens must fit the model's positions, read from its config without the weights
+    (with conditions, the longest condition's prompt). No check when the config cannot be read here (offline, not
+    a model): loading the model says why later."""
     from transformers import AutoConfig, AutoTokenizer
+    texts = [args.prompt + c for c in conditions.all_conditions(task)] or [args.prompt]
     if args.model is None:  # the task's scratch model, one token per character, built by run()
-        n, prompt = inspect.signature(modellib.build_scratch_model).parameters["n_positions"].default, len(args.prompt)
+        n, prompt = inspect.signature(modellib.build_scratch_model).parameters["n_positions"].default, max(map(len, texts))
     else:
         try:
             path, remote = modellib.resolve(args.model), args.trust_remote_code
             config = AutoConfig.from_pretrained(path, trust_remote_code=remote).get_text_config()
             n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-            prompt = len(AutoTokenizer.from_pretrained(path, trust_remote_code=remote)(
-                args.prompt, add_special_tokens=False).input_ids) if args.prompt else 0
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+            prompt = max(len(tokenizer(t, add_special_tokens=False).input_ids) if t else 0 for t in texts)
         except Exception:
             return None
     if n and 1 + prompt + args.max_len > n:
@@ -192,8 +209,9 @@ def context_problem(args):
 
 
 def build_task(args):
-    return rewards.load_task(args.task, scaffold=args.scaffold, attach=getattr(args, "attach", "graph"),
+    task = rewards.load_task(args.task, scaffold=args.scaffold, attach=getattr(args, "attach", "graph"),
                              charset=getattr(args, "charset", None))  # getattr: checkpoints older than the flags
+    return conditions.with_prompt_files(task, getattr(args, "prompts", None), getattr(args, "heldout_prompts", None))
 
 
 def build_policy(args, task, ckpt=None, with_reference=True):
@@ -239,24 +257,29 @@ def loss_knobs(args, frac):
                 absorb=not args.no_absorb, min_len=args.min_len)
 
 
+def micro_batch(args, task, policy, buffer, log_z, rng, frac, coin, knobs):
+    """One batch: draw it, score it, loss and backward, refresh the buffer; returns its metrics."""
+    tokens, lengths, source, *items = get_batch(args, task, policy, buffer, rng, frac, coin)
+    log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, *items)
+    log_pf, log_pterm = policy.log_probs(tokens, lengths)
+    loss, stats = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, log_z, **knobs)
+    (loss / args.grad_accum).backward()
+    if source == "policy" and buffer is not None:
+        buffer.add(to_items(task, tokens, lengths, texts, final, log_ref, scores))
+    valid = torch.tensor([task.is_valid(t) for t in texts], dtype=torch.float)
+    return dict(loss=loss.item(), reward=final.mean().item(), validity=valid.mean().item(),
+                length=lengths.float().mean().item(), replay=float(source == "replay"),
+                log_pstop_final=log_pterm.detach().gather(1, lengths[:, None]).mean().item(),
+                **{k: float(v) for k, v in stats.items()})
+
+
 def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
     """One optimiser step over grad_accum batches; returns the step's metrics."""
     frac = step / max(1, args.steps - 1)
     optimizer.zero_grad(set_to_none=True)
-    rows = []
-    for i in range(args.grad_accum):
-        tokens, lengths, source, *items = get_batch(args, task, policy, buffer, rng, frac, shared_coin(args, step, i))
-        log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, *items)
-        log_pf, log_pterm = policy.log_probs(tokens, lengths)
-        loss, stats = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, log_z, **loss_knobs(args, frac))
-        (loss / args.grad_accum).backward()
-        if source == "policy" and buffer is not None:
-            buffer.add(to_items(task, tokens, lengths, texts, final, log_ref, scores))
-        valid = torch.tensor([task.is_valid(t) for t in texts], dtype=torch.float)
-        rows.append(dict(loss=loss.item(), reward=final.mean().item(), validity=valid.mean().item(),
-                         length=lengths.float().mean().item(), replay=float(source == "replay"),
-                         log_pstop_final=log_pterm.detach().gather(1, lengths[:, None]).mean().item(),
-                         **{k: float(v) for k, v in stats.items()}))
+    micro = conditions.micro_batch if isinstance(policy, conditions.ConditionalPolicy) else micro_batch
+    rows = [micro(args, task, policy, buffer, log_z, rng, frac, shared_coin(args, step, i), loss_knobs(args, frac))
+            for i in range(args.grad_accum)]
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if args.fsdp:
         grad_norm = fsdp_average_and_clip(params, log_z, args.grad_clip)
@@ -266,7 +289,8 @@ def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
     optimizer.step()
     metrics = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     metrics = dict(zip(metrics, average_across_ranks([torch.tensor(list(metrics.values()), dtype=torch.float64)])[0].tolist()))
-    return dict(step=step + 1, **metrics, log_z=log_z.item(), grad_norm=grad_norm.item(), k_min=loss_knobs(args, frac)["k_min"])
+    log_z_value = metrics.pop("log_z") if "log_z" in metrics else log_z.item()  # with conditions: the batch's mean
+    return dict(step=step + 1, **metrics, log_z=log_z_value, grad_norm=grad_norm.item(), k_min=loss_knobs(args, frac)["k_min"])
 
 
 # ----------------------------------------------------------------------------- main
@@ -291,20 +315,27 @@ def run(args):
             dist.barrier()
     torch.manual_seed(args.seed)  # the same starting weights (and LoRA init) on every rank ...
     policy = build_policy(args, task, ckpt)
+    conditional = conditions.runs_conditional(args, task)  # a task with conditions, or --log-z head|batch
+    if conditional:
+        task, policy, buffer, (log_z, z_params) = conditions.build(args, task, policy)
     random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)  # ... but each rank its own samples
     rng = np.random.default_rng(args.seed + rank)
-    buffer = build_buffer(args, task)
-    log_z = torch.nn.Parameter(torch.zeros((), device=policy.device))
+    if not conditional:
+        buffer = build_buffer(args, task)
+        log_z = torch.nn.Parameter(torch.zeros((), device=policy.device))
+        z_params = [log_z]
     optimizer = torch.optim.AdamW([
         dict(params=[p for p in policy.model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay),
-        dict(params=[log_z], lr=args.lr_logz, weight_decay=0.0)])
+        dict(params=z_params, lr=args.lr_logz, weight_decay=0.0)])
     step = 0
     if state is not None:
         step = state["step"]
         with torch.no_grad():
-            log_z.copy_(state["log_z"])
+            log_z.load_state_dict(state["log_z"]) if isinstance(log_z, torch.nn.Module) else log_z.copy_(state["log_z"])
         load_optimizer(args, policy, log_z, optimizer, state["optimizer"])
         load_rank_state(state["ranks"][rank], buffer, rng)
+    elif conditional:
+        conditions.init_log_z(args, log_z, task, policy)
     else:
         with torch.no_grad():
             log_z.fill_(args.log_z_init if args.log_z_init is not None else estimate_log_z(args, task, policy))
@@ -325,7 +356,7 @@ def run(args):
             first = evaluate(args, task, policy, log_z, 0)
             if rank == 0:
                 log_step(log_file, dict(step=0, **first))
-                print(fidelity.format_fidelity(first))
+                print(format_fidelity(first))
         kl = {}
         bar = tqdm(range(step, args.steps), initial=step, total=args.steps, dynamic_ncols=True, disable=rank != 0)
         for step in bar:
