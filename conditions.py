@@ -22,6 +22,7 @@ import losses
 import rewards
 from batches import cached_rows, from_items, linear, to_items
 from distributed import average_across_ranks, replay_ready
+from logz import LogZHead, batch_log_z, hidden_size  # noqa: F401 (conditions.LogZHead etc. for callers)
 from replay import make_buffer
 
 
@@ -64,12 +65,15 @@ def read_prompts(path):
     return list(dict.fromkeys(prompts))
 
 
-def takes_prompts(fn):
+def prompt_parameter(fn):
+    """How a score function takes prompts: "required", "optional" (a default or **kwargs) or None."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        return False
-    return "prompts" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        return None
+    if "prompts" in params:
+        return "required" if params["prompts"].default is inspect.Parameter.empty else "optional"
+    return "optional" if any(p.kind is p.VAR_KEYWORD for p in params.values()) else None
 
 
 class PromptSet:
@@ -91,7 +95,7 @@ class PromptSet:
             task = self.task
             if is_conditional(task):
                 task = task.given(prompt)
-            elif isinstance(task, rewards.ScoreFunctionTask) and takes_prompts(task.fn):
+            elif isinstance(task, rewards.ScoreFunctionTask) and prompt_parameter(task.fn):
                 fn = task.fn
                 task = rewards.ScoreFunctionTask(lambda texts: fn(texts, prompts=[prompt] * len(texts)), task.name,
                                                  task.charset)
@@ -103,8 +107,7 @@ def with_prompt_files(task, train=None, heldout=None):
     if train is None:
         if heldout is not None:
             raise rewards.TaskError("--heldout-prompts needs --prompts (the prompts to train on)")
-        if isinstance(task, rewards.ScoreFunctionTask) and "prompts" in inspect.signature(task.fn).parameters \
-                and inspect.signature(task.fn).parameters["prompts"].default is inspect.Parameter.empty:
+        if isinstance(task, rewards.ScoreFunctionTask) and prompt_parameter(task.fn) == "required":
             raise rewards.TaskError(f"score function {task.name} takes prompts: give them with --prompts FILE")
         return task
     return PromptSet(task, read_prompts(train), read_prompts(heldout) if heldout else ())
@@ -244,41 +247,6 @@ class ConditionalPolicy:
                 hidden = self.policy.model(input_ids=ids, output_hidden_states=True).hidden_states[-1][:, -1]
             states.update({unique[i]: h for i, h in zip(rows.tolist(), hidden.float())})
         return torch.stack([states[c] for c in conditions])
-
-
-def hidden_size(policy):
-    return policy.model.get_input_embeddings().embedding_dim
-
-
-# ----------------------------------------------------------------------------- logZ per condition
-
-class LogZHead(torch.nn.Module):
-    """logZ(c) = w . h(c) + b, h(c) the policy's last hidden state at the end of c's prompt (METHOD.md §10.2).
-    w starts at 0, so logZ(c) starts at b for every condition; a prompt never trained on still gets a value."""
-
-    def __init__(self, size, init=0.0):
-        super().__init__()
-        self.linear = torch.nn.Linear(size, 1)
-        with torch.no_grad():
-            self.linear.weight.zero_()
-            self.linear.bias.fill_(init)
-
-    def forward(self, states):
-        return self.linear(states).squeeze(-1)
-
-
-def batch_log_z(conditions, log_pf, log_pterm, log_r, lengths):
-    """logZ(c) = the mean of log R(x) - log q(x) over the rows of condition c (detached), one value per row: at
-    q = p* every term is log Z(c); under q it is log Z(c) - KL(q || p*) in expectation (METHOD.md §10.2)."""
-    with torch.no_grad():
-        tau = lengths[:, None]
-        log_w = (log_r.gather(1, tau) - log_pterm.gather(1, tau)).squeeze(1) - torch.where(
-            torch.arange(log_pf.shape[1], device=log_pf.device)[None] < tau, log_pf, 0.0).sum(1)
-        index = {c: i for i, c in enumerate(dict.fromkeys(conditions))}
-        group = torch.tensor([index[c] for c in conditions], device=log_w.device)
-        sums = torch.zeros(len(index), dtype=log_w.dtype, device=log_w.device).index_add_(0, group, log_w)
-        counts = torch.bincount(group, minlength=len(index)).to(log_w.dtype)
-        return (sums / counts)[group]
 
 
 def row_log_z(args, log_z, policy, conditions, log_pf, log_pterm, log_r, lengths):

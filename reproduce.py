@@ -5,6 +5,7 @@ SMILES scaffold task with the embedded prior, several seeds each, sample every r
     python reproduce.py --quick            # a few minutes: the whole grid with a tiny budget (results/quick/)
     python reproduce.py                    # the default budget (results/)
     python reproduce.py --task expr24      # Expr24: {TB, SubTB, RapTB} x {RP, SubM} replay
+    python reproduce.py --task game24 --train-args "--log-z batch"   # the Game of 24, exact per prompt (METHOD.md §10)
 
 Every method runs train.py with the same defaults (the paper's) and the same --steps / --batch-size /
 --grad-accum / --train-args: nothing is tuned per method. Runs live in OUT/runs/<method>-s<seed>/; rerunning the
@@ -32,6 +33,8 @@ METHODS = {
                "TB+SubM": ("tb", "subm"), "RapTB+SubM": ("raptb", "subm")},
     "expr24": {"TB": ("tb", "rp"), "SubTB": ("subtb", "rp"), "RapTB": ("raptb", "rp"),
                "TB+SubM": ("tb", "subm"), "SubTB+SubM": ("subtb", "subm"), "RapTB+SubM": ("raptb", "subm")},
+    # no proper prefix of a Game of 24 string can stop, so RapTB is TB there (METHOD.md §10.3): the same runs
+    "game24": {"TB": ("tb", "rp"), "RapTB": ("raptb", "rp"), "TB+SubM": ("tb", "subm"), "RapTB+SubM": ("raptb", "subm")},
 }
 # table columns: (header, metric key, digits). log_pstop_final comes from the training log, not from sample.py;
 # the distance to the target (KL, TV, missed mass, log Z) from sample.py's fidelity block (METHOD.md §8).
@@ -44,6 +47,10 @@ COLUMNS = {
     "expr24": [("Acc", "acc", 3), ("Unique-correct", "unique_correct", 1), ("NormCov", "norm_cov", 3),
                ("TokEnt", "tok_ent", 2), ("Len", "len_mean", 2), ("q(Sol)", "q_solution_mass", 3), *TARGET,
                ("KL(p*‖q)", "kl_target_q", 2)],
+    # exact, per prompt, averaged over each split's prompts (q(Sol|c) and Acc over the solvable ones)
+    "game24": [(f"{name} {split}", f"{split}_{key}", d) for split in ("train", "heldout") for name, key, d in
+               [("Acc", "acc", 3), ("q(Sol|c)", "q_solution_mass", 3), ("KL(q‖p*)", "kl_q_target", 2),
+                ("KL(p*‖q)", "kl_target_q", 2), ("TV", "tv_target", 3), ("|logZ−log Z|", "log_z_gap_abs", 2)]],
 }
 # the paper's Table 1 (SMILES, L_max = 10, Llama-3.2-1B): Acc, Score, TokEnt, FPDiv, Len
 PAPER = {"TB": (.998, .717, 2.50, .807, 3.06), "SubTB": (.328, .755, 2.13, .836, 8.35),
@@ -80,6 +87,8 @@ def get_args(argv=None):
         args.steps = QUICK["steps"] if args.quick else default_steps(args.task)
     if args.n is None:
         args.n = QUICK["n"] if args.quick else 3200
+        if args.task == "game24":  # per prompt, over all 495 prompts; the fidelity is exact, from no samples
+            args.n = 8 if args.quick else 64
     if args.grad_accum is None:
         args.grad_accum = QUICK["grad_accum"] if args.quick else DEFAULT_ACCUM
     args.out = args.out or ("results/quick" if args.quick else "results")
@@ -92,7 +101,7 @@ def default_steps(task):
     if task == "smiles":
         return SMILES_STEPS
     import arithmetic  # torch: imported only when needed
-    return arithmetic.Expr24Task.defaults["steps"]
+    return (arithmetic.Expr24Task if task == "expr24" else arithmetic.Game24Task).defaults["steps"]
 
 
 # ----------------------------------------------------------------------------- statistics and the table

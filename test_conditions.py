@@ -2,7 +2,7 @@
 batch estimate against exact Z on an enumerable conditional tree, per-condition replay, and the unconditional path
 left alone."""
 import itertools
-import math
+import json
 
 import numpy as np
 import pytest
@@ -251,3 +251,29 @@ def test_an_unconditional_run_never_enters_the_conditional_code(tiny_gpt2, tmp_p
         monkeypatch.setattr(conditions, name, refuse)
     assert train.main(["--model", tiny_gpt2, "--out", str(tmp_path), "--steps", "2", "--batch-size", "4",
                        "--max-len", "4", "--min-len", "1", "--eval-every", "0"]) == 0
+
+
+def test_a_score_function_that_takes_prompts_gets_each_texts_prompt(tiny_gpt2, tmp_path, capsys, monkeypatch):
+    (tmp_path / "prompted.py").write_text(
+        "import json, os\n"
+        "def score(texts, prompts):\n"
+        "    with open(os.environ['PROMPTED_LOG'], 'a') as f:\n"
+        "        f.write(json.dumps([texts, prompts]) + '\\n')\n"
+        "    return [float(p in t) for t, p in zip(texts, prompts)]\n")
+    (tmp_path / "train.txt").write_text("C\nO\n")
+    (tmp_path / "heldout.txt").write_text("N\n")
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("PROMPTED_LOG", str(log))
+    spec = f"{tmp_path / 'prompted.py'}:score"
+    common = ["--task", spec, "--model", tiny_gpt2, "--charset", "CON", "--max-len", "3", "--min-len", "1",
+              "--batch-size", "4", "--steps", "2", "--k-min-start", "2", "--k-min-end", "2"]
+    assert train.main([*common, "--out", str(tmp_path / "a")]) == 2  # without prompts: one line, no traceback
+    assert "takes prompts" in capsys.readouterr().err
+    assert train.main([*common, "--prompts", str(tmp_path / "train.txt"), "--heldout-prompts",
+                       str(tmp_path / "heldout.txt"), "--samples-per-prompt", "2", "--eval-every", "2",
+                       "--eval-n", "8", "--out", str(tmp_path / "b")]) == 0
+    calls = [json.loads(line) for line in open(log)]
+    assert {p for _, prompts in calls for p in prompts} == {"C", "O", "N"}  # N: only while measuring
+    assert all(len(texts) == len(prompts) and len(set(prompts)) == 1 for texts, prompts in calls)
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert "heldout_kl_q_target" in rows[-1] and rows[1]["log_z"] != 0

@@ -25,7 +25,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import conditions
-import fidelity
 import losses
 import model as modellib
 import rewards
@@ -57,6 +56,8 @@ def make_parser():
       "§10); your own score function gets them if it takes a `prompts` argument (TRL's convention)")
     a("--heldout-prompts", default=None, help="with --prompts: prompts never trained on, measured beside them")
     a("--scaffold", default=rewards.PAPER_SCAFFOLD, help="SMILES with one '*' to fill; '' for whole molecules")
+    a("--scaffolds", default=None, help="a file of scaffolds (one SMILES with one '*' per line, a tab and 'heldout' "
+      "marking held-out ones): each is a condition (METHOD.md §10.5; data/scaffolds.tsv ships a MOSES set)")
     a("--attach", default="graph", choices=["graph", "string"],
       help="join the side chain to the scaffold on the molecular graph, or paste the string as the paper does")
     a("--min-len", type=int, default=None, help="L_min: stop is masked before this many generated tokens (task default)")
@@ -209,6 +210,12 @@ def context_problem(args, task=None):
 
 
 def build_task(args):
+    if getattr(args, "scaffolds", None):
+        if args.task != "smiles":
+            raise rewards.TaskError(f"--scaffolds is for --task smiles, not {args.task!r}")
+        import scaffolds
+        task = scaffolds.scaffold_task(args.scaffolds, getattr(args, "attach", "graph"))
+        return conditions.with_prompt_files(task, getattr(args, "prompts", None), getattr(args, "heldout_prompts", None))
     task = rewards.load_task(args.task, scaffold=args.scaffold, attach=getattr(args, "attach", "graph"),
                              charset=getattr(args, "charset", None))  # getattr: checkpoints older than the flags
     return conditions.with_prompt_files(task, getattr(args, "prompts", None), getattr(args, "heldout_prompts", None))
