@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "prior")  # the embedded SMILES prior that ships with the repo
-EMBEDDED = ("prior", "prior_sidechain")  # the whole-molecule prior and its side-chain fine-tune (METHOD.md §6.1)
+EMBEDDED = ("prior", "prior_sidechain", "prior_game24")  # whole molecules, side chains (METHOD.md §6.1), Game of 24 (§10.3)
 
 
 class ModelError(RuntimeError):

@@ -286,7 +286,7 @@ def plot_all(out, task, run_dirs, agg, logs):
     methods, losses = list(agg), list(dict.fromkeys(METHODS[task][m][0] for m in agg))
     style = {m: dict(color=f"C{losses.index(METHODS[task][m][0])}", label=m,  # colour = loss, dashed = SubM
                      linestyle="--" if METHODS[task][m][1] == "subm" else "-") for m in methods}
-    max_len = max([int(k.split("@")[1]) for s in agg.values() for k in s if k.startswith("surv@")] or [1])
+    max_len = max([int(k.split("@")[1]) for s in agg.values() for k in s if "surv@" in k] or [1])
     fig, axes = plt.subplots(1, len(methods), figsize=(2.6 * len(methods), 2.8), sharey=True, squeeze=False)
     for ax, m in zip(axes[0], methods):
         lengths = [t for d in run_dirs[m] for t in valid_lengths(os.path.join(d, "samples.csv"), task)]

@@ -52,6 +52,8 @@ class ScaffoldsTask(rewards.Task):
 
 def read_scaffolds(path):
     """(train, heldout) scaffolds of a file: one SMILES per line, a tab and `heldout` marking the held-out ones."""
+    if not os.path.exists(path) and os.path.isfile(os.path.join(HERE, path)):
+        path = os.path.join(HERE, path)  # data/scaffolds.tsv wherever the scripts are run from
     try:
         with open(path) as f:
             lines = [line.rstrip("\r\n").split("\t") for line in f if line.strip() and not line.startswith("#")]
