@@ -161,6 +161,8 @@ def main(argv=None):
         policy = train.build_policy(settings, task, ckpt, with_reference=args.fidelity_n > 0)
         if conditions.runs_conditional(settings, task):  # a prompt per condition, measured per condition
             return sample_conditions.run(args, settings, task, policy, ckpt, task_metrics, write_csv, CSV_COLUMNS)
+        if args.prompts:
+            raise TaskError("--prompts: this run has no conditions (it was trained on one prompt, --prompt)")
         args.n = args.n or 3200
     except (ModelError, TaskError) as e:
         print(f"error: {e}", file=sys.stderr)
