@@ -61,6 +61,12 @@ def cached_rows(args, policy, items):
     return log_ref.to(policy.device), scores.to(policy.device)
 
 
+def scored(source, lengths):
+    """The task's cost of a batch: sequences and prefix texts scored (a replayed batch reuses its scores)."""
+    fresh = float(source == "policy")
+    return dict(objects_scored=fresh * len(lengths), prefixes_scored=fresh * float((lengths + 1).sum()))
+
+
 def to_items(task, tokens, lengths, texts, final, log_ref=None, scores=None):
     """Buffer entries for an on-policy batch; with the batch's log_ref and prefix-score rows (score_rows), which
     replaying them then reuses."""

@@ -56,7 +56,9 @@ def save_checkpoint(args, policy, buffer, log_z, optimizer, rng, step):
     final, tmp = os.path.join(args.out, name), os.path.join(args.out, f".{name}.tmp")
     if not args.fsdp:
         optimizer_state = optimizer.state_dict()
-    state = dict(step=step, log_z=log_z.detach().cpu(), optimizer=optimizer_state, args=vars(args), ranks=ranks)
+    log_z = {k: v.detach().cpu() for k, v in log_z.state_dict().items()} if isinstance(log_z, torch.nn.Module) \
+        else log_z.detach().cpu()  # a logZ head (METHOD.md §11.2): its tensors
+    state = dict(step=step, log_z=log_z, optimizer=optimizer_state, args=vars(args), ranks=ranks)
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         # with LoRA the adapter only; under FSDP a normal HF folder from the gathered weights

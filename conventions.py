@@ -143,12 +143,13 @@ def make_log_z(args, device):
     return torch.nn.Parameter(torch.zeros((), device=device, dtype=dtype))
 
 
-def make_optimizer(args, params, log_z):
-    """AdamW with logZ in a group of its own. A group with the network's lr and weight decay is the same AdamW
-    update as sharing the network's group (AdamW acts per parameter), which is where the authors keep it."""
+def make_optimizer(args, params, z_params):
+    """AdamW with logZ (the scalar, or a logZ head's parameters) in a group of its own. A group with the network's lr
+    and weight decay is the same AdamW update as sharing the network's group (AdamW acts per parameter), which is
+    where the authors keep it."""
     return torch.optim.AdamW([
         dict(params=params, lr=args.lr, weight_decay=args.weight_decay),
-        dict(params=[log_z], lr=args.lr_logz, weight_decay=getattr(args, "log_z_weight_decay", 0.0))])
+        dict(params=list(z_params), lr=args.lr_logz, weight_decay=getattr(args, "log_z_weight_decay", 0.0))])
 
 
 def schedule_frac(args, step):

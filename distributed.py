@@ -157,3 +157,21 @@ def load_optimizer(args, policy, log_z, optimizer, saved):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(policy_and_log_z(policy, log_z), optimizer, saved,
                              options=StateDictOptions(full_state_dict=True))
+
+
+# ----------------------------------------------------------------------------- sample.py: conditions over the ranks
+
+def my_share(items):
+    """This rank's part of a list (every world-th item from its rank on): the conditions sample.py measures here."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(items)
+    return list(items)[dist.get_rank()::dist.get_world_size()]
+
+
+def gather_to_first(obj):
+    """Every rank's `obj` as a list on rank 0 (in rank order), None elsewhere; [obj] in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out)
+    return out

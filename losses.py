@@ -7,7 +7,8 @@ Batch contract (METHOD.md §2), all [B, T] with T = L_max + 1, column k = state 
     log_pterm[b, k] log q(stop | s_k)      valid for k <= tau_b
     log_r[b, k]     log R(s_k T)           valid for k <= tau_b
     u[b, k]         task-only part of log_r (RapTB's absorbed targets)
-    lengths[b]      tau_b (long), log_z a scalar tensor.
+    lengths[b]      tau_b (long), log_z a scalar tensor or one value per row [B] (logZ(c_b) of each row's
+                    condition, METHOD.md §11).
 Columns past tau hold garbage (inf, nan, huge values): every input is passed through torch.where
 before any arithmetic, so garbage reaches neither the value nor the gradient (never x * 0).
 
@@ -67,6 +68,16 @@ def _prefix_residual(log_pf, log_pterm, log_r, step, live):
     return prefix_logp + torch.where(live, log_pterm, 0.0) - torch.where(live, log_r, 0.0)
 
 
+def _per_row(log_z, like, column=True):
+    """logZ for each row: a scalar stays a scalar; one value per row [B] (each row's condition, METHOD.md §11) becomes
+    a column [B, 1] to add to [B, T] prefix residuals (or stays [B] with column=False)."""
+    if log_z.dim() == 0:
+        return log_z
+    if log_z.shape != like.shape[:1]:
+        raise ValueError(f"log_z must be a scalar or one value per row ({like.shape[0]}), got shape {tuple(log_z.shape)}")
+    return log_z[:, None] if column else log_z
+
+
 def _at(x, idx):
     """x[b, idx[b]] for idx [B, 1]."""
     return x.gather(1, idx).squeeze(1)
@@ -82,7 +93,7 @@ def _toeplitz_powers(lam, n, like):
 
 def _tb_residual(log_pf, log_pterm, log_r, log_z, step, state, tau):
     """d_TB = logZ + sum_{k<tau} log_pf[k] + log_pterm[tau] - log_r[tau]."""
-    return log_z + _at(_prefix_residual(log_pf, log_pterm, log_r, step, state), tau)
+    return _per_row(log_z, log_pf, column=False) + _at(_prefix_residual(log_pf, log_pterm, log_r, step, state), tau)
 
 
 def _tb_stats(d_tb, log_pterm, state, tau):
@@ -225,7 +236,7 @@ def avgprefixtb_loss(log_pf, log_pterm, log_r, lengths, log_z, min_len=0):
     log_pf, log_pterm, log_r, log_z = _prepare(log_pf, log_pterm, log_r, log_z)
     k, tau, step, state = _positions(log_pf, lengths)
     live = _usable(k, state, log_pterm, min_len)
-    res = log_z + _prefix_residual(log_pf, log_pterm, log_r, step, live)
+    res = _per_row(log_z, log_pf) + _prefix_residual(log_pf, log_pterm, log_r, step, live)
     per_traj = torch.where(live, res ** 2, 0.0).sum(1) / live.sum(1).clamp(min=1)
     d_tb = _tb_residual(log_pf, log_pterm, log_r, log_z, step, state, tau)
     return per_traj.mean(), _tb_stats(d_tb, log_pterm, state, tau)
@@ -242,7 +253,7 @@ def rootsubtb_loss(log_pf, log_pterm, log_r, lengths, log_z, lam=1.0, min_len=0)
     log_pf, log_pterm, log_r, log_z = _prepare(log_pf, log_pterm, log_r, log_z)
     k, tau, step, state = _positions(log_pf, lengths)
     live = _usable(k, state, log_pterm, min_len)
-    res = log_z + _prefix_residual(log_pf, log_pterm, log_r, step, live)
+    res = _per_row(log_z, log_pf) + _prefix_residual(log_pf, log_pterm, log_r, step, live)
     w = torch.where(live, lam ** (k - min_len).clamp(min=0).to(res.dtype), 0.0)
     loss = torch.where(live, w * res ** 2, 0.0).sum() / w.sum().clamp(min=1)
     d_tb = _tb_residual(log_pf, log_pterm, log_r, log_z, step, state, tau)

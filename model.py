@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "prior")  # the embedded SMILES prior that ships with the repo
-EMBEDDED = ("prior", "prior_sidechain")  # the whole-molecule prior and its side-chain fine-tune (METHOD.md §6.1)
+EMBEDDED = ("prior", "prior_sidechain", "prior_game24")  # whole molecules, side chains (METHOD.md §6.1), Game of 24 (§11.3)
 
 
 class ModelError(RuntimeError):
@@ -78,6 +78,15 @@ def fuse_gelu(model):
                 setattr(module, name, torch.nn.GELU(approximate="tanh"))
 
 
+def state_mask_for(state_mask, action_texts, max_len):
+    """A task's state_mask(action_texts) called for these actions (None without one); a mask that plans ahead, like
+    the SMILES syntax's budget, takes L_max as well."""
+    if state_mask is None:
+        return None
+    return state_mask(action_texts, max_len) if "max_len" in inspect.signature(state_mask).parameters \
+        else state_mask(action_texts)
+
+
 class Policy:
     """Masked action space over a causal LM. Action columns: the allowlisted token ids, then EOS (= stop).
     `reference` is the frozen starting model for log P_ref; None means "this model with LoRA disabled".
@@ -100,13 +109,22 @@ class Policy:
         # the text each action appends (decoded one token at a time, so prefixes can be scored cheaply)
         texts = tokenizer.batch_decode([[int(a)] for a in self.actions[:-1]], clean_up_tokenization_spaces=False)
         self.token_texts = dict(zip(self.actions[:-1].tolist(), texts))
-        self.task_mask = None  # "" is the stop's text; a mask that plans ahead (SMILES) also gets L_max
-        if state_mask is not None:
-            takes_len = "max_len" in inspect.signature(state_mask).parameters
-            self.task_mask = state_mask(texts + [""], max_len) if takes_len else state_mask(texts + [""])
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.eos
-        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
-        self.prompt = torch.tensor([start] + prompt_ids, device=device)
+        self.action_texts = texts + [""]  # "" = the stop's text
+        self.task_mask = state_mask_for(state_mask, self.action_texts, max_len)
+        self.prompt = torch.tensor(self.encode_prompt(prompt), device=device)
+
+    def encode_prompt(self, prompt):
+        """BOS (EOS for a tokenizer without one) + the prompt's tokens, as a list of ids."""
+        start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eos
+        return [start] + (self.tokenizer(prompt, add_special_tokens=False).input_ids if prompt else [])
+
+    def with_prompts(self, prompt, task_mask):
+        """The same policy (same networks) with another prompt and task mask (METHOD.md §11): `prompt` is [P] ids
+        shared by every row or [n, P], one prompt per row (all of one token length, so no padding is needed:
+        sampling and log_probs then take exactly n rows); `task_mask` is fn(prev, k) -> [n, A] bool, or None."""
+        view = copy.copy(self)
+        view.prompt, view.task_mask = prompt.to(self.device), task_mask
+        return view
 
     @property
     def device(self):
@@ -147,7 +165,7 @@ class Policy:
         read = depth if raw else min(depth, self.max_len - 1)  # masked: at L_max stop is forced (log 1 = 0)
         ids = torch.cat([self.prompt.expand(len(tokens), -1), tokens[:, :read]], 1)
         with self._adapters_off() if reference and self.reference is None else contextlib.nullcontext(), self._autocast():
-            logits = net(input_ids=ids).logits[:, len(self.prompt) - 1:]  # state k is read at prompt end + k
+            logits = net(input_ids=ids).logits[:, self.prompt.shape[-1] - 1:]  # state k is read at prompt end + k
         k = torch.arange(depth + 1, device=ids.device)
         logp = torch.log_softmax(logits.float(), -1)[..., self.actions] if raw else \
             self.action_log_probs(logits, k[:read + 1], self.allowed_actions(tokens, read, lengths))
@@ -195,7 +213,7 @@ class Policy:
         done = torch.zeros(n, dtype=torch.bool, device=self.device)
         # a plain GPT-2 on CPU decodes with its own static KV cache and the action rows of the LM head only;
         # anything else (LoRA, FSDP, other architectures, GPU) runs the network's forward with HF's cache
-        decoder = GPT2Decoder.for_model(net, n, len(self.prompt) + self.max_len, self.actions) \
+        decoder = GPT2Decoder.for_model(net, n, self.prompt.shape[-1] + self.max_len, self.actions) \
             if self.fast_sampling else None
         if decoder is not None and self.task_mask is None:  # the length bounds alone: 0 / -inf per state k, read
             probe = torch.zeros(T, len(self.action_of), device=self.device)  # off action_log_probs itself

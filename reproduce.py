@@ -7,6 +7,7 @@ SMILES scaffold task with the embedded prior, several seeds each, sample every r
     python reproduce.py --task expr24      # Expr24: {TB, SubTB, RapTB} x {RP, SubM} replay
     python reproduce.py --methods RLOO,GRPO,DPG,GRPO-TRL   # the RL baselines on the same target (METHOD.md §9)
     python reproduce.py --conventions authors --out results/authors   # the same grid in the authors' regime
+    python reproduce.py --task game24 --train-args "--log-z batch"   # the Game of 24, exact per prompt (METHOD.md §11)
 
 Every method runs train.py with the same defaults (the paper's) and the same --steps / --batch-size /
 --grad-accum / --train-args: nothing is tuned per method (GRPO-TRL is GRPO at TRL's usual beta by definition). Runs live in OUT/runs/<method>-s<seed>/; rerunning the
@@ -36,6 +37,8 @@ METHODS = {
                "TB+SubM": ("tb", "subm"), "RapTB+SubM": ("raptb", "subm")},
     "expr24": {"TB": ("tb", "rp"), "SubTB": ("subtb", "rp"), "RapTB": ("raptb", "rp"),
                "TB+SubM": ("tb", "subm"), "SubTB+SubM": ("subtb", "subm"), "RapTB+SubM": ("raptb", "subm")},
+    # no proper prefix of a Game of 24 string can stop, so RapTB is TB there (METHOD.md §11.3): the same runs
+    "game24": {"TB": ("tb", "rp"), "RapTB": ("raptb", "rp"), "TB+SubM": ("tb", "subm"), "RapTB+SubM": ("raptb", "subm")},
 }
 # the RL baselines on the same target (METHOD.md §9), on either task, run only when named in --methods; GRPO-TRL is
 # GRPO at the setting TRL users run (beta 0.04, std-normalised) instead of beta = kappa / lambda
@@ -61,6 +64,10 @@ COLUMNS = {
                ("NormCov 3×6400", "norm_cov_authors", 3), ("TokEnt", "tok_ent", 2), ("Len", "len_mean", 2),
                ("q(Sol)", "q_solution_mass", 3), *TARGET,
                ("KL(p*‖q)", "kl_target_q", 2)],
+    # exact, per prompt, averaged over each split's prompts (q(Sol|c) and Acc over the solvable ones)
+    "game24": [(f"{name} {split}", f"{split}_{key}", d) for split in ("train", "heldout") for name, key, d in
+               [("Acc", "acc", 3), ("q(Sol|c)", "q_solution_mass", 3), ("KL(q‖p*)", "kl_q_target", 2),
+                ("KL(p*‖q)", "kl_target_q", 2), ("TV", "tv_target", 3), ("|logZ−log Z|", "log_z_gap_abs", 2)]],
 }
 # the paper's Table 1 (SMILES, L_max = 10, Llama-3.2-1B): Acc, Score, TokEnt, FPDiv, Len
 PAPER = {"TB": (.998, .717, 2.50, .807, 3.06), "SubTB": (.328, .755, 2.13, .836, 8.35),
@@ -100,6 +107,8 @@ def get_args(argv=None):
         args.steps = QUICK["steps"] if args.quick else default_steps(args.task)
     if args.n is None:
         args.n = QUICK["n"] if args.quick else AUTHORS_N.get(args.task, 3200) if args.conventions == "authors" else 3200
+        if args.task == "game24":  # per prompt, over all 495 prompts; the fidelity is exact, from no samples
+            args.n = 8 if args.quick else 64
     if args.grad_accum is None:
         args.grad_accum = QUICK["grad_accum"] if args.quick else DEFAULT_ACCUM
     args.out = args.out or ("results/quick" if args.quick else "results")
@@ -120,7 +129,7 @@ def default_steps(task):
     if task == "smiles":
         return SMILES_STEPS
     import arithmetic  # torch: imported only when needed
-    return arithmetic.Expr24Task.defaults["steps"]
+    return (arithmetic.Expr24Task if task == "expr24" else arithmetic.Game24Task).defaults["steps"]
 
 
 # ----------------------------------------------------------------------------- statistics and the table
@@ -301,7 +310,7 @@ def plot_all(out, task, run_dirs, agg, logs):
     losses = list(dict.fromkeys(spec[m][0] for m in agg))
     style = {m: dict(color=f"C{losses.index(spec[m][0])}", label=m,  # colour = loss, dashed = SubM
                      linestyle="--" if spec[m][1] == "subm" else "-") for m in methods}
-    max_len = max([int(k.split("@")[1]) for s in agg.values() for k in s if k.startswith("surv@")] or [1])
+    max_len = max([int(k.split("@")[1]) for s in agg.values() for k in s if "surv@" in k] or [1])
     fig, axes = plt.subplots(1, len(methods), figsize=(2.6 * len(methods), 2.8), sharey=True, squeeze=False)
     for ax, m in zip(axes[0], methods):
         lengths = [t for d in run_dirs[m] for t in valid_lengths(os.path.join(d, "samples.csv"), task)]

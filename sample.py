@@ -23,11 +23,11 @@ CSV_COLUMNS = ["generated", "molecule", "valid", "score", "length", "log_prob"]
 # -----------------------------------------------------------------------------
 # output
 
-def write_csv(path, rows):
-    """One row per sample. Keys outside CSV_COLUMNS (e.g. tokens) are ignored; missing ones are
+def write_csv(path, rows, columns=CSV_COLUMNS):
+    """One row per sample. Keys outside `columns` (e.g. tokens) are ignored; missing ones are
     written empty."""
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, restval="", extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -86,7 +86,12 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Sample from a trained policy (or a bare model) and report its metrics "
                                 "(METHOD.md §7) and its distance to the target (§8).")
     p.add_argument("ckpt", help="a run folder (uses its `latest`), a ckpt-* folder, or a bare model name/folder")
-    p.add_argument("--n", type=int, default=3200, help="number of samples")
+    p.add_argument("--n", type=int, default=None, help="number of samples (default 3200; with conditions, per prompt: "
+                   "default 100)")
+    p.add_argument("--split", default="all", choices=["train", "heldout", "all"],
+                   help="with conditions (METHOD.md §11): sample every prompt of this split (all: both)")
+    p.add_argument("--prompts", default=None, help="with conditions: sample the prompts of this file (one per line) "
+                   "instead of a split")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
@@ -109,7 +114,7 @@ def get_args(argv=None):
                    "for the distance to the target, METHOD.md §8 (0: skip it)")
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line, not argparse's screenful of usage
     args = p.parse_args(argv)
-    if args.n < 1 or args.batch_size < 1 or not 0 < args.temperature < float("inf"):  # nan fails both
+    if (args.n is not None and args.n < 1) or args.batch_size < 1 or not 0 < args.temperature < float("inf"):  # nan fails both
         p.error("--n and --batch-size must be at least 1 and --temperature a positive finite number")
     if min(args.seed, args.fidelity_n, args.min_len or 0) < 0 or (args.max_len or 1) < max(1, args.min_len or 0):
         p.error("--seed, --fidelity-n and --min-len must be >= 0, and --max-len >= max(1, --min-len)")
@@ -135,10 +140,11 @@ def run_settings(args):
         if args.task not in (None, saved) and not args.any_task:
             raise ModelError(f"checkpoint {ckpt!r} was trained on the task {saved!r}, not {args.task!r}; to sample it "
                              f"under {args.task!r} anyway, add --any-task")
-        settings = argparse.Namespace(**{**state["args"], "task": args.task or saved}, log_z=float(state["log_z"]))
+        log_z = state["log_z"] if isinstance(state["log_z"], dict) else float(state["log_z"])  # a dict: a logZ head
+        settings = argparse.Namespace(**{**state["args"], "task": args.task or saved}, log_z=log_z)
     else:
         argv = ["--model", args.ckpt, "--task", args.task or "smiles", "--out", "."]  # train.py checks them all
-        for name in ("scaffold", "min_len", "max_len", "prompt"):
+        for name in ("scaffold", "min_len", "max_len", "prompt", "prompts"):
             if getattr(args, name) is not None:
                 argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
         ckpt, settings = None, train.get_args(argv)
@@ -149,6 +155,8 @@ def run_settings(args):
 
 def main(argv=None):
     import torch
+    import conditions
+    import sample_conditions
     import train
     from model import ModelError
     from rewards import TaskError
@@ -156,7 +164,14 @@ def main(argv=None):
         args = get_args(argv)
         ckpt, settings = run_settings(args)  # a bare model's flags go through train.py's checks
         task = train.build_task(settings)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: the prompts are shared out (sample_conditions)
+            train.setup_distributed(settings)
         policy = train.build_policy(settings, task, ckpt, with_reference=args.fidelity_n > 0)
+        if conditions.runs_conditional(settings, task):  # a prompt per condition, measured per condition
+            return sample_conditions.run(args, settings, task, policy, ckpt, task_metrics, write_csv, CSV_COLUMNS)
+        if args.prompts:
+            raise TaskError("--prompts: this run has no conditions (it was trained on one prompt, --prompt)")
+        args.n = args.n or 3200
     except (ModelError, TaskError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -97,7 +97,7 @@ def test_log_z_in_bf16_stalls_at_two_to_the_minus_4():
         args = settings("--conventions", "authors", "--log-z-dtype", dtype)
         log_z = conventions.make_log_z(args, "cpu")
         weight = torch.nn.Parameter(torch.zeros(3))
-        optimizer = conventions.make_optimizer(args, [weight], log_z)
+        optimizer = conventions.make_optimizer(args, [weight], [log_z])
         assert optimizer.param_groups[1]["lr"] == 1e-4 and optimizer.param_groups[1]["weight_decay"] == 0.01
         for step in range(1, 1101):
             optimizer.zero_grad()

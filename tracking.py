@@ -13,6 +13,8 @@ import secrets
 import sys
 import time
 
+import condition_fidelity
+import conditions
 import fidelity
 from model import ModelError
 
@@ -36,6 +38,9 @@ def log_step(log_file, metrics):
 def evaluate(args, task, policy, log_z, step):
     """The distance to the target after `step` steps (fidelity.measure), with what it cost. Its samples come from
     a forked RNG, so a run with evaluations trains exactly as one without."""
+    if isinstance(policy, conditions.ConditionalPolicy):  # per condition, averaged over each split (METHOD.md §11.4)
+        return condition_fidelity.evaluate(args, task, policy, log_z, step,
+                                           lambda c: conditions.learned_log_z(args, log_z, policy, c))
     start = time.perf_counter()
     n = args.eval_n if step != args.steps else max(args.eval_n, getattr(args, "eval_n_final", args.eval_n))
     f = fidelity.measure(policy, task, args.kappa, args.lam, n, log_z.item(), seed=args.seed + step,
@@ -59,6 +64,10 @@ def save_curves(out):
               f"python plot.py {out} draws it", file=sys.stderr)
 
 
+def format_fidelity(f, explain=False):
+    return (condition_fidelity if f.get("conditional") else fidelity).format_fidelity(f, explain)
+
+
 def report_fidelity(log_path, seconds):
     """The first and the last measurement of the run, and the share of the run they took."""
     with open(log_path) as f:
@@ -66,7 +75,7 @@ def report_fidelity(log_path, seconds):
     if not rows:
         return
     for name, row in (("start", rows[0]), ("end", rows[-1])) if len(rows) > 1 else (("end", rows[0]),):
-        print(f"{name} (step {row['step']}): " + fidelity.format_fidelity(row, explain=name == "end"))
+        print(f"{name} (step {row['step']}): " + format_fidelity(row, explain=name == "end"))
     print(f"measuring took {sum(r['eval_seconds'] for r in rows):.0f} s of this run's {seconds:.0f} s")
 
 

@@ -24,20 +24,22 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import conditions
 import conventions
 import fidelity
 import losses
 import model as modellib
 import rewards
 import rl_losses
-from batches import estimate_log_z, get_batch, linear, score_rows, to_items
+from batches import estimate_log_z, get_batch, linear, score_rows, scored, to_items
 from checkpoint import (load_rank_state, non_finite_loss, resume_args, save_checkpoint, stop_on_ctrl_c,
                         stop_requested)
 from checkpoint import MEASURE_ONLY, RUN_ONLY, STOP, find_checkpoint, load_state  # noqa: F401 (sample.py, tests)
 from distributed import (average_across_ranks, enable_grad_ckpt, fsdp_average_and_clip, load_optimizer,
                          setup_distributed, shard, shared_coin)
 from replay import make_buffer
-from tracking import eval_due, evaluate, log_step, report_fidelity, save_curves, trackers, tracking_problem
+from tracking import (eval_due, evaluate, format_fidelity, log_step, report_fidelity, save_curves, trackers,
+                      tracking_problem)
 
 # the paper's optimisation settings (SMILES), used for every flag left unset that the task's defaults do not set
 PAPER_DEFAULTS = dict(steps=5000, batch_size=32, grad_accum=4, lr=1e-4)
@@ -62,8 +64,14 @@ def make_parser():
     a("--model", default=None, help="hub name or local folder (default: the task's; 'prior' is the embedded SMILES GPT-2)")
     a("--lora", action="store_true", help="train LoRA adapters (r=16, alpha=16, dropout 0.1) instead of all weights")
     a("--trust-remote-code", action="store_true")
-    a("--prompt", default="", help="text before the generated part (the embedded prior uses BOS only)")
+    a("--prompt", default="", help="text before the generated part (the embedded prior uses BOS only); with "
+      "conditions, before each condition's text")
+    a("--prompts", default=None, help="a file of prompts, one per line, to train on: each is a condition (METHOD.md "
+      "§11); your own score function gets them if it takes a `prompts` argument (TRL's convention)")
+    a("--heldout-prompts", default=None, help="with --prompts: prompts never trained on, measured beside them")
     a("--scaffold", default=rewards.PAPER_SCAFFOLD, help="SMILES with one '*' to fill; '' for whole molecules")
+    a("--scaffolds", default=None, help="a file of scaffolds (one SMILES with one '*' per line, a tab and 'heldout' "
+      "marking held-out ones): each is a condition (METHOD.md §11.5; data/scaffolds.tsv ships a MOSES set)")
     a("--attach", default="graph", choices=["graph", "string"],
       help="join the side chain to the scaffold on the molecular graph, or paste the string as the paper does")
     a("--no-smiles-mask", action="store_true", help="sample and train without the SMILES syntax mask (grammar.py: "
@@ -126,6 +134,13 @@ def make_parser():
     a("--paper", action="store_true", help="the paper's settings for every flag left unset: constant eta and learning "
       "rate (the defaults differ only there; see OURS and PAPER at the top of train.py; --conventions authors "
       "implies them)")
+    a("--log-z", dest="log_z_mode", default=None, choices=["scalar", "head", "batch"],
+      help="logZ: one learned scalar (default for a single prompt); head: logZ(c) learned from the prompt's last "
+      "hidden state (default with conditions); batch: no learned logZ, the mean of log R - log q over each "
+      "condition's k samples (VarGrad), which is log Z(c) - KL(q||p*) in expectation, so biased low while q is "
+      "far from p* (METHOD.md §11.2)")
+    a("--samples-per-prompt", type=int, default=None, help="k: each batch holds batch-size / k conditions x k "
+      "samples (default: the task's, else the whole batch); --log-z batch needs k >= 2 to compare samples")
     a("--log-z-init", type=conventions.log_z_init, default=None,
       help="initial logZ, or 'estimate' (default): the importance-sampling estimate log mean exp(log R - log q) of one batch")
     a("--weight-decay", type=float, default=0.01)
@@ -141,6 +156,8 @@ def make_parser():
     a("--eval-n", type=int, default=256, help="policy samples (and as many reference samples) per measurement")
     a("--eval-n-final", type=int, default=1000, help="samples for the measurement at the end: at 256 + 256 a few "
       "invalid samples decide the estimate and its interval covers the truth about half the time (RESULTS.md)")
+    a("--eval-prompts", type=int, default=32, help="with conditions: the prompts of each split measured (spread "
+      "over the split, the same each time; 0: all), to keep a measurement to seconds")
     a("--wandb", default=None, metavar="PROJECT", help="also log metrics.jsonl's scalars to this Weights & Biases "
       "project (pip install wandb; WANDB_MODE=offline needs no account); metrics.jsonl stays the record")
     a("--tensorboard", action="store_true", help="also write them as TensorBoard events to OUT/tensorboard "
@@ -197,8 +214,8 @@ def check_args(p, args, explicit=()):
             p.error(f"--{name.replace('_', '-')} must be positive")
     if min(args.eta, args.eta_end, args.rho, args.weight_decay) < 0 or args.grad_clip <= 0:
         p.error("--eta, --eta-end, --rho and --weight-decay must be >= 0 and --grad-clip > 0")
-    for problem in (conventions.problem(args), device_problem(args.device), out_problem(args.out), tracking_problem(args),
-                    context_problem(args)):
+    for problem in (conditions.flag_problem(args, task), conventions.problem(args), device_problem(args.device),
+                    out_problem(args.out), tracking_problem(args), context_problem(args, task)):
         if problem:
             p.error(problem)
 
@@ -225,12 +242,14 @@ def out_problem(out):
         return f"--out {out!r} cannot be created or written ({parent!r} is not a writable folder)"
 
 
-def context_problem(args):
-    """BOS + prompt + --max-len tokens must fit the model's positions, read from its config without the weights.
-    No check when the config cannot be read here (offline, not a model): loading the model says why later."""
+def context_problem(args, task=None):
+    """BOS + prompt + --max-len tokens must fit the model's positions, read from its config without the weights
+    (with conditions, the longest condition's prompt). No check when the config cannot be read here (offline, not
+    a model): loading the model says why later."""
     from transformers import AutoConfig, AutoTokenizer
+    texts = [args.prompt + c for c in conditions.all_conditions(task)] or [args.prompt]
     if args.model is None:  # the task's scratch model, one token per character, built by run()
-        n, prompt = inspect.signature(modellib.build_scratch_model).parameters["n_positions"].default, len(args.prompt)
+        n, prompt = inspect.signature(modellib.build_scratch_model).parameters["n_positions"].default, max(map(len, texts))
         charset = build_task(args).charset or ()  # the scratch model's vocabulary
         unknown = [c for c in dict.fromkeys(args.prompt) if c not in charset]
     else:
@@ -239,7 +258,7 @@ def context_problem(args):
             config = AutoConfig.from_pretrained(path, trust_remote_code=remote).get_text_config()
             n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
-            prompt = len(tokenizer(args.prompt, add_special_tokens=False).input_ids) if args.prompt else 0
+            prompt = max(len(tokenizer(t, add_special_tokens=False).input_ids) if t else 0 for t in texts)
             unknown = unknown_text(tokenizer, args.prompt)
         except Exception:
             return None
@@ -266,10 +285,17 @@ def unknown_text(tokenizer, text):
 
 
 def build_task(args):
+    if getattr(args, "scaffolds", None):
+        if args.task != "smiles":
+            raise rewards.TaskError(f"--scaffolds is for --task smiles, not {args.task!r}")
+        import scaffolds
+        task = scaffolds.scaffold_task(args.scaffolds, getattr(args, "attach", "graph"))
+        return conditions.with_prompt_files(task, getattr(args, "prompts", None), getattr(args, "heldout_prompts", None))
     task = rewards.load_task(args.task, scaffold=args.scaffold, attach=getattr(args, "attach", "graph"),
                              charset=getattr(args, "charset", None),  # getattr: checkpoints older than the flags,
                              smiles_mask=not getattr(args, "no_smiles_mask", True))  # which had no SMILES mask
-    return conventions.task_for(args, task)  # --expr24-target authors: their digits and reward
+    task = conventions.task_for(args, task)  # --expr24-target authors: their digits and reward
+    return conditions.with_prompt_files(task, getattr(args, "prompts", None), getattr(args, "heldout_prompts", None))
 
 
 def build_policy(args, task, ckpt=None, with_reference=True):
@@ -330,39 +356,45 @@ def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
     for group, base in zip(optimizer.param_groups, (args.lr, args.lr_logz)):
         group["lr"] = base * lr_factor(args, step / args.steps)  # the last step keeps a small, non-zero rate
     optimizer.zero_grad(set_to_none=True)
-    rows, batches, cpu_start = [], [], time.process_time()
+    rows, kept, cpu_start = [], [], time.process_time()
+    conditional = isinstance(policy, conditions.ConditionalPolicy)
     for i in range(args.grad_accum):
-        tokens, lengths, source, *items = get_batch(args, task, policy, buffer, rng, frac, shared_coin(args, step, i))
-        log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, *items)
-        log_pf, log_pterm = conventions.log_probs(args, policy, tokens, lengths)
-        rl = rl_losses.batch_knobs(args.loss, policy, tokens, lengths, final)  # {} for the GFlowNet losses
-        loss, stats = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, log_z,
-                                          **loss_knobs(args, frac), **rl)
-        (loss / args.grad_accum).backward()
-        if args.loss == "grpo" and args.grpo_epochs > 1:  # kept for the inner epochs, with q_old = this pass
-            batches.append((tokens, lengths, log_r, u, dict(rl, old_log_pf=log_pf.detach(), old_log_pterm=log_pterm.detach())))
-        if source == "policy" and buffer is not None:
-            items = to_items(task, tokens, lengths, texts, final, log_ref, scores)
-            buffer.add(conventions.buffer_items(args, items, scores, log_r, lengths))
-        valid = torch.tensor([task.is_valid(t) for t in texts], dtype=torch.float)
-        rows.append(dict(loss=loss.item(), reward=final.mean().item(), validity=valid.mean().item(),
-                         length=lengths.float().mean().item(), replay=float(source == "replay"),
-                         # the task's cost: sequences and prefix texts scored (a replayed batch reuses its scores)
-                         objects_scored=float(len(lengths)) * (source == "policy"),
-                         prefixes_scored=float((lengths + 1).sum()) * (source == "policy"),
-                         log_pstop_final=log_pterm.detach().gather(1, lengths[:, None]).mean().item(),
-                         **{k: float(v) for k, v in stats.items()}))
+        coin, knobs = shared_coin(args, step, i), loss_knobs(args, frac)
+        rows.append(conditions.micro_batch(args, task, policy, buffer, log_z, rng, frac, coin, knobs) if conditional
+                    else micro_batch(args, task, policy, buffer, log_z, rng, frac, coin, knobs, kept))
     grad_norm = optimizer_step(args, optimizer, log_z)
-    inner_epochs(args, policy, log_z, optimizer, batches, frac)
+    inner_epochs(args, policy, log_z, optimizer, kept, frac)
     metrics = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     metrics = dict(zip(metrics, average_across_ranks([torch.tensor(list(metrics.values()), dtype=torch.float64)])[0].tolist()))
     if args.loss == "dpg":  # its running Z estimate rides in log_z, which every checkpoint saves
         rl_losses.update_running_log_z(log_z, metrics["dpg_weight_mean"], step)
     scale = len(rows) * (dist.get_world_size() if dist.is_initialized() else 1)  # per step over all ranks, not means
     metrics.update({k: metrics[k] * scale for k in ("objects_scored", "prefixes_scored")})
+    log_z_value = metrics.pop("log_z") if "log_z" in metrics else log_z.item()  # with conditions: the batch's mean
     knobs = loss_knobs(args, frac)
-    return dict(step=step + 1, **metrics, log_z=log_z.item(), grad_norm=grad_norm.item(), k_min=knobs["k_min"],
+    return dict(step=step + 1, **metrics, log_z=log_z_value, grad_norm=grad_norm.item(), k_min=knobs["k_min"],
                 eta=knobs["eta"], lr=optimizer.param_groups[0]["lr"], cpu_seconds=time.process_time() - cpu_start)
+
+
+def micro_batch(args, task, policy, buffer, log_z, rng, frac, coin, knobs, kept):
+    """One batch: draw it, score it, loss and backward, refresh the buffer; returns its metrics. GRPO's batches are
+    kept in `kept` for its inner epochs, with q_old = this pass."""
+    tokens, lengths, source, *items = get_batch(args, task, policy, buffer, rng, frac, coin)
+    log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, *items)
+    log_pf, log_pterm = conventions.log_probs(args, policy, tokens, lengths)
+    rl = rl_losses.batch_knobs(args.loss, policy, tokens, lengths, final)  # {} for the GFlowNet losses
+    loss, stats = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, log_z, **knobs, **rl)
+    (loss / args.grad_accum).backward()
+    if args.loss == "grpo" and args.grpo_epochs > 1:
+        kept.append((tokens, lengths, log_r, u, dict(rl, old_log_pf=log_pf.detach(), old_log_pterm=log_pterm.detach())))
+    if source == "policy" and buffer is not None:
+        items = to_items(task, tokens, lengths, texts, final, log_ref, scores)
+        buffer.add(conventions.buffer_items(args, items, scores, log_r, lengths))
+    valid = torch.tensor([task.is_valid(t) for t in texts], dtype=torch.float)
+    return dict(loss=loss.item(), reward=final.mean().item(), validity=valid.mean().item(),
+                length=lengths.float().mean().item(), replay=float(source == "replay"),
+                **scored(source, lengths), log_pstop_final=log_pterm.detach().gather(1, lengths[:, None]).mean().item(),
+                **{k: float(v) for k, v in stats.items()})
 
 
 def inner_epochs(args, policy, log_z, optimizer, batches, frac):
@@ -410,18 +442,25 @@ def run(args):
             dist.barrier()
     torch.manual_seed(args.seed)  # the same starting weights (and LoRA init) on every rank ...
     policy = build_policy(args, task, ckpt)
+    conditional = conditions.runs_conditional(args, task)  # a task with conditions, or --log-z head|batch
+    if conditional:
+        task, policy, buffer, (log_z, z_params) = conditions.build(args, task, policy)
     random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)  # ... but each rank its own samples
     rng = np.random.default_rng(args.seed + rank)
-    buffer = build_buffer(args, task)
-    log_z = conventions.make_log_z(args, policy.device)
-    optimizer = conventions.make_optimizer(args, [p for p in policy.model.parameters() if p.requires_grad], log_z)
+    if not conditional:
+        buffer = build_buffer(args, task)
+        log_z = conventions.make_log_z(args, policy.device)
+        z_params = [log_z]
+    optimizer = conventions.make_optimizer(args, [p for p in policy.model.parameters() if p.requires_grad], z_params)
     step = 0
     if state is not None:
         step = state["step"]
         with torch.no_grad():
-            log_z.copy_(state["log_z"])
+            log_z.load_state_dict(state["log_z"]) if isinstance(log_z, torch.nn.Module) else log_z.copy_(state["log_z"])
         load_optimizer(args, policy, log_z, optimizer, state["optimizer"])
         load_rank_state(state["ranks"][rank], buffer, rng)
+    elif conditional:
+        conditions.init_log_z(args, log_z, task, policy)
     else:
         with torch.no_grad():
             log_z.fill_(args.log_z_init if args.log_z_init is not None else estimate_log_z(args, task, policy))
@@ -444,7 +483,7 @@ def run(args):
             if rank == 0:
                 log_step(log_file, dict(step=0, **first))
                 track(dict(step=0, **first))
-                print(fidelity.format_fidelity(first))
+                print(format_fidelity(first))
         kl = {}
         bar = tqdm(range(step, args.steps), initial=step, total=args.steps, dynamic_ncols=True, disable=rank != 0)
         for step in bar:

@@ -1,0 +1,420 @@
+"""
+Conditions (METHOD.md §11): tasks whose prompt varies. A conditional task carries `conditions`, a dict of splits
+{"train": [prompt texts], "heldout": [...]}, and `given(prompt)`, the task of one condition (its score, validity,
+canonical form, state mask, ...), which follows rewards.Task's protocol like any unconditional task. A batch holds
+m conditions x k samples; the policy and the reference read each row's condition in its prompt (BOS + --prompt +
+the condition's text), and each row's log R, logZ and replay buffer are its condition's.
+
+Rows whose prompts have the same number of tokens are sampled and teacher-forced together (the prompt is then an
+[n, P] tensor, model.Policy.with_prompts), so nothing is padded: every row sees exactly the ids it would see alone,
+and the GPT-2 fast decoder still applies. Prompts of different lengths go in separate passes.
+
+A task without conditions never comes here (train.py's unconditional path is unchanged), except with
+--log-z head|batch, which runs it as a task with one condition, its --prompt.
+"""
+import inspect
+import math
+
+import numpy as np
+import torch
+
+import losses
+import model as modellib
+import rewards
+from batches import cached_rows, from_items, linear, scored, to_items
+from distributed import average_across_ranks, replay_ready
+from logz import LogZHead, batch_log_z, hidden_size  # noqa: F401 (conditions.LogZHead etc. for callers)
+from replay import make_buffer
+
+
+def is_conditional(task):
+    return getattr(task, "conditions", None) is not None
+
+
+class OnePrompt:
+    """An unconditional task seen as a conditional one with a single condition, the empty text (so the prompt is
+    BOS + --prompt, as before): what --log-z head|batch need to run on it."""
+
+    def __init__(self, task):
+        self.task, self.conditions = task, dict(train=[""], heldout=[])
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def given(self, prompt):
+        return self.task
+
+
+def as_conditional(task):
+    return task if is_conditional(task) else OnePrompt(task)
+
+
+def all_conditions(task):
+    """Every condition of every split (none for an unconditional task)."""
+    return [c for split in (task.conditions.values() if is_conditional(task) else ()) for c in split]
+
+
+def read_prompts(path):
+    """One prompt per line, as written (blank lines skipped)."""
+    try:
+        with open(path) as f:
+            prompts = [line.rstrip("\r\n") for line in f if line.strip()]
+    except OSError as e:
+        raise rewards.TaskError(f"cannot read prompts file {path!r}: {e.strerror}") from None
+    if not prompts:
+        raise rewards.TaskError(f"prompts file {path!r} holds no prompt")
+    return list(dict.fromkeys(prompts))
+
+
+def prompt_parameter(fn):
+    """How a score function takes prompts: "required", "optional" (a default or **kwargs) or None."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    if "prompts" in params:
+        return "required" if params["prompts"].default is inspect.Parameter.empty else "optional"
+    return "optional" if any(p.kind is p.VAR_KEYWORD for p in params.values()) else None
+
+
+class PromptSet:
+    """A task trained on the prompts of a file (train.py --prompts) and measured on those of another
+    (--heldout-prompts). Each prompt's task is the task's own `given` for a conditional task; for a score function
+    that takes `prompts`, that function called with the prompt of every text (TRL's convention); else the task
+    itself (a reward that does not read the prompt)."""
+
+    def __init__(self, task, train, heldout=()):
+        self.task, self.conditions, self._given = task, dict(train=list(train), heldout=list(heldout)), {}
+        for prompt in self.conditions["train"] + self.conditions["heldout"]:
+            self.given(prompt)  # a prompt the task refuses fails here, before any work
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def given(self, prompt):
+        if prompt not in self._given:
+            task = self.task
+            if is_conditional(task):
+                task = task.given(prompt)
+            elif isinstance(task, rewards.ScoreFunctionTask) and prompt_parameter(task.fn):
+                fn = task.fn
+                task = rewards.ScoreFunctionTask(lambda texts: fn(texts, prompts=[prompt] * len(texts)), task.name,
+                                                 task.charset)
+            self._given[prompt] = task
+        return self._given[prompt]
+
+
+def with_prompt_files(task, train=None, heldout=None):
+    if train is None:
+        if heldout is not None:
+            raise rewards.TaskError("--heldout-prompts needs --prompts (the prompts to train on)")
+        if isinstance(task, rewards.ScoreFunctionTask) and prompt_parameter(task.fn) == "required":
+            raise rewards.TaskError(f"score function {task.name} takes prompts: give them with --prompts FILE")
+        return task
+    return PromptSet(task, read_prompts(train), read_prompts(heldout) if heldout else ())
+
+
+def runs_conditional(args, task):
+    return is_conditional(task) or getattr(args, "log_z_mode", None) in ("head", "batch")  # None: older runs
+
+
+def flag_problem(args, task):
+    """Fills --log-z and --samples-per-prompt; says why the conditional flags do not fit (None if they do)."""
+    conditional = is_conditional(task)
+    if args.log_z_mode is None:
+        args.log_z_mode = "head" if conditional else "scalar"
+    if args.samples_per_prompt is None:
+        args.samples_per_prompt = args.batch_size if not conditional else min(args.batch_size, 8)
+    k = args.samples_per_prompt
+    if args.log_z_mode == "scalar" and conditional:
+        return "--log-z scalar: each condition has its own Z(c); use --log-z head or --log-z batch"
+    if k < 1 or args.batch_size % k:
+        return f"--samples-per-prompt {k} must divide --batch-size {args.batch_size}"
+    if args.log_z_mode == "batch" and k < 2:
+        return "--log-z batch needs --samples-per-prompt >= 2 (one sample's estimate is its own log R - log q)"
+    if args.eval_prompts < 0:
+        return "--eval-prompts must be >= 0"
+    if args.fsdp and runs_conditional(args, task):
+        return "--fsdp runs one prompt: conditions and --log-z head|batch are not supported with it yet"
+    return None
+
+
+def build(args, task, policy):
+    """The conditional run's task, policy, replay buffer and logZ (with its parameters)."""
+    task = as_conditional(task)
+    policy = ConditionalPolicy(policy, task, args.prompt)
+    buffer = None if args.replay == "none" else ConditionalBuffer(args.replay, args.buffer_size, task.similarity)
+    return task, policy, buffer, make_log_z(args, policy)
+
+
+# ----------------------------------------------------------------------------- the policy over conditions
+
+class ConditionalPolicy:
+    """A model.Policy whose rows each carry a condition: sample / log_probs / log_ref_stop take the rows'
+    conditions (prompt texts) and run one pass per prompt length. Everything else (model, tokenizer, texts, ...)
+    is the wrapped Policy's. `template` (train.py --prompt) is put before every condition's text."""
+
+    def __init__(self, policy, task, template=""):
+        self.policy, self.task, self.template = policy, task, template
+        self._ids, self._masks, self.ref_cache = {}, {}, {}  # ref_cache: condition_fidelity's log P_ref tables
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+    def prompt_ids(self, condition):
+        if condition not in self._ids:
+            self._ids[condition] = self.policy.encode_prompt(self.template + condition)
+        return self._ids[condition]
+
+    def _mask(self, condition):
+        if condition not in self._masks:
+            given = self.task.given(condition).state_mask
+            self._masks[condition] = modellib.state_mask_for(given, self.policy.action_texts, self.policy.max_len)
+        return self._masks[condition]
+
+    def view(self, conditions):
+        """A Policy for rows with these conditions (one per row, all of one prompt length)."""
+        ids = torch.tensor([self.prompt_ids(c) for c in conditions])
+        if len(set(conditions)) == 1:
+            return self.policy.with_prompts(ids[0], self._mask(conditions[0]))
+        rows_mask = getattr(self.task, "rows_mask", None)
+        if rows_mask is not None:
+            return self.policy.with_prompts(ids, rows_mask(self.policy.action_texts, conditions))
+        return self.policy.with_prompts(ids, self._rows_mask(conditions))
+
+    def _rows_mask(self, conditions):
+        """Each row's condition's own mask, called once per condition."""
+        parts = [(self._mask(c), torch.tensor([i for i, x in enumerate(conditions) if x == c]))
+                 for c in dict.fromkeys(conditions)]
+        if all(fn is None for fn, _ in parts):
+            return None
+
+        def allowed(prev, k):
+            out = torch.ones(len(prev), len(self.policy.actions), dtype=torch.bool, device=prev.device)
+            for fn, rows in parts:
+                if fn is not None:
+                    rows = rows.to(prev.device)
+                    out[rows] = fn(prev[rows], k)
+            return out
+        return allowed
+
+    def groups(self, conditions):
+        """Row indices by prompt length, in order of first appearance."""
+        by_length = {}
+        for i, c in enumerate(conditions):
+            by_length.setdefault(len(self.prompt_ids(c)), []).append(i)
+        return [torch.tensor(rows) for rows in by_length.values()]
+
+    def sample(self, conditions, temperature=1.0, reference=False):
+        """One sample per entry of `conditions`: tokens [n, L_max], lengths [n], log_q [n, T] (Policy.sample)."""
+        n, T = len(conditions), self.policy.max_len + 1
+        tokens = torch.full((n, self.policy.max_len), self.policy.eos, device=self.policy.device)
+        lengths = torch.zeros(n, dtype=torch.long, device=self.policy.device)
+        log_q = torch.zeros(n, T, device=self.policy.device)
+        for rows in self.groups(conditions):
+            t, l, q = self.view([conditions[i] for i in rows]).sample(len(rows), temperature, reference)
+            rows = rows.to(tokens.device)
+            tokens[rows], lengths[rows], log_q[rows] = t, l, q
+        return tokens, lengths, log_q
+
+    def log_probs(self, tokens, lengths, conditions, reference=False):
+        """Policy.log_probs with each row's prompt: log_pf, log_pterm [B, T]."""
+        groups = self.groups(conditions)
+        if len(groups) == 1:
+            return self.view(conditions).log_probs(tokens, lengths, reference)
+        out = [None, None]
+        for rows in groups:
+            rows = rows.to(tokens.device)
+            parts = self.view([conditions[i] for i in rows.tolist()]).log_probs(tokens[rows], lengths[rows], reference)
+            for j, part in enumerate(parts):
+                if out[j] is None:
+                    out[j] = part.new_zeros(len(tokens), part.shape[1])
+                out[j] = out[j].index_put((rows,), part)  # out of place: autograd sees every group
+        return tuple(out)
+
+    @torch.no_grad()
+    def log_ref_stop(self, tokens, lengths, conditions):
+        log_pf, log_pterm = self.log_probs(tokens, lengths, conditions, reference=True)
+        return torch.cumsum(log_pf, 1) - log_pf + log_pterm
+
+    def prompt_states(self, conditions):
+        """The policy network's last hidden state at the last prompt position of each condition, [n, E] (with
+        gradient): what the logZ head reads."""
+        unique = list(dict.fromkeys(conditions))
+        states = {}
+        for rows in self.groups(unique):
+            ids = torch.tensor([self.prompt_ids(unique[i]) for i in rows], device=self.policy.device)
+            with self.policy._autocast():
+                hidden = self.policy.model(input_ids=ids, output_hidden_states=True).hidden_states[-1][:, -1]
+            states.update({unique[i]: h for i, h in zip(rows.tolist(), hidden.float())})
+        return torch.stack([states[c] for c in conditions])
+
+
+def row_log_z(args, log_z, policy, conditions, log_pf, log_pterm, log_r, lengths):
+    """Each row's logZ for the losses: the head's value for its condition, or the batch estimate."""
+    if args.log_z_mode == "batch":
+        return batch_log_z(conditions, log_pf, log_pterm, log_r, lengths)
+    return log_z(policy.prompt_states(conditions))
+
+
+def make_log_z(args, policy):
+    """The learned part of logZ and its parameters (logZ's own optimiser group): the head, or for --log-z batch
+    the unused scalar that keeps the optimiser's and the checkpoint's layout."""
+    if args.log_z_mode == "head":
+        head = LogZHead(hidden_size(policy)).to(policy.device)
+        return head, list(head.parameters())
+    log_z = torch.nn.Parameter(torch.zeros((), device=policy.device))
+    return log_z, [log_z]
+
+
+def init_log_z(args, log_z, task, policy):
+    """The head's bias starts at --log-z-init, else at the mean over one batch's conditions of the
+    importance-sampling estimate log mean exp(log R - log q) from k samples each (batches.estimate_log_z)."""
+    if args.log_z_mode != "head":
+        return
+    value = args.log_z_init
+    if value is None:
+        conditions = draw_conditions(args, task, np.random.default_rng(args.seed))
+        tokens, lengths, log_q = policy.sample(conditions)
+        log_r = score_rows(args, task, policy, tokens, lengths, None, conditions)[0]
+        log_w = log_r.gather(1, lengths[:, None]).squeeze(1).double() - log_q.sum(1).double()
+        per = [torch.logsumexp(log_w[[i for i, x in enumerate(conditions) if x == c]], 0)
+               - math.log(conditions.count(c)) for c in dict.fromkeys(conditions)]
+        value = average_across_ranks([torch.stack(per).mean().cpu()])[0].item()
+    with torch.no_grad():
+        log_z.linear.bias.fill_(value)
+
+
+def learned_log_z(args, log_z, policy, conditions):
+    """logZ(c) of the learned head for each condition (None without a head), for the meter."""
+    if args.log_z_mode != "head":
+        return [None] * len(conditions)
+    with torch.no_grad():
+        return log_z(policy.prompt_states(conditions)).tolist()
+
+
+# ----------------------------------------------------------------------------- batches
+
+def draw_conditions(args, task, rng):
+    """m = batch_size / k training conditions (without replacement when the split has enough), k rows each."""
+    train = task.conditions["train"]
+    m = args.batch_size // args.samples_per_prompt
+    picks = rng.choice(len(train), size=m, replace=m > len(train))
+    return [train[i] for i in picks for _ in range(args.samples_per_prompt)]
+
+
+def prefix_scores(task, policy, tokens, lengths, conditions):
+    """rewards.prefix_scores with each row's condition's own task, [B, T] float64."""
+    scores = torch.zeros(len(tokens), policy.max_len + 1, dtype=torch.float64)
+    for c in dict.fromkeys(conditions):
+        rows = torch.tensor([i for i, x in enumerate(conditions) if x == c])
+        scores[rows] = rewards.prefix_scores(task.given(c), policy.token_texts, tokens[rows.to(tokens.device)],
+                                             lengths[rows.to(lengths.device)], policy.max_len)
+    return scores
+
+
+def score_rows(args, task, policy, tokens, lengths, items, conditions):
+    """batches.score_rows for rows with conditions: log R, u, texts, final scores, log_ref, prefix scores."""
+    cached = cached_rows(args, policy, items)
+    if cached is not None:
+        log_ref, scores = cached
+    else:
+        scores = prefix_scores(task, policy, tokens, lengths, conditions).to(policy.device)
+        log_ref = policy.log_ref_stop(tokens, lengths, conditions)
+    log_r, u = rewards.log_reward(log_ref.double(), scores, args.kappa, args.lam)
+    final = scores.gather(1, lengths[:, None]).squeeze(1)
+    return log_r.float(), u.float(), policy.texts(tokens, lengths), final, log_ref, scores
+
+
+def condition_items(task, conditions, tokens, lengths, texts, final, log_ref, scores):
+    """batches.to_items, each row with its condition's task (validity, canonical form, finished object)."""
+    items = [None] * len(texts)
+    for c in dict.fromkeys(conditions):
+        rows = [i for i, x in enumerate(conditions) if x == c]
+        made = to_items(task.given(c), tokens[rows], lengths[rows], [texts[i] for i in rows], final[rows],
+                        log_ref[rows], scores[rows])
+        for i, item in zip(rows, made):
+            items[i] = item
+    return items
+
+
+def get_batch(args, task, policy, buffer, rng, frac, coin=None):
+    """batches.get_batch with conditions: the same replay / temperature choices; a replayed batch is m conditions
+    of the buffer x k of their own items, an on-policy one m drawn training conditions x k samples."""
+    coin = rng if coin is None else coin
+    if replay_ready(args, buffer) and coin.random() < linear(args.p_replay_start, args.p_replay_end, frac):
+        items, conditions = buffer.sample(args.batch_size // args.samples_per_prompt, args.samples_per_prompt, rng)
+        tokens, lengths = from_items(policy, items)
+        return tokens, lengths, "replay", items, conditions
+    temperature = 1.0
+    if coin.random() < args.temp_prob:
+        temperature = coin.uniform(linear(args.t_lo_start, args.t_lo_end, frac), linear(args.t_hi_start, args.t_hi_end, frac))
+    conditions = draw_conditions(args, task, rng)
+    tokens, lengths, _ = policy.sample(conditions, temperature)
+    return tokens, lengths, "policy", None, conditions
+
+
+def micro_batch(args, task, policy, buffer, log_z, rng, frac, coin, knobs):
+    """train.py's micro-batch with conditions: batch, scores, log-probs, each row's logZ, loss and backward, the
+    buffer refresh; returns the micro-batch's metrics (the unconditional ones, with the batch's mean logZ)."""
+    tokens, lengths, source, items, conditions = get_batch(args, task, policy, buffer, rng, frac, coin)
+    log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, items, conditions)
+    log_pf, log_pterm = policy.log_probs(tokens, lengths, conditions)
+    z = row_log_z(args, log_z, policy, conditions, log_pf, log_pterm, log_r, lengths)
+    loss, stats = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, z, **knobs)
+    (loss / args.grad_accum).backward()
+    if source == "policy" and buffer is not None:
+        buffer.add(condition_items(task, conditions, tokens, lengths, texts, final, log_ref, scores), conditions)
+    valid = torch.tensor([task.given(c).is_valid(t) for c, t in zip(conditions, texts)], dtype=torch.float)
+    return dict(loss=loss.item(), reward=final.mean().item(), validity=valid.mean().item(),
+                length=lengths.float().mean().item(), replay=float(source == "replay"), **scored(source, lengths),
+                log_pstop_final=log_pterm.detach().gather(1, lengths[:, None]).mean().item(),
+                **{k: float(v) for k, v in stats.items()}, log_z=z.detach().mean().item())
+
+
+# ----------------------------------------------------------------------------- replay, one buffer per condition
+
+class ConditionalBuffer:
+    """One replay buffer (replay.make_buffer) per condition: an item is deduplicated, selected (SubM's f, RP's
+    ranking) and replayed only among the items of its own condition, each condition with the full capacity."""
+
+    kind = "conditional"
+
+    def __init__(self, kind, capacity, similarity):
+        self.options = dict(kind=kind, capacity=capacity, similarity=similarity)
+        self.buffers = {}
+
+    def _buffer(self, condition):
+        if condition not in self.buffers:
+            self.buffers[condition] = make_buffer(**self.options)
+        return self.buffers[condition]
+
+    def __len__(self):
+        return sum(len(b) for b in self.buffers.values())
+
+    def add(self, items, conditions):
+        for c in dict.fromkeys(conditions):
+            self._buffer(c).add([it for it, x in zip(items, conditions) if x == c])
+
+    def sample(self, m, k, rng):
+        """m conditions that hold items (without replacement when there are enough), k items of each."""
+        ready = [c for c, b in self.buffers.items() if len(b)]
+        if not ready:
+            raise ValueError("sampling from an empty replay buffer")
+        picks = rng.choice(len(ready), size=m, replace=m > len(ready))
+        items, conditions = [], []
+        for i in picks:
+            items += self.buffers[ready[i]].sample(k, rng)
+            conditions += [ready[i]] * k
+        return items, conditions
+
+    def state_dict(self):
+        return dict(kind=self.kind, options=dict(self.options), conditions=list(self.buffers),
+                    buffers=[b.state_dict() for b in self.buffers.values()])
+
+    def load_state_dict(self, d):
+        assert d["kind"] == self.kind, f"state of a {d['kind']!r} buffer loaded into {self.kind!r}"
+        self.options, self.buffers = dict(d["options"]), {}
+        for c, state in zip(d["conditions"], d["buffers"]):
+            self._buffer(c).load_state_dict(state)
+
