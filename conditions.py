@@ -21,6 +21,7 @@ import torch
 import losses
 import model as modellib
 import rewards
+import rl_losses
 from batches import cached_rows, from_items, linear, scored, to_items
 from distributed import average_across_ranks, replay_ready
 from logz import LogZHead, batch_log_z, hidden_size  # noqa: F401 (conditions.LogZHead etc. for callers)
@@ -134,6 +135,11 @@ def flag_problem(args, task):
         return "--log-z batch needs --samples-per-prompt >= 2 (one sample's estimate is its own log R - log q)"
     if args.eval_prompts < 0:
         return "--eval-prompts must be >= 0"
+    if conditional and (args.loss == "dpg" or (args.loss == "grpo" and args.grpo_epochs > 1)):
+        return (f"--loss {args.loss}{' with --grpo-epochs > 1' if args.loss == 'grpo' else ''} runs on one prompt; "
+                f"with conditions use rloo or grpo (one group per condition)")
+    if conditional and args.loss in ("rloo", "grpo") and k < 2:
+        return f"--loss {args.loss} compares each condition's samples: it needs --samples-per-prompt >= 2"
     if args.fsdp and runs_conditional(args, task):
         return "--fsdp runs one prompt: conditions and --log-z head|batch are not supported with it yet"
     return None
@@ -361,7 +367,8 @@ def micro_batch(args, task, policy, buffer, log_z, rng, frac, coin, knobs):
     log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, items, conditions)
     log_pf, log_pterm = policy.log_probs(tokens, lengths, conditions)
     z = row_log_z(args, log_z, policy, conditions, log_pf, log_pterm, log_r, lengths)
-    loss, stats = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, z, **knobs)
+    loss, stats = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, z, **knobs,
+                                      **rl_knobs(args.loss, policy, tokens, lengths, conditions, final))
     (loss / args.grad_accum).backward()
     if source == "policy" and buffer is not None:
         buffer.add(condition_items(task, conditions, tokens, lengths, texts, final, log_ref, scores), conditions)
@@ -370,6 +377,20 @@ def micro_batch(args, task, policy, buffer, log_z, rng, frac, coin, knobs):
                 length=lengths.float().mean().item(), replay=float(source == "replay"), **scored(source, lengths),
                 log_pstop_final=log_pterm.detach().gather(1, lengths[:, None]).mean().item(),
                 **{k: float(v) for k, v in stats.items()}, log_z=z.detach().mean().item())
+
+
+def rl_knobs(name, policy, tokens, lengths, conditions, score):
+    """What an RL baseline takes beyond the batch (rl_losses.batch_knobs), with one group per condition: its k
+    samples share a baseline (RLOO) or an advantage's mean and std (GRPO). {} for the GFlowNet losses."""
+    if name not in rl_losses.LOSSES:
+        return {}
+    ids = {c: i for i, c in enumerate(dict.fromkeys(conditions))}
+    knobs = dict(groups=torch.tensor([ids[c] for c in conditions], device=tokens.device))
+    if name == "grpo":
+        with torch.no_grad():
+            ref_log_pf, ref_log_pterm = policy.log_probs(tokens, lengths, conditions, reference=True)
+        knobs.update(score=score, ref_log_pf=ref_log_pf, ref_log_pterm=ref_log_pterm)
+    return knobs
 
 
 # ----------------------------------------------------------------------------- replay, one buffer per condition

@@ -46,6 +46,16 @@ def _mean(x, exact_q):
     return x.mean() if exact_q is None else (exact_q.to(x.dtype) * x).sum()
 
 
+def _by_group(x, groups):
+    """Each row's group sum and size (groups: [B] ids, one per condition; None: the whole batch is one group)."""
+    if groups is None:
+        return x.sum().expand_as(x), torch.full_like(x, len(x))
+    ids = torch.unique(groups, return_inverse=True)[1].to(x.device)
+    sums = torch.zeros(int(ids.max()) + 1, dtype=x.dtype, device=x.device).index_add(0, ids, x)
+    sizes = torch.zeros_like(sums).index_add(0, ids, torch.ones_like(x))
+    return sums[ids], sizes[ids]
+
+
 def _need_group(name, log_pf, exact_q):
     if exact_q is None and log_pf.shape[0] < 2:
         raise ValueError(f"{name} needs a group of at least 2 samples (got {log_pf.shape[0]})")
@@ -56,19 +66,20 @@ def _check_exact_q(exact_q):
         raise ValueError("exact_q must be detached: it is a weight, not a path for the gradient")
 
 
-def rloo_loss(log_pf, log_pterm, log_r, lengths, exact_q=None):
+def rloo_loss(log_pf, log_pterm, log_r, lengths, exact_q=None, groups=None):
     """REINFORCE with a leave-one-out baseline on the sequence reward r = log R - log q
     (= lambda S + kappa log P_ref - log q):
         loss = -(1/k) sum_i (r_i - b_i) log q(x_i),   b_i = mean_{j != i} r_j.
     Its expected gradient is grad KL(q || p*) (the baseline is independent of x_i), the mode-seeking direction.
-    Under an enumeration the baseline is E_q[r], whose term vanishes in expectation."""
+    Under an enumeration the baseline is E_q[r], whose term vanishes in expectation. With conditions (`groups`, a
+    condition id per row) the leave-one-out mean runs within each condition's k >= 2 samples."""
     _need_group("rloo", log_pf, exact_q)
     _check_exact_q(exact_q)
     log_pf, log_pterm, log_r = _upcast(log_pf, log_pterm, log_r)
     log_q, log_rx = _log_q_and_log_r(log_pf, log_pterm, log_r, lengths)
     r = (log_rx - log_q).detach()
-    k = len(r)
-    baseline = (r.sum() - r) / (k - 1) if exact_q is None else _mean(r, exact_q)
+    total, k = _by_group(r, groups)
+    baseline = (total - r) / (k - 1) if exact_q is None else _mean(r, exact_q)
     loss = -_mean((r - baseline) * log_q, exact_q)
     # E_q[log R - log q] = log Z - KL(q || p*): the ELBO the method climbs
     return loss, {"rloo_elbo": _mean(r, exact_q), "rloo_adv_std": (r - baseline).std(unbiased=False)}
@@ -90,7 +101,7 @@ def dpg_loss(log_pf, log_pterm, log_r, lengths, log_z, exact_q=None):
 
 
 def grpo_loss(log_pf, log_pterm, lengths, score, ref_log_pf, ref_log_pterm, old_log_pf=None, old_log_pterm=None,
-              grpo_clip=0.2, grpo_beta=0.02, grpo_std_norm=True, exact_q=None):
+              grpo_clip=0.2, grpo_beta=0.02, grpo_std_norm=True, exact_q=None, groups=None):
     """GRPO as practitioners run it (Shao et al. 2024), with reward S (`score`, the task score of each row):
         A_i = (S_i - mean S) / (std S + 1e-4)            (grpo_std_norm; off: A_i = S_i - mean S)
         per action t of x_i (tau tokens + the stop), rho = q(a_t | s_t) / q_old(a_t | s_t):
@@ -103,7 +114,8 @@ def grpo_loss(log_pf, log_pterm, lengths, score, ref_log_pf, ref_log_pterm, old_
     (Bessel), as TRL computes it.
     What the k3 term descends: its gradient at a ~ q is (1 - P_ref/q) grad log q, whose expectation is
     grad KL(P_ref(.|s) || q(.|s)) at each visited state s (a forward KL per state), not grad KL(q || P_ref) of
-    the sequence; so even unclipped and unnormalised its fixed point is not p* (METHOD.md §9)."""
+    the sequence; so even unclipped and unnormalised its fixed point is not p* (METHOD.md §9). With conditions
+    (`groups`) the mean and std are each condition's."""
     _need_group("grpo", log_pf, exact_q)
     _check_exact_q(exact_q)
     log_pf, log_pterm, ref_log_pf, ref_log_pterm = _upcast(log_pf, log_pterm, ref_log_pf, ref_log_pterm)
@@ -111,9 +123,10 @@ def grpo_loss(log_pf, log_pterm, lengths, score, ref_log_pf, ref_log_pterm, old_
     ref = _actions(ref_log_pf.detach(), ref_log_pterm.detach(), lengths)[0]
     old = acts.detach() if old_log_pf is None else _actions(*_upcast(old_log_pf, old_log_pterm), lengths)[0].detach()
     s = score.detach().to(acts.dtype)
-    centred = s - _mean(s, exact_q)
+    total, k = _by_group(s, groups)
+    centred = s - (total / k if exact_q is None else _mean(s, exact_q))
     if grpo_std_norm:
-        std = s.std() if exact_q is None else _mean(centred ** 2, exact_q).sqrt()
+        std = (_by_group(centred ** 2, groups)[0] / (k - 1)).sqrt() if exact_q is None else _mean(centred ** 2, exact_q).sqrt()
         adv = centred / (std + STD_EPS)
     else:
         adv = centred

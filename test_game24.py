@@ -215,3 +215,11 @@ def test_bad_conditional_flags_are_one_line(tmp_path, capsys, flags, message):
     assert train.main([*FAST, "--out", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("loss", ["rloo", "grpo"])
+def test_rl_baselines_run_on_the_game24_with_a_group_per_prompt(tmp_path, loss):
+    assert train.main([*FAST, "--loss", loss, "--out", str(tmp_path)]) == 0
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
+    assert train.main([*FAST, "--loss", "dpg", "--out", str(tmp_path / "dpg")]) == 2  # one Z: not per prompt
+

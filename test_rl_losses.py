@@ -136,6 +136,24 @@ def test_grpo_matches_reference(knobs):
     assert all(not v.requires_grad for v in stats.values())
 
 
+@pytest.mark.parametrize("name", ["rloo", "grpo"])
+def test_one_group_per_condition_is_each_condition_alone(name):
+    """With conditions every condition's k samples form their own group: the loss over a batch of three conditions is
+    the size-weighted mean of the loss of each condition's rows on their own (each matched to its loop reference
+    above), in value and gradient."""
+    (log_pf, log_pterm, log_r, lengths, log_z), extra = rl_batch(6, B=9)
+    extra = {k: v for k, v in extra.items() if not k.startswith("old")} if name == "grpo" else {}
+    groups = torch.tensor([2, 0, 1, 0, 2, 1, 1, 0, 2])
+    call = lambda rows, **kw: compute_loss(name, log_pf[rows], log_pterm[rows], log_r[rows], None, lengths[rows], log_z,
+                                           **{k: v[rows] for k, v in extra.items()}, **kw)[0]
+    everything = torch.arange(9)
+    together = call(everything, groups=groups)
+    apart = sum(call(torch.nonzero(groups == g).squeeze(1)) * 3 / 9 for g in range(3))
+    assert_same(together, apart, (log_pf, log_pterm))
+    one = call(everything)  # the test can fail: one group for the whole batch is another loss (in its gradient:
+    assert (grads(together, log_pf)[0] - grads(one, log_pf)[0]).abs().max() > 1e-6  # GRPO's value at rho = 1 is not)
+
+
 def test_rewards_weights_and_log_z_get_no_gradient():
     (log_pf, log_pterm, log_r, lengths, log_z), extra = rl_batch(5)
     extra = {k: v.detach().requires_grad_() for k, v in extra.items()}
