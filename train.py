@@ -1,6 +1,6 @@
 """
 Fine-tune a causal language model as a GFlowNet (METHOD.md §5): it learns to sample sequences in proportion to
-R(x) = P_ref(x)^kappa * exp(lambda * S(x)). Defaults are the paper's SMILES settings.
+R(x) = P_ref(x)^kappa * exp(lambda * S(x)). Defaults are the paper's SMILES settings but for the schedules in OURS.
 
     python train.py --task smiles                                   # embedded prior, CPU is fine
     python train.py --model Qwen/Qwen2.5-0.5B --lora --prompt "..."   # a hub model with LoRA on a GPU
@@ -11,7 +11,6 @@ and `latest`, the name of the newest complete checkpoint.
 """
 import argparse
 import contextlib
-import inspect
 import json
 import math
 import os
@@ -27,7 +26,6 @@ from tqdm import tqdm
 import checks
 import conditions
 import conventions
-import fidelity
 import losses
 import model as modellib
 import rewards
