@@ -56,14 +56,16 @@ def methods_of(task):
 # the distance to the target (KL, TV, missed mass, log Z) from sample.py's fidelity block (METHOD.md §8).
 TARGET = [("KL(q‖p*)", "kl_q_target", 2), ("TV", "tv_target", 3), ("Missed", "missed_mass", 3),
           ("logZ learned", "log_z_learned", 2), ("logZ est.", "log_z_estimate", 2)]
+# the cost, from the training log: sequences sent to the task (replayed ones are not rescored) and CPU seconds
+COST = [("Reward calls", "reward_calls", 0), ("CPU s", "train_cpu_s", 0)]
 COLUMNS = {
     "smiles": [("Acc", "acc", 3), ("Score", "score", 3), ("TokEnt", "tok_ent", 2), ("FPDiv", "fp_div", 3),
                ("Len", "len_mean", 2), ("Uniq", "uniqueness", 3), ("IntDiv", "int_div", 3),
-               ("log P(stop)", "log_pstop_final", 2), *TARGET],
+               ("log P(stop)", "log_pstop_final", 2), *TARGET, *COST],
     "expr24": [("Acc", "acc", 3), ("Unique-correct", "unique_correct", 1), ("NormCov", "norm_cov", 3),
                ("NormCov 3×6400", "norm_cov_authors", 3), ("TokEnt", "tok_ent", 2), ("Len", "len_mean", 2),
                ("q(Sol)", "q_solution_mass", 3), *TARGET,
-               ("KL(p*‖q)", "kl_target_q", 2)],
+               ("KL(p*‖q)", "kl_target_q", 2), *COST],
     # exact, per prompt, averaged over each split's prompts (q(Sol|c) and Acc over the solvable ones)
     "game24": [(f"{name} {split}", f"{split}_{key}", d) for split in ("train", "heldout") for name, key, d in
                [("Acc", "acc", 3), ("q(Sol|c)", "q_solution_mass", 3), ("KL(q‖p*)", "kl_q_target", 2),
@@ -290,7 +292,9 @@ def load_run(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         log = [json.loads(line) for line in f]
     steps = [row for row in log if "loss" in row]
-    return dict(metrics, log_pstop_final=final_log_pstop(steps)), log
+    cost = dict(reward_calls=sum(r.get("objects_scored", 0) for r in steps),
+                train_cpu_s=sum(r.get("cpu_seconds", 0) for r in steps))
+    return dict(metrics, log_pstop_final=final_log_pstop(steps), **cost), log
 
 # ----------------------------------------------------------------------------- plots
 

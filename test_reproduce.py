@@ -145,7 +145,9 @@ def test_tiny_grid_end_to_end(tiny_gpt2, tmp_path, capsys, preforked_children):
     with open(out / "runs" / "TB-s0" / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [0, 1, 2] and all("kl_q_target" in r for r in rows)  # step 0: the start
-    assert "KL(q‖p*)" in table and "logZ est." in table
+    assert "KL(q‖p*)" in table and "logZ est." in table and "Reward calls" in table
+    fresh = sum(6 for r in rows if r.get("replay") == 0.0)  # replayed batches are not rescored
+    assert fresh > 0 and tb["seeds"][0]["reward_calls"] == fresh and tb["seeds"][0]["train_cpu_s"] > 0
     assert all((out / name).stat().st_size > 0 for name in ("lengths.png", "depth.png", "curves.png"))
 
     # a second call finds everything done and only aggregates; other settings in the same folder are refused
