@@ -61,3 +61,20 @@ def tiny_gpt2(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture
+def ctrl_c_after_step(monkeypatch):
+    """ctrl_c_after_step(n) makes train.py stop after step n, as its SIGINT handler would (at a known moment);
+    it returns the function that undoes it."""
+    import train
+    real_log_step = train.log_step
+
+    def arm(n):
+        def log_then_stop(log_file, metrics):
+            real_log_step(log_file, metrics)
+            if metrics["step"] == n:
+                train.STOP["requested"] = True
+        monkeypatch.setattr(train, "log_step", log_then_stop)
+        return lambda: monkeypatch.setattr(train, "log_step", real_log_step)
+    return arm

@@ -71,23 +71,16 @@ def test_bad_input_is_one_line(tmp_path, capsys, case, message):
 
 
 @pytest.mark.curves
-def test_train_draws_curves_at_the_end_and_on_ctrl_c(tiny_gpt2, tmp_path, monkeypatch):
+def test_train_draws_curves_at_the_end_and_on_ctrl_c(tiny_gpt2, tmp_path, ctrl_c_after_step):
     out = tmp_path / "run"
     argv = ["--model", tiny_gpt2, "--out", str(out), "--steps", "3", "--batch-size", "4", "--grad-accum", "1",
             "--max-len", "4", "--min-len", "1", "--k-min-start", "2", "--k-min-end", "1", "--eval-every", "2",
             "--eval-n", "8"]
-    real_log_step = train.log_step
-
-    def ctrl_c_after_step_2(log_file, metrics):  # what the SIGINT handler does, at a known moment
-        real_log_step(log_file, metrics)
-        if metrics["step"] == 2:
-            train.STOP["requested"] = True
-
-    monkeypatch.setattr(train, "log_step", ctrl_c_after_step_2)
+    disarm = ctrl_c_after_step(2)
     assert train.main(argv) == 130
     first = (out / "curves.png").read_bytes()
     assert first.startswith(PNG)
-    monkeypatch.setattr(train, "log_step", real_log_step)
+    disarm()
     assert train.main(["--resume", "--out", str(out), "--steps", "3"]) == 0
     assert (out / "curves.png").read_bytes().startswith(PNG) and (out / "curves.png").read_bytes() != first
     assert np.isfinite([r["kl_q_target"] for r in plot.read_run(str(out)) if "kl_q_target" in r]).all()

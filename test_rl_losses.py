@@ -445,19 +445,12 @@ def test_grpo_inner_epochs_take_more_steps(tiny_gpt2, tmp_path, text_task):
 
 
 @pytest.mark.parametrize("extra", [["--loss", "dpg"], ["--loss", "grpo", "--grpo-epochs", "2"]], ids=["dpg", "grpo"])
-def test_kill_and_resume_is_bit_identical(tiny_gpt2, tmp_path, monkeypatch, extra, text_task):
+def test_kill_and_resume_is_bit_identical(tiny_gpt2, tmp_path, ctrl_c_after_step, extra, text_task):
     args = ["--steps", "4", *extra, *text_task]
     assert run(tiny_gpt2, tmp_path / "straight", *args) == 0
-    real_log_step = train.log_step
-
-    def ctrl_c_after_step_2(log_file, metrics):  # what the SIGINT handler does, at a known moment
-        real_log_step(log_file, metrics)
-        if metrics["step"] == 2:
-            train.STOP["requested"] = True
-
-    monkeypatch.setattr(train, "log_step", ctrl_c_after_step_2)
+    disarm = ctrl_c_after_step(2)
     assert run(tiny_gpt2, tmp_path / "killed", *args) == 130
-    monkeypatch.setattr(train, "log_step", real_log_step)
+    disarm()
     assert train.main(["--resume", "--out", str(tmp_path / "killed"), "--steps", "4", *text_task]) == 0
     assert read_log(tmp_path / "killed") == read_log(tmp_path / "straight")
     paths = [os.path.join(train.find_checkpoint(str(tmp_path / d)), "model.safetensors") for d in ("straight", "killed")]

@@ -60,21 +60,14 @@ def test_training_moves_the_weights_and_logz(tiny_gpt2, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [["--replay", "subm"], ["--lora", "--replay", "prt"]])
-def test_kill_and_resume_is_bit_identical(tiny_llama, tmp_path, monkeypatch, extra):
+def test_kill_and_resume_is_bit_identical(tiny_llama, tmp_path, ctrl_c_after_step, extra):
     args = ["--steps", "4", *extra]
     assert run(tiny_llama, tmp_path / "straight", *args) == 0
 
-    real_log_step = train.log_step
-
-    def ctrl_c_after_step_2(log_file, metrics):  # what the SIGINT handler does, at a known moment
-        real_log_step(log_file, metrics)
-        if metrics["step"] == 2:
-            train.STOP["requested"] = True
-
-    monkeypatch.setattr(train, "log_step", ctrl_c_after_step_2)
+    disarm = ctrl_c_after_step(2)
     assert run(tiny_llama, tmp_path / "killed", *args) == 130
     assert len(read_log(tmp_path / "killed")) == 2
-    monkeypatch.setattr(train, "log_step", real_log_step)
+    disarm()
     assert train.main(["--resume", "--out", str(tmp_path / "killed"), "--steps", "4"]) == 0
 
     assert read_log(tmp_path / "killed") == read_log(tmp_path / "straight")
