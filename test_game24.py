@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import statistics
+import sys
 
 import numpy as np
 import pytest
@@ -63,6 +64,7 @@ def test_the_splits_are_fixed_disjoint_and_stratified():
 
 
 def reference():
+    sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "prior_game24"))  # the recipe's folder
     import game24_prior
     return game24_prior.game24_policy("prior_game24")
 

@@ -3,8 +3,8 @@ The Game of 24's reference (prior_game24/, METHOD.md §11.3): a tiny character-l
 ('1139:') and is fitted by maximum likelihood to uniformly random valid strings of every one of the 495
 conditions, under the task's own state mask, so that P_ref(x|c) is close to uniform over the strings c allows.
 
-    python game24_prior.py fit        # builds prior_game24/ and measures it (a few CPU minutes)
-    python game24_prior.py measure    # the exact distance to uniform, per prompt, of prior_game24/
+    python prior_game24/game24_prior.py fit        # builds prior_game24/ and measures it (a few CPU minutes)
+    python prior_game24/game24_prior.py measure    # the exact distance to uniform, per prompt, of prior_game24/
 
 Uniform per prompt makes the target p*(x|c) ∝ P_ref(x|c) exp(lam S(x, c)) near uniform over each prompt's
 solutions, and equal to P_ref for a prompt without any. All 495 conditions are fitted (the held-out ones too): the
@@ -21,14 +21,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import conditions
-import fidelity
-import model as modellib
-import rewards
-from arithmetic import GAME24_LENGTH, Game24Task, game24_solutions
+OUT = os.path.dirname(os.path.abspath(__file__))  # this recipe sits beside what it makes
+if os.path.dirname(OUT) not in sys.path:  # the trainer's modules, run as a script from this folder
+    sys.path.insert(0, os.path.dirname(OUT))
+import conditions  # noqa: E402
+import fidelity  # noqa: E402
+import model as modellib  # noqa: E402
+import rewards  # noqa: E402
+from arithmetic import GAME24_LENGTH, Game24Task, game24_solutions  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-OUT = os.path.join(HERE, "prior_game24")
 RECIPE = dict(steps=3000, batch_size=256, lr=3e-3, seed=0, n_layer=3, n_embd=64, n_head=4, n_positions=16)
 
 
