@@ -38,10 +38,13 @@ def main(argv=None):
             tokens, lengths, _ = policy.sample(ours.batch)
             masked_pf, masked_stop = sequence_log_probs(policy, tokens, lengths, raw=False)
             raw_pf, raw_stop = sequence_log_probs(policy, tokens, lengths, raw=True)
-            rows.append(np.stack([lengths.numpy(), (masked_pf - raw_pf).numpy(), (masked_stop - raw_stop).numpy()], 1))
-    lengths, d_tokens, d_stop = np.concatenate(rows).T
+            rows.append(np.stack([lengths.numpy(), (masked_pf - raw_pf).numpy(), (masked_stop - raw_stop).numpy(),
+                                  (masked_pf + masked_stop).numpy()], 1))
+    lengths, d_tokens, d_stop, log_ref = np.concatenate(rows).T
     at_max = lengths == args.max_len
     print(f"{task.name}, {len(lengths)} reference samples, L_max {args.max_len}: masked minus raw log P_ref(x), nats")
+    print(f"  the reference's charge: mean length {lengths.mean():.2f}, mean log P_ref(x) {log_ref.mean():.2f}, "
+          f"{log_ref.sum() / (lengths + 1).sum():.2f} per action (tokens and the stop)")
     print(f"  tokens: mean {d_tokens.mean():.2e}, max {d_tokens.max():.2e}")
     print(f"  stop below L_max ({(~at_max).mean():.1%} of samples): mean {d_stop[~at_max].mean() if (~at_max).any() else 0:.2e}")
     print(f"  forced stop at L_max ({at_max.mean():.1%} of samples): mean {d_stop[at_max].mean() if at_max.any() else 0:.2f}, "
