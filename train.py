@@ -144,7 +144,7 @@ def make_parser():
     a("--log-z-init", type=conventions.log_z_init, default=None,
       help="initial logZ, or 'estimate' (default): the importance-sampling estimate log mean exp(log R - log q) of one batch")
     a("--weight-decay", type=float, default=0.01)
-    a("--grad-clip", type=float, default=0.5)
+    a("--grad-clip", type=float, default=0.5, help="clip the global gradient norm to this (the paper's 0.5)")
     a("--seed", type=int, default=0)
     # run
     a("--out", default="out")
