@@ -69,7 +69,8 @@ COLUMNS = {
     # exact, per prompt, averaged over each split's prompts (q(Sol|c) and Acc over the solvable ones)
     "game24": [(f"{name} {split}", f"{split}_{key}", d) for split in ("train", "heldout") for name, key, d in
                [("Acc", "acc", 3), ("q(Sol|c)", "q_solution_mass", 3), ("KL(q‖p*)", "kl_q_target", 2),
-                ("KL(p*‖q)", "kl_target_q", 2), ("TV", "tv_target", 3), ("|logZ−log Z|", "log_z_gap_abs", 2)]],
+                ("KL(p*‖q)", "kl_target_q", 2), ("TV", "tv_target", 3), ("|logZ−log Z|", "log_z_gap_abs", 2)]]
+              + COST,
 }
 # the paper's Table 1 (SMILES, L_max = 10, Llama-3.2-1B): Acc, Score, TokEnt, FPDiv, Len
 PAPER = {"TB": (.998, .717, 2.50, .807, 3.06), "SubTB": (.328, .755, 2.13, .836, 8.35),
