@@ -320,10 +320,10 @@ def test_authors_run_end_to_end(tiny_gpt2, tmp_path):
     assert state["log_z"].dtype == torch.bfloat16 and state["args"]["prefix_root"] == "s0"
 
 
-def test_authors_run_resumes_bit_identically(tiny_llama, tmp_path, monkeypatch):
+def test_authors_run_resumes_bit_identically(tiny_llama, tmp_path, ctrl_c_after_step):
     """The bf16 logZ and its AdamW state go through a checkpoint unchanged (test_train's kill-and-resume check)."""
     import test_train
-    test_train.test_kill_and_resume_is_bit_identical(tiny_llama, tmp_path, monkeypatch,
+    test_train.test_kill_and_resume_is_bit_identical(tiny_llama, tmp_path, ctrl_c_after_step,
                                                      ["--replay", "subm", "--conventions", "authors"])
 
 
