@@ -385,12 +385,8 @@ def rl_knobs(name, policy, tokens, lengths, conditions, score):
     if name not in rl_losses.LOSSES:
         return {}
     ids = {c: i for i, c in enumerate(dict.fromkeys(conditions))}
-    knobs = dict(groups=torch.tensor([ids[c] for c in conditions], device=tokens.device))
-    if name == "grpo":
-        with torch.no_grad():
-            ref_log_pf, ref_log_pterm = policy.log_probs(tokens, lengths, conditions, reference=True)
-        knobs.update(score=score, ref_log_pf=ref_log_pf, ref_log_pterm=ref_log_pterm)
-    return knobs
+    return dict(rl_losses.batch_knobs(name, policy, tokens, lengths, score, conditions),
+                groups=torch.tensor([ids[c] for c in conditions], device=tokens.device))
 
 
 # ----------------------------------------------------------------------------- replay, one buffer per condition

@@ -148,13 +148,14 @@ LOSSES = {"rloo": rloo_loss, "grpo": grpo_loss, "dpg": dpg_loss}
 
 # ----------------------------------------------------------------------------- what the trainer adds for them
 
-def batch_knobs(name, policy, tokens, lengths, score):
+def batch_knobs(name, policy, tokens, lengths, score, *conditions):
     """The tensors beyond the batch contract an RL loss takes: GRPO's reward S and P_ref's per-action log-probs
-    (one more teacher-forced pass of the reference, without gradient). {} for every other loss."""
+    (one more teacher-forced pass of the reference, without gradient). {} for every other loss. A conditional
+    policy's rows pass their conditions on to its log_probs."""
     if name != "grpo":
         return {}
     with torch.no_grad():
-        ref_log_pf, ref_log_pterm = policy.log_probs(tokens, lengths, reference=True)
+        ref_log_pf, ref_log_pterm = policy.log_probs(tokens, lengths, *conditions, reference=True)
     return dict(score=score, ref_log_pf=ref_log_pf, ref_log_pterm=ref_log_pterm)
 
 
