@@ -73,9 +73,8 @@ def make_parser():
       "marking held-out ones): each is a condition (METHOD.md §11.5; data/scaffolds.tsv ships a MOSES set)")
     a("--attach", default="graph", choices=["graph", "string"],
       help="join the side chain to the scaffold on the molecular graph, or paste the string as the paper does")
-    a("--no-smiles-mask", action="store_true", help="sample and train without the SMILES syntax mask (grammar.py: "
-      "balanced branches, paired rings, no stop after a bond; it removes most invalid outputs, each of which costs "
-      "about lambda nats of KL); RDKit judges validity either way")
+    a("--no-smiles-mask", action="store_true", help="sample and train without the SMILES syntax "
+      "mask (grammar.py), which removes most invalid outputs (each costs about lambda nats of KL); RDKit judges validity")
     a("--min-len", type=int, default=None, help="L_min: stop is masked before this many generated tokens (task default)")
     a("--max-len", type=int, default=None, help="L_max: stop is forced after this many generated tokens (task default)")
     a("--kappa", type=float, default=1.0, help="weight of log P_ref in log R")
