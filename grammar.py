@@ -7,6 +7,9 @@ aromaticity, ring sizes); the mask removes what no continuation could repair:
   '(' only after an atom, a ring bond or ')';
 - ring bonds pair: a label opens a ring or closes the open one of that label, right after an atom, a ring bond or a
   bond symbol; '%nn' for two-digit labels;
+- a ring bond joins two atoms not yet bonded: it may not close on the atom that opened it (`C11`), on an atom bonded
+  to it (`C1C1`, `C1(C1)`) or on one it already closes a ring with (`C12CC12`), so every ring has three atoms or more;
+  these are the strings RDKit cannot even parse, and the most common invalid outputs a trained policy drew before;
 - a bond symbol (- = # / \\) only after an atom, a ring bond, '(' or ')' (and at the start of a side chain, which
   follows the attachment atom); '.' only outside branches, after an atom, a ring bond or ')';
 - the stop only with no open branch, ring or bracket atom and not right after a bond symbol, '(' or '.';
@@ -16,6 +19,7 @@ aromaticity, ring sizes); the mask removes what no continuation could repair:
 Tokens are read character by character, so multi-character BPE tokens ("C(=O)", "c1ccccc1") work too; the budget then
 counts a token per open item, which only errs on the cautious side.
 """
+import functools
 from typing import NamedTuple
 
 import torch
@@ -26,15 +30,25 @@ ATOMISH = ("atom", "C", "B", "ring", "close")  # after these a branch, a bond, '
 
 
 class Syntax(NamedTuple):
-    depth: int = 0             # open branches
-    rings: frozenset = frozenset()  # open ring-bond labels
+    """Atoms are numbers, renumbered after every token to the few still referred to (so that prefixes alike in what
+    can follow share a state, and its cached row)."""
+    rings: frozenset = frozenset()  # open ring bonds: (label, the atom that opened it)
     last: str = "start"        # start, atom, C / B (an atom that 'l' / 'r' may extend), bond, open, close, ring, dot
     pending: str = ""          # inside a bracket atom ('['), or reading a '%nn' label ('%', '%d': within one token)
+    atom: int = -1             # the atom a new atom bonds to, and a ring bond's end (-1: none yet, or after '.')
+    near: frozenset = frozenset()  # the atoms a ring bond at `atom` may not reach: itself and those bonded to it
+    roots: tuple = ()          # the atom before each open '(', the attachment point again after its ')'
+
+    @property
+    def depth(self):
+        """Open branches."""
+        return len(self.roots)
 
 
 def advance(state, text, side_chain=True):
     """The syntax state after appending `text`, or None when no continuation can make it a SMILES string."""
-    depth, rings, last, pending = state
+    rings, last, pending, atom, near, roots = state
+    new = 1 + max(_atoms(state), default=-1)
     for c in text:
         if pending == "[":
             if c == "]":
@@ -46,10 +60,14 @@ def advance(state, text, side_chain=True):
             if len(pending) == 1:
                 pending = pending + c
                 continue
-            rings, last, pending = rings ^ {pending[1] + c}, "ring", ""
+            rings, near = _ring_bond(rings, near, atom, pending[1] + c)
+            if rings is None:
+                return None
+            last, pending = "ring", ""
             continue
         if c in ORGANIC or c == "[":
             last, pending = (c if c in "CB" else "atom"), ("[" if c == "[" else "")
+            atom, near, new = new, frozenset({new, atom} - {-1}), new + 1
         elif (c == "l" and last == "C") or (c == "r" and last == "B"):  # Cl, Br
             last = "atom"
         elif c in BONDS:
@@ -59,27 +77,54 @@ def advance(state, text, side_chain=True):
         elif c == "(":
             if last not in ATOMISH:
                 return None
-            depth, last = depth + 1, "open"
+            roots, last = roots + (atom,), "open"
         elif c == ")":
-            if depth == 0 or last not in ATOMISH:
+            if not roots or last not in ATOMISH:
                 return None
-            depth, last = depth - 1, "close"
+            atom, near, roots, last = roots[-1], frozenset(), roots[:-1], "close"
         elif c.isdigit() or c == "%":
-            if last not in ("atom", "C", "B", "ring", "bond"):
+            if last not in ("atom", "C", "B", "ring", "bond") or atom < 0:
                 return None
             if c == "%":
                 pending = "%"
             else:
-                rings, last = rings ^ {c}, "ring"
+                rings, near = _ring_bond(rings, near, atom, c)
+                if rings is None:
+                    return None
+                last = "ring"
         elif c == ".":
-            if depth or last not in ATOMISH:
+            if roots or last not in ATOMISH:
                 return None
-            last = "dot"
+            atom, near, last = -1, frozenset(), "dot"
         else:  # H, @, + outside a bracket; anything else
             return None
     if pending.startswith("%"):  # a two-digit label is one token ('%10'); split over tokens it would escape the budget
         return None
-    return Syntax(depth, rings, last, pending)
+    return _renumbered(Syntax(rings, last, pending, atom, near, roots))
+
+
+def _ring_bond(rings, near, atom, label):
+    """A ring-bond label at `atom`: it opens a ring there, or closes the open one unless that would bond `atom` to
+    itself or to an atom it is bonded to already ((None, None) then)."""
+    opener = dict(rings).get(label)
+    if opener is None:
+        return rings | {(label, atom)}, near
+    if opener in near:
+        return None, None
+    return rings - {(label, opener)}, near | {opener}
+
+
+def _atoms(state):
+    return {state.atom, *state.near, *state.roots, *(opener for _, opener in state.rings)} - {-1}
+
+
+def _renumbered(state):
+    openers = {opener for _, opener in state.rings}
+    state = state._replace(near=frozenset(a for a in state.near if a == state.atom or a in openers))  # the rest: moot
+    number = {a: i for i, a in enumerate(sorted(_atoms(state)))}
+    number[-1] = -1
+    return state._replace(rings=frozenset((label, number[a]) for label, a in state.rings), atom=number[state.atom],
+                          near=frozenset(number[a] for a in state.near), roots=tuple(number[a] for a in state.roots))
 
 
 def complete(state):
@@ -87,14 +132,21 @@ def complete(state):
     return state.depth == 0 and not state.rings and not state.pending and state.last in ATOMISH
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def still_needed(state):
-    """The fewest single-lexeme tokens that complete the string: a ')' per branch, a label per ring, an atom after
-    '(' or '.' or a bond (a ring label may follow a bond and serves for both), and one more atom when rings are open
-    right after ')' (a ring bond cannot follow a branch). From every incomplete state some action lowers it by
-    exactly one, so a state within budget can always be completed, and no complete string within budget is cut."""
-    return (state.depth + len(state.rings) + bool(state.pending)
-            + (state.last in ("start", "open", "dot") or (state.last == "bond" and not state.rings))
-            + (bool(state.rings) and state.last == "close"))
+    """The fewest single-lexeme tokens that complete the string, by breadth-first search over the only tokens a
+    shortest completion uses: an atom, ')', ']' in a bracket atom, and a label that closes an open ring. So from every
+    incomplete state some action lowers it by exactly one, a state within budget can always be completed, and no
+    complete string within budget is cut."""
+    frontier, seen = [state], {state}
+    for tokens in range(1 << 10):
+        if any(map(complete, frontier)):
+            return tokens
+        steps = [advance(s, t) for s in frontier
+                 for t in ("C", ")", "]", *(label if len(label) == 1 else "%" + label for label, _ in s.rings))]
+        frontier = [s for s in set(steps) - seen - {None}]
+        seen.update(frontier)
+    return 1 << 10
 
 
 class SmilesMask:
@@ -106,6 +158,7 @@ class SmilesMask:
         self.texts, self.max_len, self.side_chain = list(action_texts), max_len, side_chain
         self._state = {(): Syntax()}  # prefix (tuple of action columns) -> syntax state
         self._rows = {}  # (state, tokens left after this one) -> (allowed row, next states)
+        self._next = {}  # state -> the state each action leads to, and the tokens each then still needs
 
     def __call__(self, prev, k):
         everything = torch.ones(len(self.texts), dtype=torch.bool)  # past a row's end (a stop among prev): ignored
@@ -128,7 +181,9 @@ class SmilesMask:
         key = (state, self.max_len - k - 1)
         entry = self._rows.get(key)
         if entry is None:
-            nxt = [advance(state, t, self.side_chain) for t in self.texts[:-1]] + [None]
-            row = torch.tensor([s is not None and still_needed(s) <= key[1] for s in nxt[:-1]] + [complete(state)])
-            entry = self._rows[key] = (row, nxt)
+            if state not in self._next:
+                nxt = [advance(state, t, self.side_chain) for t in self.texts[:-1]]
+                self._next[state] = (nxt + [None], torch.tensor([1 << 30 if s is None else still_needed(s) for s in nxt]))
+            nxt, needs = self._next[state]
+            entry = self._rows[key] = (torch.cat([needs <= key[1], torch.tensor([complete(state)])]), nxt)
         return entry

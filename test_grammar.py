@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from rdkit import Chem, RDLogger
 from transformers import AutoTokenizer
 
 import model as modellib
@@ -54,6 +55,8 @@ def test_every_held_out_side_chain_is_allowed_even_at_its_exact_length(vocab):
     ("CC(=O)N", True, True), ("c1ccccc1", True, True), ("C%10CC%10", True, True), ("C1CC(C1)Cl", True, True),
     ("=O", True, True),  # a side chain may start with a bond: it follows the attachment atom
     ("CC(", True, False), ("C1CC", True, False), ("CC=", True, False), ("C(C)", True, True), ("[nH]", True, True),
+    ("C1CC1", True, True), ("C(C1)C1", True, True), ("C1.C1", True, True), ("C=1CC1", True, True),
+    ("C11", False, None), ("C1C1", False, None), ("C1(C1)", False, None), ("C12CC12", False, None),  # no 1-2 atom ring
     ("C)", False, None), ("C((C))", False, None), ("(C)C", False, None), ("C(=)C", False, None), ("C==C", False, None),
     ("1CC", False, None), ("C(C)1CC1", False, None), ("CH", False, None), ("C.(C)", False, None), ("C%1C", False, None),
 ])
@@ -71,7 +74,9 @@ def test_whole_molecules_may_not_start_with_a_bond():
 
 def test_budget_leaves_an_action_and_a_complete_string_at_every_length(vocab):
     """From every state reached by random walks under the mask some action is allowed, and every walk that runs to
-    L_max ends on a complete string (the forced stop never cuts a branch or a ring)."""
+    L_max ends on a complete string (the forced stop never cuts a branch or a ring) that RDKit can parse: what is left
+    to it is chemistry (valences, aromaticity), not syntax."""
+    RDLogger.DisableLog("rdApp.*")
     _, texts = vocab
     g = torch.Generator().manual_seed(0)
     stop = len(texts) - 1
@@ -86,6 +91,7 @@ def test_budget_leaves_an_action_and_a_complete_string_at_every_length(vocab):
             text = "".join(texts[c] for c in (row[:row.index(stop)] if stop in row else row))
             state = advance(Syntax(), text)
             assert state is not None and complete(state), text
+            assert Chem.MolFromSmiles("C" + text, sanitize=False) is not None, text  # after the attachment atom
 
 
 def test_the_policy_reads_the_mask_alike_when_sampling_and_teacher_forcing(tiny_gpt2):
