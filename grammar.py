@@ -1,7 +1,7 @@
 """
 SMILES syntax as a state mask (METHOD.md §6.1): at every state only the tokens that keep the text a possible SMILES
 prefix, and the stop only where the text is a complete SMILES string. RDKit stays the judge of validity (valences,
-aromaticity, ring sizes); the mask removes what no continuation could repair:
+aromaticity); the mask removes what no continuation could repair:
 
 - branches balance: ')' only inside an open branch and after an atom, a ring bond or another ')';
   '(' only after an atom, a ring bond or ')';
@@ -9,7 +9,7 @@ aromaticity, ring sizes); the mask removes what no continuation could repair:
   bond symbol; '%nn' for two-digit labels;
 - a ring bond joins two atoms not yet bonded: it may not close on the atom that opened it (`C11`), on an atom bonded
   to it (`C1C1`, `C1(C1)`) or on one it already closes a ring with (`C12CC12`), so every ring has three atoms or more;
-  these are the strings RDKit cannot even parse, and the most common invalid outputs a trained policy drew before;
+  RDKit cannot even parse these, and they were 10 of the 25 invalid outputs of trained policies before (RESULTS.md);
 - a bond symbol (- = # / \\) only after an atom, a ring bond, '(' or ')' (and at the start of a side chain, which
   follows the attachment atom); '.' only outside branches, after an atom, a ring bond or ')';
 - the stop only with no open branch, ring or bracket atom and not right after a bond symbol, '(' or '.';
