@@ -210,6 +210,6 @@ def buffer_items(args, items, scores, log_r, lengths):
 def task_for(args, task):
     """The task these conventions train on: Expr24 with the authors' digits and reward under --expr24-target."""
     if getattr(args, "expr24_target", "ours") == "authors":
-        import arithmetic
-        return arithmetic.Expr24AuthorsTask()
+        from tasks.expr24.task import Expr24AuthorsTask
+        return Expr24AuthorsTask()
     return task

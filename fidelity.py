@@ -3,7 +3,7 @@ Is it sampling in proportion to R? The distance from a sampler q to its target p
 
 The first half is pure functions (arrays of log-probabilities in, numbers out); the second draws what they need
 from a Policy: samples from the policy and from the reference P_ref, with exact log q, log P_ref and log R for
-each. train.py's periodic evaluation, sample.py and reproduce.py all report `measure`'s dict.
+each. train.py's periodic evaluation, sample.py and research/reproduce.py all report `measure`'s dict.
 
     KL(q || p*) = log Z - E_q[log R - log q]   (>= 0; the learned logZ is not Z, so Z is estimated apart)
 """

@@ -1,6 +1,6 @@
 """
 Every measurement of a set of samples, as pure functions (lists and arrays in, numbers out; no model):
-sample.py, train.py's periodic evaluation and reproduce.py all call these.
+sample.py, train.py's periodic evaluation and research/reproduce.py all call these.
 
 Acc, Score, TokEnt, lengths, prefix diagnostics, chemistry (FPDiv, MacroFP, uniqueness, novelty, scaffolds,
 IntDiv) and Expr24 coverage (METHOD.md §7). The distance to the target (METHOD.md §8) is in fidelity.py.

@@ -13,8 +13,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL = os.path.join(HERE, "prior")  # the embedded SMILES prior that ships with the repo
-EMBEDDED = ("prior", "prior_sidechain", "prior_game24")  # whole molecules, side chains (METHOD.md §6.1), Game of 24 (§11.3)
+# the embedded models, by the names --model and old checkpoints use: whole molecules, side chains (METHOD.md §6.1),
+# the Game of 24 (§11.3)
+EMBEDDED = {"prior": "tasks/smiles/prior", "prior_sidechain": "tasks/smiles/prior_sidechain",
+            "prior_game24": "tasks/game24/prior"}
+DEFAULT_MODEL = os.path.join(HERE, EMBEDDED["prior"])
 
 
 class ModelError(RuntimeError):
@@ -27,9 +30,9 @@ def first_line(error):
 
 
 def resolve(name):
-    """'prior' and 'prior_sidechain' mean the embedded models wherever the scripts are run from; anything else is
-    passed on."""
-    return os.path.join(HERE, name) if name in EMBEDDED else name
+    """'prior', 'prior_sidechain' and 'prior_game24' mean the embedded models wherever the scripts are run from;
+    anything else is passed on."""
+    return os.path.join(HERE, EMBEDDED[name]) if name in EMBEDDED else name
 
 
 def load_model(name, *, lora=False, adapter=None, dtype=torch.float32, trust_remote_code=False):

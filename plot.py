@@ -5,7 +5,7 @@ interval, reward, validity, length, logZ and log P(stop) against the training st
     python plot.py out                               # one run -> out/curves.png (train.py draws it after every run)
     python plot.py out/tb out/raptb --out tb-raptb.png   # several runs overlaid
 
-Drawn on matplotlib's Agg canvas: files only, no display. reproduce.py draws its grid's curves with these panels.
+Drawn on matplotlib's Agg canvas: files only, no display. research/reproduce.py draws its grid's curves with these panels.
 """
 import argparse
 import json
@@ -73,7 +73,7 @@ def _kl_points(runs):
 
 
 def draw(groups, path, styles=None, title=None, legend_title=None):
-    """groups: {label: [rows of each of its runs]} -> a PNG at `path`. A label with several runs (reproduce.py's
+    """groups: {label: [rows of each of its runs]} -> a PNG at `path`. A label with several runs (research/reproduce.py's
     seeds) is drawn as their mean; each curve is smoothed over a twentieth of the run, with the raw values faint
     behind it when there is one label. One run's KL shows its bootstrap 95% interval as a band."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -4,23 +4,17 @@ Tasks and the per-prefix log reward of METHOD.md §1:
     log R(s_k T) = kappa * log P_ref(s_k T) + u_k,    u_k = lambda_r * S(s_k)
 
 A task is a small object following `Task`'s protocol (score, validity, canonical form, which tokens and
-which action at each state are allowed). The built-in SMILES and Expr24 tasks follow it, and so does a user's
+which action at each state are allowed). The built-in tasks (tasks/<name>/task.py) follow it, and so does a user's
 own task, loaded by `load_task` from `--task my_module:score` (a plain function over texts) or
 `--task my_file.py:MyTask` (a class): see METHOD.md §6 and README "Your own task in 20 lines".
 """
-import functools
 import importlib
+import inspect
 import importlib.util
 import os
 import sys
 
 import torch
-from rdkit import Chem, RDLogger, rdBase
-from rdkit.Chem import QED
-
-RDLogger.DisableLog("rdApp.*")  # invalid SMILES are the common case while training: keep stderr readable
-
-PAPER_SCAFFOLD = "O=C1Nc2cc(*)ccc2N1"
 
 
 class TaskError(ValueError):
@@ -71,107 +65,9 @@ class Task:
         return None
 
 
-class SmilesTask(Task):
-    """Complete the `*` of a scaffold with the generated side chain and score the molecule with QED; with
-    scaffold '' the text is the whole molecule. attach='graph' (default) joins the fragment '[*:1]' + text to the
-    scaffold's '*' on the molecular graph (RDKit molzip), so ring labels inside the side chain stay its own;
-    attach='string' pastes the text into the scaffold string as the paper does, where a side chain writing
-    ring label 1 or 2 silently rewires this scaffold (METHOD.md §6)."""
-    name = "smiles"
-    max_token_chars = None  # multi-character tokens are fine ("Cl", "[nH]", "CC(=O)" in a BPE vocabulary)
-    defaults = dict(model="prior", min_len=2, max_len=10)  # the paper's L_max = 10 (the authors' runs: L_min = 1)
-    chemical, similarity = True, "tanimoto"
-    # characters of organic-subset SMILES (Cl and Br need l and r; H and @ for bracket atoms like [C@@H]);
-    # a vocabulary token is allowed iff its text uses only these. More letters would admit English BPE tokens.
-    charset = frozenset("BCNOPSFIHbcnopslr0123456789[]()=#-+/\\.%@")
-
-    def __init__(self, scaffold=PAPER_SCAFFOLD, attach="graph", grammar=True):
-        if attach not in ("graph", "string"):
-            raise TaskError(f"--attach must be 'graph' or 'string', not {attach!r}")
-        if scaffold:
-            if scaffold.count("*") != 1:
-                raise TaskError(f"scaffold {scaffold!r} must contain exactly one '*' to fill")
-            if _parse(scaffold) is None:
-                raise TaskError(f"scaffold {scaffold!r} does not parse as SMILES")
-        self.scaffold, self.attach, self.grammar = scaffold, attach, grammar
-        # a side chain's reference is the prior fine-tuned on side chains: the whole-molecule prior almost never
-        # stops within 10 tokens, which makes the target degenerate (all mass at L_max; METHOD.md §6.1)
-        self.defaults = dict(self.defaults, model="prior_sidechain" if scaffold else "prior")
-        self._scaffold_mol = _parse(scaffold.replace("*", "[*:1]")) if scaffold and attach == "graph" else None
-
-    def state_mask(self, action_texts, max_len=None):
-        """SMILES syntax (grammar.py): balanced branches, paired ring bonds, no stop inside either or after a bond,
-        and what is open always fits before L_max. None with grammar=False (--no-smiles-mask)."""
-        if not self.grammar:
-            return None
-        from grammar import SmilesMask
-        return SmilesMask(action_texts, max_len if max_len is not None else 1 << 30, side_chain=bool(self.scaffold))
-
-    def full(self, text):
-        """The finished object: canonical SMILES of the molecule, or for an invalid text a readable stand-in."""
-        return self._analyse(text)[2] or self._pasted(text)
-
-    def _pasted(self, text):
-        return self.scaffold.replace("*", text) if self.scaffold else text
-
-    def _molecule(self, text):
-        if not text:
-            return None
-        if self._scaffold_mol is None:
-            return _parse(self._pasted(text))
-        fragment = _parse("[*:1]" + text)
-        if fragment is None or not _one_bond_to_attach(fragment):
-            return None  # e.g. "(C)C": the attachment point would get two bonds
-        try:
-            with rdBase.BlockLogs():
-                mol = Chem.molzip(self._scaffold_mol, fragment)
-                Chem.SanitizeMol(mol)
-            return mol
-        except Exception:  # a valence or kekulisation failure: not a molecule
-            return None
-
-    @functools.lru_cache(maxsize=1 << 20)
-    def _analyse(self, text):
-        """(valid, score, canonical SMILES or None): the molecule is built and parsed once per distinct text."""
-        mol = self._molecule(text)
-        if mol is None:
-            return False, 0.0, None
-        return True, self._score(mol), Chem.MolToSmiles(mol)
-
-    def _score(self, mol):
-        try:
-            return float(QED.qed(mol))
-        except Exception:  # RDKit raises on a few exotic valences: an unscorable molecule earns nothing
-            return 0.0
-
-    def score(self, text):
-        return self._analyse(text)[1]
-
-    def is_valid(self, text):
-        return self._analyse(text)[0]
-
-    def canonical(self, text):
-        """Dedupe key: canonical SMILES of the full molecule (the pasted string when it is not one)."""
-        return self.full(text)
-
-
-def _one_bond_to_attach(fragment):
-    dummies = [a for a in fragment.GetAtoms() if a.GetAtomicNum() == 0]
-    return len(dummies) == 1 and dummies[0].GetDegree() == 1
-
-
-def _parse(smiles):
-    try:
-        with rdBase.BlockLogs():
-            return Chem.MolFromSmiles(smiles)
-    except Exception:
-        return None
-
-
-def builtin_tasks():
-    """The built-in tasks by name; the arithmetic ones live in arithmetic.py (imported here, on first use)."""
-    import arithmetic
-    return {"smiles": SmilesTask, **arithmetic.TASKS}
+# the built-in tasks, loaded by the same path as a user's `--task module:Class`
+BUILTIN = {"smiles": "tasks.smiles.task:SmilesTask", "expr24": "tasks.expr24.task:Expr24Task",
+           "game24": "tasks.game24.task:Game24Task"}
 
 
 class ScoreFunctionTask(Task):
@@ -214,38 +110,43 @@ class ScoreFunctionTask(Task):
         return [float(v) for v in values]
 
 
-def load_task(spec, scaffold=PAPER_SCAFFOLD, attach="graph", charset=None, smiles_mask=True):
-    """A built-in task by name ('smiles', 'expr24'), or a user's: 'module:attr' or 'path/to/file.py:attr', where
-    attr is a Task class (instantiated without arguments) or a plain score function over a list of texts.
-    Loading a user's task runs that user's code, as `--task` asks; nothing else is ever imported from a name."""
-    if spec == "smiles":
-        return SmilesTask(scaffold, attach, smiles_mask)
-    tasks = builtin_tasks()
-    if spec in tasks:
-        return tasks[spec]()
+def load_task(spec, **options):
+    """A built-in task by name (BUILTIN), or a user's: 'module:attr' or 'path/to/file.py:attr', where attr is a Task
+    class or a plain score function over a list of texts. A class is instantiated with those of `options` (scaffold,
+    attach, smiles_mask, charset: the flags) that its __init__ names; a score function gets `charset`. Loading a
+    user's task runs that user's code, as `--task` asks; nothing else is ever imported from a name."""
+    spec = BUILTIN.get(spec, spec)
     if ":" not in spec:
-        raise TaskError(f"unknown task {spec!r}: use one of {sorted(tasks)}, 'my_module:score' or 'my_file.py:score'")
+        raise TaskError(f"unknown task {spec!r}: use one of {sorted(BUILTIN)}, 'my_module:score' or "
+                        f"'my_file.py:score'")
     where, attr = spec.rsplit(":", 1)
     module = _import(where, spec)
     obj = getattr(module, attr, None)
     if obj is None:
         raise TaskError(f"task {spec!r}: {where} has no attribute {attr!r}")
     if isinstance(obj, type):
-        try:
-            task = obj()
-        except Exception as e:
-            raise TaskError(f"task {spec!r}: {attr}() raised {type(e).__name__}: {e}") from None
-        if not callable(getattr(task, "score", None)):
-            raise TaskError(f"task {spec!r}: class {attr} has no score(text) method")
-        for name, value in vars(Task).items():  # a class written without subclassing Task gets the defaults
-            if not name.startswith("_") and not hasattr(task, name):
-                setattr(task, name, value.__get__(task) if callable(value) else value)
-        if task.name == Task.name:
-            task.name = spec
-        return task
+        return _instantiate(obj, spec, attr, options)
     if not callable(obj):
         raise TaskError(f"task {spec!r}: {attr} is neither a score function nor a task class")
-    return ScoreFunctionTask(obj, spec, charset)
+    return ScoreFunctionTask(obj, spec, options.get("charset"))
+
+
+def _instantiate(cls, spec, attr, options):
+    try:
+        accepted = inspect.signature(cls).parameters
+        task = cls(**{k: v for k, v in options.items() if k in accepted})
+    except TaskError:
+        raise
+    except Exception as e:
+        raise TaskError(f"task {spec!r}: {attr}() raised {type(e).__name__}: {e}") from None
+    if not callable(getattr(task, "score", None)):
+        raise TaskError(f"task {spec!r}: class {attr} has no score(text) method")
+    for name, value in vars(Task).items():  # a class written without subclassing Task gets the defaults
+        if not name.startswith("_") and not hasattr(task, name):
+            setattr(task, name, value.__get__(task) if callable(value) else value)
+    if task.name == Task.name:
+        task.name = spec
+    return task
 
 
 def _import(where, spec):

@@ -17,7 +17,8 @@ from tqdm import tqdm
 import fidelity
 from metrics import expr24_metrics, sequence_metrics, smiles_metrics
 
-PRIOR_TRAIN_SMILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "moses_train_subset.smi.gz")
+PRIOR_TRAIN_SMILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks", "smiles", "data",
+                                  "moses_train_subset.smi.gz")
 CSV_COLUMNS = ["generated", "molecule", "valid", "score", "length", "log_prob"]
 
 # -----------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def task_metrics(task, samples, settings, train_smiles=None):
 def load_smiles(path):
     """The SMILES of a .smi / .smi.gz file (first column) as a set, for novelty; None without a file. They are
     compared as they are, so the file must hold RDKit-canonical SMILES: MOSES does (4998 of 5000 lines of the
-    prior's training file are unchanged by canonicalisation). prior/train_prior.py canonicalises it for its own eval."""
+    prior's training file are unchanged by canonicalisation). tasks/smiles/train_prior.py canonicalises it for its own eval."""
     if path is None:
         return None
     opener = gzip.open if path.endswith(".gz") else open

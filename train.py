@@ -29,6 +29,7 @@ import conventions
 import losses
 import model as modellib
 import rewards
+from tasks.smiles.task import PAPER_SCAFFOLD
 import rl_losses
 from batches import estimate_log_z, get_batch, linear, score_rows, scored, to_items
 from checkpoint import (load_rank_state, non_finite_loss, resume_args, save_checkpoint, stop_on_ctrl_c,
@@ -68,13 +69,13 @@ def make_parser():
     a("--prompts", default=None, help="a file of prompts, one per line, to train on: each is a condition (METHOD.md "
       "§11); your own score function gets them if it takes a `prompts` argument (TRL's convention)")
     a("--heldout-prompts", default=None, help="with --prompts: prompts never trained on, measured beside them")
-    a("--scaffold", default=rewards.PAPER_SCAFFOLD, help="SMILES with one '*' to fill; '' for whole molecules")
+    a("--scaffold", default=PAPER_SCAFFOLD, help="SMILES with one '*' to fill; '' for whole molecules")
     a("--scaffolds", default=None, help="a file of scaffolds (one SMILES with one '*' per line, a tab and 'heldout' "
-      "marking held-out ones): each is a condition (METHOD.md §11.5; data/scaffolds.tsv ships a MOSES set)")
+      "marking held-out ones): each is a condition (METHOD.md §11.5; tasks/smiles/data/scaffolds.tsv ships a MOSES set)")
     a("--attach", default="graph", choices=["graph", "string"],
       help="join the side chain to the scaffold on the molecular graph, or paste the string as the paper does")
     a("--no-smiles-mask", action="store_true", help="sample and train without the SMILES syntax "
-      "mask (grammar.py), which removes most invalid outputs (each costs about lambda nats of KL); RDKit judges validity")
+      "mask (tasks/smiles/grammar.py), which removes most invalid outputs (each costs about lambda nats of KL); RDKit judges validity")
     a("--min-len", type=int, default=None, help="L_min: stop is masked before this many generated tokens (task default)")
     a("--max-len", type=int, default=None, help="L_max: stop is forced after this many generated tokens (task default)")
     a("--kappa", type=float, default=1.0, help="weight of log P_ref in log R")
@@ -203,7 +204,7 @@ def build_task(args):
     if getattr(args, "scaffolds", None):
         if args.task != "smiles":
             raise rewards.TaskError(f"--scaffolds is for --task smiles, not {args.task!r}")
-        import scaffolds
+        from tasks.smiles import scaffolds
         task = scaffolds.scaffold_task(args.scaffolds, getattr(args, "attach", "graph"))
         return conditions.with_prompt_files(task, getattr(args, "prompts", None), getattr(args, "heldout_prompts", None))
     task = rewards.load_task(args.task, scaffold=args.scaffold, attach=getattr(args, "attach", "graph"),

@@ -130,11 +130,12 @@ def bench_logprobs():
     followed by backward of the summed log-probs. B = 32, prior-shaped GPT-2."""
     import model as modellib
     import rewards
+    from tasks.smiles.task import SmilesTask
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"\n== one-pass log-probs vs step-by-step loop with gradients (B=32, prior-shaped GPT-2, {device}) ==")
     print(f"{'tokens':>7} {'loop ms':>9} {'ours ms':>9} {'ratio':>7}")
     net, tokenizer = random_gpt2(512, device)
-    allowed = rewards.allowed_token_ids(tokenizer, rewards.SmilesTask.charset)
+    allowed = rewards.allowed_token_ids(tokenizer, SmilesTask.charset)
     for length in (16, 64, 256):
         policy = modellib.Policy(net, tokenizer, allowed, 0, length, reference=net)
         torch.manual_seed(0)

@@ -133,9 +133,10 @@ def bench_sampler(model="prior", n=32, max_len=10, repeats=15):
     Minimum CPU time over repeats."""
     import model as modellib
     import rewards
+    from tasks.smiles.task import SmilesTask
     torch.set_num_threads(1)
     net, tokenizer = modellib.load_model(model)
-    allowed = rewards.allowed_token_ids(tokenizer, rewards.SmilesTask.charset)
+    allowed = rewards.allowed_token_ids(tokenizer, SmilesTask.charset)
     policy = modellib.Policy(net, tokenizer, allowed, max_len, max_len)  # every row max_len tokens: 11 steps
     steps = max_len + 1
     blocks = net.transformer.h
@@ -184,7 +185,7 @@ def bench_fidelity(model="prior", n=256, steps=3, task_name="smiles"):
     and the share for the default 5000-step run with its evaluations (train.eval_due: every steps // 4 and the
     start and the end). Expr24 (task_name="expr24"): its scratch model, untrained (speed does not depend on
     the weights), and the exact measurement over all 113,662 solutions."""
-    import arithmetic
+    from tasks.expr24.task import Expr24Task
     import fidelity
     import model as modellib
     import train
@@ -193,7 +194,7 @@ def bench_fidelity(model="prior", n=256, steps=3, task_name="smiles"):
         model = "/tmp/bench-fidelity-expr24-model"
         if not os.path.isdir(model):
             torch.manual_seed(0)
-            modellib.build_scratch_model(model, sorted(arithmetic.Expr24Task.charset))
+            modellib.build_scratch_model(model, sorted(Expr24Task.charset))
     args = train.get_args(["--task", task_name, "--model", model, "--out", "/tmp/bench-fidelity"])
     task = train.build_task(args)
     torch.manual_seed(0)
@@ -285,9 +286,10 @@ def bench_expr24(batch=64, repeats=15):
     import tempfile
 
     import model as modellib
-    import arithmetic
+    from tasks.expr24.task import Expr24Task
     import rewards
-    task = arithmetic.Expr24Task()
+    from tasks.smiles.task import SmilesTask
+    task = Expr24Task()
     with tempfile.TemporaryDirectory() as path:
         modellib.build_scratch_model(path, sorted(task.charset), seed=0)
         net, tokenizer = modellib.load_model(path)

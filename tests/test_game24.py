@@ -1,0 +1,226 @@
+"""The Game of 24 (METHOD.md §11.3-10.4): the counts by an independent enumeration, the splits, the state mask, the
+shipped reference, the exact per-prompt meter, training with a logZ head (kill and resume exact) and sample.py per
+prompt, also over two processes."""
+import csv
+import itertools
+import json
+import os
+import statistics
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.game24 import task as game24
+import condition_fidelity
+import conditions
+import losses
+import sample
+import tracking
+import train
+from test_distributed import free_port, start_ranks
+
+DIGITS = "123456789"
+FAST = ["--task", "game24", "--steps", "4", "--batch-size", "8", "--samples-per-prompt", "4", "--eval-every", "0"]
+
+
+def python_solutions():
+    """Every condition's solutions, evaluated by Python itself: each of the 64 operator patterns becomes one
+    expression over arrays of all 6,561 digit orders, so Python's parser gives the precedence and numpy the float
+    value. Exact: a value has a denominator dividing 9^3, so a value other than 24 is at least 1/729 away."""
+    orders = np.array(list(itertools.product(range(1, 10), repeat=4)), dtype=np.float64).T
+    found = {"".join(c): set() for c in itertools.combinations_with_replacement(DIGITS, 4)}
+    for ops in itertools.product("+-*/", repeat=3):
+        value = eval("a {} b {} c {} d".format(*ops), {}, dict(zip("abcd", orders)))  # noqa: S307 (our own text)
+        for row in np.flatnonzero(np.abs(value - 24) < 1e-9):
+            d = [str(int(x)) for x in orders[:, row]]
+            found["".join(sorted(d))].add(d[0] + ops[0] + d[1] + ops[1] + d[2] + ops[2] + d[3])
+    return found
+
+
+def test_the_counts_of_the_game_of_24():
+    found = python_solutions()
+    counts = [len(s) for s in found.values() if s]
+    assert len(found) == 495 and len(counts) == 195 and sum(counts) == 2520
+    assert (min(counts), max(counts), statistics.median(counts)) == (1, 54, 12)
+    sizes = [len(game24.game24_objects(c)) for c in found]
+    assert max(sizes) == 1536 and sum(sizes) == 64 * 9 ** 4  # every digit order once, times 4^3 operator patterns
+    task = game24.Game24Task()
+    for c, solutions in found.items():
+        assert set(task.given(c + ":").solutions()) == solutions
+    for c in ["1139", "3389", "4468", "1118"]:  # the score itself, string by string (exact fractions)
+        given = task.given(c + ":")
+        assert [s for s in given.objects() if given.score(s) == 1] == sorted(found[c])
+
+
+def test_the_splits_are_fixed_disjoint_and_stratified():
+    split, again = game24.game24_split(), game24.game24_split()
+    assert split == again
+    assert not set(split["train"]) & set(split["heldout"]) and len(split["train"]) + len(split["heldout"]) == 495
+    solvable = {c for c, s in python_solutions().items() if s}
+    assert len(solvable & set(split["heldout"])) == 39 and len(set(split["heldout"]) - solvable) == 60
+    assert game24.Game24Task().conditions["heldout"][0].endswith(":")
+
+
+def reference():
+    from tasks.game24.train_prior import game24_policy
+    return game24_policy("prior_game24")
+
+
+def walk(mask, actions, prefix=(), k=0):
+    """Every action sequence the mask allows from `prefix`, depth first, ending with the stop (the last action)."""
+    allowed = mask(torch.tensor([list(prefix)], dtype=torch.long), k)[0]
+    out = [prefix] if allowed[-1] else []
+    for a in torch.nonzero(allowed[:-1]).flatten().tolist():
+        out += walk(mask, actions, prefix + (a,), k + 1)
+    return out
+
+
+@pytest.mark.parametrize("digits", ["1139", "2468", "5555"])
+def test_the_state_mask_allows_exactly_the_strings_of_the_condition(digits):
+    policy, task = reference()
+    given = task.given(digits + ":")
+    texts = policy.action_texts
+    strings = ["".join(texts[a] for a in seq) for seq in walk(policy._mask(digits + ":"), texts)]
+    assert sorted(strings) == list(given.objects()) and all(given.is_valid(s) for s in strings)
+    rows = ["1139:", "2468:", "5555:", "1139:"]
+    prev = torch.tensor([[texts.index(c) for c in "5+5"]] * 4)
+    together = task.rows_mask(texts, rows)(prev, 3)
+    alone = torch.cat([policy._mask(r)(prev[:1], 3) for r in rows])
+    assert torch.equal(together, alone)
+
+
+def test_the_shipped_reference_is_a_distribution_close_to_uniform_per_prompt():
+    policy, task = reference()
+    policy.model.eval()
+    with torch.no_grad():
+        for prompt in ["1139:", "3389:", "4679:", "9999:"]:
+            objects = task.given(prompt).objects()
+            log_p = condition_fidelity.fidelity.solution_log_probs(policy.view([prompt]), objects)
+            assert abs(np.exp(log_p).sum() - 1) < 1e-5  # the listed strings hold all of P_ref's mass
+            assert np.mean(-np.log(len(objects)) - log_p) < 0.12  # KL(uniform || P_ref), nats
+    metrics = json.load(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "game24", "prior", "metrics.json")))
+    assert metrics["uniform_distance"]["kl_u_ref"]["mean"] < 0.05
+
+
+def test_the_exact_meter_on_a_small_listing():
+    rng = np.random.default_rng(0)
+    log_ref = np.log(rng.dirichlet(np.ones(6)))
+    scores = np.array([1, 0, 0, 1, 0, 0])
+    log_r = log_ref + 4 * scores
+    log_p = log_r - np.log(np.exp(log_r).sum())
+    at_target = condition_fidelity.enumerated_fidelity(log_p, log_ref, scores, 1.0, 4.0)
+    assert abs(at_target["tv_target"]) < 1e-12 and abs(at_target["kl_q_target"]) < 1e-12
+    assert abs(at_target["q_solution_mass"] - np.exp(log_p[[0, 3]]).sum()) < 1e-12
+    q = rng.dirichlet(np.ones(6))
+    f = condition_fidelity.enumerated_fidelity(np.log(q), log_ref, scores, 1.0, 4.0)
+    p = np.exp(log_p)
+    assert abs(f["tv_target"] - 0.5 * sum(abs(a - b) for a, b in zip(q, p))) < 1e-12
+    assert abs(f["kl_q_target"] - sum(a * np.log(a / b) for a, b in zip(q, p))) < 1e-12
+    assert abs(f["kl_target_q"] - sum(b * np.log(b / a) for a, b in zip(q, p))) < 1e-12
+    assert abs(f["log_z_exact"] - np.log(np.exp(log_r).sum())) < 1e-12
+
+
+def test_raptb_is_tb_here():
+    """No proper prefix can stop, so RapTB's dense term is empty: the same value and gradient as TB."""
+    policy, task = reference()
+    policy.policy.reference = __import__("model").frozen_copy(policy.model)
+    conds = ["1139:"] * 3 + ["3389:"] * 3
+    tokens, lengths, _ = policy.sample(conds)
+    log_pf, log_pterm = policy.log_probs(tokens, lengths, conds)
+    log_r, u = conditions.score_rows(argparse_like(), task, policy, tokens, lengths, None, conds)[:2]
+    log_z = torch.tensor([1.0] * 3 + [30.0] * 3, requires_grad=True)
+    rap = losses.raptb_loss(log_pf, log_pterm, log_r, u, lengths, log_z, k_min=2, min_len=7)[0]
+    tb = losses.tb_loss(log_pf, log_pterm, log_r, lengths, log_z)[0]
+    assert torch.equal(rap, tb)
+    params = [log_z] + list(policy.model.parameters())[:3]
+    for a, b in zip(torch.autograd.grad(rap, params, retain_graph=True), torch.autograd.grad(tb, params)):
+        assert torch.equal(a, b)
+
+
+def argparse_like():
+    return type("Args", (), dict(kappa=1.0, lam=50.0, max_len=7, fsdp=False))()
+
+
+def read_log(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_a_game24_run_resumes_bit_identically(tmp_path, monkeypatch, log_z="head"):
+    args = [*FAST, "--log-z", log_z, "--eval-every", "2", "--eval-prompts", "1"]
+    assert train.main([*args, "--out", str(tmp_path / "straight")]) == 0
+    real_log_step = train.log_step
+
+    def ctrl_c_after_step_2(log_file, metrics):
+        real_log_step(log_file, metrics)
+        if metrics["step"] == 2:
+            train.STOP["requested"] = True
+    monkeypatch.setattr(train, "log_step", ctrl_c_after_step_2)
+    assert train.main([*args, "--out", str(tmp_path / "killed")]) == 130
+    monkeypatch.setattr(train, "log_step", real_log_step)
+    assert train.main(["--resume", "--out", str(tmp_path / "killed"), "--steps", "4"]) == 0
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in tracking.TIMINGS} for r in rows]
+    straight, killed = strip(read_log(tmp_path / "straight")), strip(read_log(tmp_path / "killed"))
+    assert straight == killed and "heldout_tv_target" in straight[-1] and "train_kl_q_target" in straight[0]
+    a, b = (torch.load(os.path.join(train.find_checkpoint(str(tmp_path / d)), "state.pt"), weights_only=True)
+            for d in ("straight", "killed"))
+    if log_z == "head":
+        assert set(a["log_z"]) == {"linear.weight", "linear.bias"}
+        assert all(torch.equal(a["log_z"][k], b["log_z"][k]) for k in a["log_z"])
+        assert a["log_z"]["linear.weight"].abs().sum() > 0  # the head did learn
+    assert straight[-1]["log_z"] != 0
+
+
+def test_sample_py_per_prompt(tmp_path):
+    assert train.main([*FAST, "--steps", "1", "--out", str(tmp_path / "run")]) == 0
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("1139:\n1138:\n")
+    out = tmp_path / "s.csv"
+    assert sample.main([str(tmp_path / "run"), "--prompts", str(prompts), "--n", "6", "--out", str(out)]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and [r["prompt"] for r in rows] == ["1139:"] * 6 + ["1138:"] * 6
+    assert all(game24.Game24Task().given(r["prompt"]).is_valid(r["generated"]) for r in rows)
+    metrics = json.load(open(tmp_path / "s_metrics.json"))
+    per = {c["prompt"]: c for c in metrics["conditions"]}
+    assert per["1138:"]["n_solutions"] > 0 and per["1139:"]["n_solutions"] == 0
+    assert metrics["prompts_n_conditions"] == 2 and "prompts_kl_q_target" in metrics
+    assert per["1138:"]["fidelity_log_z_learned"] is not None and per["1139:"]["fidelity_q_mass"] == pytest.approx(1, 1e-5)
+
+
+def sample_on_ranks(rank, world, run, out, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    code = sample.main([run, "--split", "heldout", "--n", "3", "--out", out, "--fidelity-n", "0"])
+    assert code == 0
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_two_processes_share_the_prompts_and_write_what_one_writes(tmp_path):
+    assert train.main([*FAST, "--steps", "1", "--out", str(tmp_path / "run")]) == 0
+    start_ranks(sample_on_ranks, 2, 2, str(tmp_path / "run"), str(tmp_path / "two.csv"), free_port())
+    start_ranks(sample_on_ranks, 1, 1, str(tmp_path / "run"), str(tmp_path / "one.csv"), free_port())
+    assert open(tmp_path / "two.csv").read() == open(tmp_path / "one.csv").read()
+    assert len(open(tmp_path / "one.csv").read().splitlines()) == 1 + 99 * 3
+
+
+@pytest.mark.parametrize("flags, message", [(["--log-z", "scalar"], "its own Z(c)"),
+                                            (["--samples-per-prompt", "3"], "must divide"),
+                                            (["--log-z", "batch", "--samples-per-prompt", "1"], ">= 2")])
+def test_bad_conditional_flags_are_one_line(tmp_path, capsys, flags, message):
+    assert train.main([*FAST, "--out", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("loss", ["rloo", "grpo"])
+def test_rl_baselines_run_on_the_game24_with_a_group_per_prompt(tmp_path, loss):
+    assert train.main([*FAST, "--loss", loss, "--out", str(tmp_path)]) == 0
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
+    assert train.main([*FAST, "--loss", "dpg", "--out", str(tmp_path / "dpg")]) == 2  # one Z: not per prompt
+

@@ -1,0 +1,174 @@
+"""research/reproduce.py: the statistics and the table on synthetic metrics, then a tiny grid end to end."""
+import json
+import math
+import multiprocessing
+import os
+import runpy
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from research import reproduce
+
+
+def test_t_quantiles_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in range(1, 60):
+        assert reproduce.t_quantile(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-5)
+
+
+def test_mean_ci_by_hand_for_three_seeds():
+    # 0.5, 0.7, 0.9: mean 0.7, sd sqrt((0.04 + 0 + 0.04) / 2) = 0.2; t_{0.975,2} = 4.3027 (any t table)
+    s = reproduce.mean_ci([0.5, 0.7, 0.9])
+    assert s["n"] == 3 and s["mean"] == pytest.approx(0.7) and s["sd"] == pytest.approx(0.2)
+    assert s["ci"] == pytest.approx(4.3027 * 0.2 / math.sqrt(3), abs=1e-4)  # 0.4968
+    missing = reproduce.mean_ci([1.0, None, 3.0])  # an undefined metric (None) drops that seed only
+    assert missing["n"] == 2 and missing["mean"] == 2.0 and missing["ci"] == pytest.approx(12.7062, abs=1e-4)
+    assert reproduce.mean_ci([0.3])["ci"] is None and reproduce.mean_ci([0.3])["mean"] == 0.3
+    assert reproduce.mean_ci([None, None]) == dict(mean=None, sd=None, ci=None, n=0)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_ci_covers_the_true_mean_95_percent_of_the_time(n):
+    rng = np.random.default_rng(n)
+    draws = rng.normal(1.0, 2.0, size=(4000, n))
+    cover = [abs(reproduce.mean_ci(row)["mean"] - 1.0) <= reproduce.mean_ci(row)["ci"] for row in draws.tolist()]
+    assert np.mean(cover) == pytest.approx(0.95, abs=0.015)  # a normal quantile (1.96) would give ~0.70 .. 0.88
+
+
+def synthetic():
+    tb = [dict(acc=0.5, score=0.1, len_mean=3.0, flag=True, len_hist={"3": 2}, log_pstop_final=-0.1),
+          dict(acc=0.7, score=0.2, len_mean=3.0, flag=False, len_hist={"3": 2}, log_pstop_final=-0.3),
+          dict(acc=0.9, score=None, len_mean=3.0, flag=True, len_hist={"3": 2}, log_pstop_final=-0.2)]
+    return {"TB": tb, "TB+SubM": [dict(acc=1.0, score=0.5)]}
+
+
+def test_aggregate_keeps_numbers_only():
+    agg = reproduce.aggregate(synthetic())
+    assert set(agg["TB"]) == {"acc", "score", "len_mean", "log_pstop_final"}  # no bools, no dicts
+    assert agg["TB"]["score"]["n"] == 2 and agg["TB"]["len_mean"]["ci"] == 0.0
+    assert agg["TB+SubM"]["acc"] == dict(mean=1.0, sd=None, ci=None, n=1)
+
+
+def test_table_has_our_rows_and_the_papers():
+    table = reproduce.format_table(reproduce.aggregate(synthetic()), "smiles")
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert header[:6] == ["Method", "Acc", "Score", "TokEnt", "FPDiv", "Len"]
+    cells = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")[1:]] for r in rows[1:]}
+    # score: one seed has None, so n = 2 and the CI is 12.706 * sd(0.1, 0.2) / sqrt(2); the cell says so
+    assert cells["TB"][:2] == ["0.700 ± 0.497", "0.150 ± 0.635 (n=2)"]
+    assert cells["TB"][2] == "—"  # tok_ent missing
+    assert cells["*TB (paper)*"][:5] == ["0.998", "0.717", "2.50", "0.807", "3.06"]
+    assert cells["TB+SubM"][0] == "1.000" and set(cells["*TB+SubM (paper)*"]) == {"—"}
+    expr = reproduce.format_table(reproduce.aggregate(synthetic()), "expr24")
+    assert "paper" not in expr and "NormCov" in expr
+
+
+def test_final_log_pstop():
+    log = [dict(log_pstop_final=float(i)) for i in range(20)]
+    assert reproduce.final_log_pstop(log) == 18.5  # the last 10%: steps 19 and 20
+    assert reproduce.final_log_pstop(log[:3]) == 2.0
+
+
+def test_resumes_an_interrupted_run(tmp_path):
+    args = reproduce.get_args(["--out", str(tmp_path), "--steps", "7"])
+    settings = reproduce.run_settings(args, "tb", "rp", 1)
+    fresh = reproduce.train_command(args, settings, str(tmp_path))
+    assert "--resume" not in fresh and fresh[fresh.index("--loss") + 1] == "tb"
+    (tmp_path / "latest").write_text("ckpt-000004\n")
+    resumed = reproduce.train_command(args, settings, str(tmp_path))
+    assert resumed[0] == "--resume" and resumed[resumed.index("--steps") + 1] == "7"
+    assert not reproduce.trained(str(tmp_path), 7) and reproduce.trained(str(tmp_path), 4)
+
+
+def run_script(script, argv, env, log_path):
+    """What `python script *argv` does, with stdout and stderr appended to log_path, in this (forked) process."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ.clear()
+    os.environ.update(env)
+    import torch
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    sys.argv = [script, *argv]
+    code = 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+@pytest.fixture
+def preforked_children(monkeypatch):
+    """research/reproduce.py runs train.py and sample.py as child processes, each a new interpreter that imports torch and
+    transformers again (seconds each, most of this test's time). Here each child is forked instead from one
+    server process that imported them once (multiprocessing's forkserver): the same scripts with the same argv,
+    environment and log files, each in its own process."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["train", "sample", "transformers.models.gpt2.modeling_gpt2", "plot", "matplotlib.figure",
+                                "matplotlib.backends.backend_agg", "test_reproduce"])
+
+    def run(cmd, env=None, stdout=None, stderr=None):
+        child = ctx.Process(target=run_script, args=(cmd[1], cmd[2:], dict(env or os.environ), stdout.name))
+        child.start()
+        child.join()
+        return subprocess.CompletedProcess(cmd, child.exitcode)
+    monkeypatch.setattr(reproduce, "subprocess", types.SimpleNamespace(run=run, STDOUT=subprocess.STDOUT))
+
+
+def test_tiny_grid_end_to_end(tiny_gpt2, tmp_path, capsys, preforked_children):
+    out = tmp_path / "results"
+    argv = ["--model", tiny_gpt2, "--methods", "TB,RapTB", "--seeds", "1", "--steps", "2", "--n", "24",
+            "--batch-size", "6", "--grad-accum", "1", "--jobs", "2", "--device", "cpu", "--out", str(out),
+            "--train-args", "--max-len 5 --min-len 1 --k-min-start 3 --k-min-end 1"]
+    assert reproduce.main(argv) == 0
+    table = (out / "table.md").read_text()
+    assert "| TB |" in table and "| RapTB |" in table and "| *RapTB (paper)* | 0.996" in table
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"TB", "RapTB"}
+    tb = summary["methods"]["TB"]
+    assert tb["loss"] == "tb" and tb["replay"] == "rp" and tb["paper"]["acc"] == 0.998
+    assert len(tb["seeds"]) == 1 and tb["seeds"][0]["n"] == 24 and tb["aggregate"]["acc"]["n"] == 1
+    with open(out / "runs" / "TB-s0" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [0, 1, 2] and all("kl_q_target" in r for r in rows)  # step 0: the start
+    assert "KL(q‖p*)" in table and "logZ est." in table and "Reward calls" in table
+    fresh = sum(6 for r in rows if r.get("replay") == 0.0)  # replayed batches are not rescored
+    assert fresh > 0 and tb["seeds"][0]["reward_calls"] == fresh and tb["seeds"][0]["train_cpu_s"] > 0
+    assert all((out / name).stat().st_size > 0 for name in ("lengths.png", "depth.png", "curves.png"))
+
+    # a second call finds everything done and only aggregates; other settings in the same folder are refused
+    before = (out / "runs" / "TB-s0" / "run.json").read_text()
+    capsys.readouterr()
+    assert reproduce.main(argv) == 0
+    assert "2 already done" in capsys.readouterr().out
+    assert (out / "runs" / "TB-s0" / "run.json").read_text() == before
+    assert reproduce.main([*argv[:-2], "--steps", "3", *argv[-2:]]) == 2
+
+
+def test_the_rl_baselines_are_methods_by_name(tmp_path):
+    """RLOO, GRPO, DPG and GRPO-TRL (METHOD.md §9) run when named, through train.py's own parser, and the default
+    grid stays the GFlowNet one."""
+    import train
+    assert reproduce.get_args(["--out", str(tmp_path)]).methods == list(reproduce.METHODS["smiles"])
+    args = reproduce.get_args(["--out", str(tmp_path), "--methods", "RLOO,GRPO,DPG,GRPO-TRL", "--task", "expr24"])
+    for method in args.methods:
+        loss, replay = reproduce.methods_of("expr24")[method]
+        settings = reproduce.run_settings(args, loss, replay, 0, reproduce.METHOD_ARGS.get(method, ""))
+        parsed = train.get_args(reproduce.train_command(args, settings, str(tmp_path / method)))
+        assert (parsed.loss, parsed.replay, parsed.temp_prob) == (loss, "none", 0.0)
+        assert parsed.grpo_beta == pytest.approx(0.04 if method == "GRPO-TRL" else 1 / 50)
+    assert "method_args" not in reproduce.run_settings(args, "tb", "rp", 0)  # older run folders still match
