@@ -3,8 +3,13 @@ Where a training batch comes from and what it is worth (METHOD.md §5): on-polic
 their log-rewards at every prefix, the buffer entries an on-policy batch becomes, and logZ's starting estimate.
 A replayed item carries its reference log-probabilities and prefix scores from when it entered the buffer, so
 replaying it skips the reference pass and the task (score_rows).
+
+A condition (METHOD.md §11) is a property of a row: a task with conditions gives each row a prompt text, and each
+row is scored by its condition's task (`task.given(c)`), read by the policy with its prompt and kept in its
+condition's buffer. A task without them has `conditions` None, and every function here takes both alike.
 """
 import math
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -14,17 +19,40 @@ from distributed import average_across_ranks, replay_ready
 from replay import Item
 
 
+class Batch(NamedTuple):
+    tokens: torch.Tensor  # [B, L_max] action ids, EOS past each row's end
+    lengths: torch.Tensor  # [B] generated tokens tau
+    source: str  # "policy" or "replay"
+    items: Optional[list] = None  # a replayed batch's buffer entries (their cached reference and scores)
+    conditions: Optional[list] = None  # each row's condition (prompt text); None for a task without conditions
+
+
+def by_row(conditions):
+    """The keyword a policy's or a buffer's method takes for rows with conditions (none without them)."""
+    return {} if conditions is None else dict(conditions=conditions)
+
+
+def row_groups(conditions):
+    """(condition, row indices) for each distinct condition, in order of first appearance."""
+    return [(c, torch.tensor([i for i, x in enumerate(conditions) if x == c])) for c in dict.fromkeys(conditions)]
+
+
+def row_tasks(task, conditions, n):
+    """The task that scores each of n rows: the task itself, or each row's condition's."""
+    return [task] * n if conditions is None else [task.given(c) for c in conditions]
+
+
 def linear(start, end, frac):
     return start + (end - start) * frac
 
 
-def score_batch(args, task, policy, tokens, lengths, items=None):
+def score_batch(args, task, policy, tokens, lengths, items=None, conditions=None):
     """log R and its task part u at every prefix ([B, T]), plus each sequence's text and final score.
     `items`: the buffer entries a replayed batch was made from (see score_rows)."""
-    return score_rows(args, task, policy, tokens, lengths, items)[:4]
+    return score_rows(args, task, policy, tokens, lengths, items, conditions)[:4]
 
 
-def score_rows(args, task, policy, tokens, lengths, items=None):
+def score_rows(args, task, policy, tokens, lengths, items=None, conditions=None):
     """score_batch's four values, then the two rows it derives them from: log P_ref(s_k T) (float32 [B, T]) and
     the prefix scores S(s_k) (float64 [B, T]). Both are fixed for a sequence (the reference is frozen, the task is
     deterministic), so a replayed batch whose `items` all carry them from when they entered the buffer skips the
@@ -33,14 +61,26 @@ def score_rows(args, task, policy, tokens, lengths, items=None):
     if cached is not None:
         log_ref, scores = cached
     else:
-        scores = rewards.prefix_scores(task, policy.token_texts, tokens, lengths, args.max_len).to(policy.device)
-        log_ref = policy.log_ref_stop(tokens, lengths, raw=getattr(args, "log_probs", "masked") == "raw")
+        scores = prefix_scores(task, policy, tokens, lengths, conditions).to(policy.device)
+        log_ref = policy.log_ref_stop(tokens, lengths, raw=getattr(args, "log_probs", "masked") == "raw",
+                                      **by_row(conditions))
     task_reward = getattr(task, "prefix_log_reward", None)  # a task with its own form of log R (METHOD.md §10)
     log_r, u = (task_reward(log_ref.double(), scores, lengths, args.kappa, args.lam, args.max_len) if task_reward
                 else rewards.log_reward(log_ref.double(), scores, args.kappa, args.lam))
     texts = policy.texts(tokens, lengths)
     final = scores.gather(1, lengths[:, None]).squeeze(1)
     return log_r.float(), u.float(), texts, final, log_ref, scores
+
+
+def prefix_scores(task, policy, tokens, lengths, conditions=None):
+    """rewards.prefix_scores with each row's task, [B, L_max + 1] float64."""
+    if conditions is None:
+        return rewards.prefix_scores(task, policy.token_texts, tokens, lengths, policy.max_len)
+    scores = torch.zeros(len(tokens), policy.max_len + 1, dtype=torch.float64)
+    for c, rows in row_groups(conditions):
+        scores[rows] = rewards.prefix_scores(task.given(c), policy.token_texts, tokens[rows.to(tokens.device)],
+                                             lengths[rows.to(lengths.device)], policy.max_len)
+    return scores
 
 
 def cached_rows(args, policy, items):
@@ -67,16 +107,21 @@ def scored(source, lengths):
     return dict(objects_scored=fresh * len(lengths), prefixes_scored=fresh * float((lengths + 1).sum()))
 
 
-def to_items(task, tokens, lengths, texts, final, log_ref=None, scores=None):
-    """Buffer entries for an on-policy batch; with the batch's log_ref and prefix-score rows (score_rows), which
-    replaying them then reuses."""
+def to_items(task, tokens, lengths, texts, final, log_ref=None, scores=None, conditions=None):
+    """Buffer entries for an on-policy batch, each made by its row's task; with the batch's log_ref and prefix-score
+    rows (score_rows), which replaying them then reuses."""
     refs = log_ref.detach().float().cpu().numpy() if log_ref is not None else [None] * len(texts)
     rows = scores.detach().double().cpu().numpy() if scores is not None else [None] * len(texts)
+    return [make_item(t_, row, tau, t, s, ref, sc) for t_, row, tau, t, s, ref, sc in
+            zip(row_tasks(task, conditions, len(texts)), tokens.tolist(), lengths.tolist(), texts, final.tolist(),
+                refs, rows)]
+
+
+def make_item(task, row, tau, text, score, log_ref, prefix_scores):
     fingerprint = getattr(task, "fingerprint", None)  # optional: the buffer's fingerprint of full(t), from the
-    return [Item(tokens=tuple(row[:tau]), text=task.full(t), key=task.canonical(t), score=float(s),  # task's own Mol
-                 valid=task.is_valid(t), length=tau, log_ref=ref, prefix_scores=sc,
-                 fp=fingerprint(t) if fingerprint is not None else None)
-            for row, tau, t, s, ref, sc in zip(tokens.tolist(), lengths.tolist(), texts, final.tolist(), refs, rows)]
+    return Item(tokens=tuple(row[:tau]), text=task.full(text), key=task.canonical(text), score=float(score),  # Mol
+                valid=task.is_valid(text), length=tau, log_ref=log_ref, prefix_scores=prefix_scores,
+                fp=fingerprint(text) if fingerprint is not None else None)
 
 
 def from_items(policy, items):
@@ -86,18 +131,30 @@ def from_items(policy, items):
 
 
 def get_batch(args, task, policy, buffer, rng, frac, coin=None):
-    """METHOD.md §5's mixture: replay with probability p_replay, else on-policy (tempered with prob temp_prob).
-    `coin` makes these two choices (default: `rng`); under FSDP it is the same on every rank (shared_coin)."""
-    coin = rng if coin is None else coin
+    """METHOD.md §5's mixture, a Batch: replay with probability p_replay, else on-policy (tempered with prob
+    temp_prob). `coin` makes these two choices (default: `rng`); under FSDP it is the same on every rank
+    (shared_coin). With conditions a batch is m = batch_size / k conditions x k rows: m drawn training conditions,
+    or m conditions of the buffer x k of their own items."""
+    coin, k = rng if coin is None else coin, args.samples_per_prompt
+    conditional = getattr(task, "conditions", None) is not None
     if replay_ready(args, buffer) and coin.random() < linear(args.p_replay_start, args.p_replay_end, frac):
-        items = buffer.sample(args.batch_size, rng)
-        tokens, lengths = from_items(policy, items)
-        return tokens, lengths, "replay", items  # the items: their cached reference and scores (score_rows)
+        items, conditions = buffer.sample(args.batch_size // k, k, rng) if conditional else \
+            (buffer.sample(args.batch_size, rng), None)
+        return Batch(*from_items(policy, items), "replay", items, conditions)
     temperature = 1.0
     if coin.random() < args.temp_prob:
         temperature = coin.uniform(linear(args.t_lo_start, args.t_lo_end, frac), linear(args.t_hi_start, args.t_hi_end, frac))
-    tokens, lengths, _ = policy.sample(args.batch_size, temperature)
-    return tokens, lengths, "policy", None
+    conditions = draw_conditions(args, task, rng) if conditional else None
+    tokens, lengths, _ = policy.sample(args.batch_size if conditions is None else conditions, temperature)
+    return Batch(tokens, lengths, "policy", None, conditions)
+
+
+def draw_conditions(args, task, rng):
+    """m = batch_size / k training conditions (without replacement when the split has enough), k rows each."""
+    train = task.conditions["train"]
+    m = args.batch_size // args.samples_per_prompt
+    picks = rng.choice(len(train), size=m, replace=m > len(train))
+    return [train[i] for i in picks for _ in range(args.samples_per_prompt)]
 
 
 def estimate_log_z(args, task, policy):

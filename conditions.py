@@ -9,8 +9,10 @@ Rows whose prompts have the same number of tokens are sampled and teacher-forced
 [n, P] tensor, model.Policy.with_prompts), so nothing is padded: every row sees exactly the ids it would see alone,
 and the GPT-2 fast decoder still applies. Prompts of different lengths go in separate passes.
 
-A task without conditions never comes here (train.py's unconditional path is unchanged), except with
---log-z head|batch, which runs it as a task with one condition, its --prompt.
+Batches, scores and the loss are train.py's and batches.py's, the same for both kinds of task: a condition is a
+property of a row. What is here is what only a task with conditions needs: the policy over conditions, logZ per
+condition and one buffer per condition. A task without conditions comes here only with --log-z head|batch, which
+runs it as a task with one condition, its --prompt.
 """
 import inspect
 import math
@@ -18,13 +20,11 @@ import math
 import numpy as np
 import torch
 
-import losses
+import conventions
 import model as modellib
 import rewards
-import rl_losses
-from batches import cached_rows, from_items, linear, scored, to_items
-from distributed import average_across_ranks, replay_ready
-from logz import LogZHead, batch_log_z, hidden_size  # noqa: F401 (conditions.LogZHead etc. for callers)
+from batches import draw_conditions, score_rows
+from distributed import average_across_ranks
 from replay import make_buffer
 
 
@@ -149,7 +149,8 @@ def build(args, task, policy):
     """The conditional run's task, policy, replay buffer and logZ (with its parameters)."""
     task = as_conditional(task)
     policy = ConditionalPolicy(policy, task, args.prompt)
-    buffer = None if args.replay == "none" else ConditionalBuffer(args.replay, args.buffer_size, task.similarity)
+    buffer = None if args.replay == "none" else ConditionalBuffer(args.replay, args.buffer_size, task.similarity,
+                                                                  **conventions.buffer_options(args))
     return task, policy, buffer, make_log_z(args, policy)
 
 
@@ -223,15 +224,16 @@ class ConditionalPolicy:
             tokens[rows], lengths[rows], log_q[rows] = t, l, q
         return tokens, lengths, log_q
 
-    def log_probs(self, tokens, lengths, conditions, reference=False):
+    def log_probs(self, tokens, lengths, conditions, reference=False, raw=False):
         """Policy.log_probs with each row's prompt: log_pf, log_pterm [B, T]."""
         groups = self.groups(conditions)
         if len(groups) == 1:
-            return self.view(conditions).log_probs(tokens, lengths, reference)
+            return self.view(conditions).log_probs(tokens, lengths, reference, raw)
         out = [None, None]
         for rows in groups:
             rows = rows.to(tokens.device)
-            parts = self.view([conditions[i] for i in rows.tolist()]).log_probs(tokens[rows], lengths[rows], reference)
+            parts = self.view([conditions[i] for i in rows.tolist()]).log_probs(tokens[rows], lengths[rows],
+                                                                                 reference, raw)
             for j, part in enumerate(parts):
                 if out[j] is None:
                     out[j] = part.new_zeros(len(tokens), part.shape[1])
@@ -239,9 +241,17 @@ class ConditionalPolicy:
         return tuple(out)
 
     @torch.no_grad()
-    def log_ref_stop(self, tokens, lengths, conditions):
-        log_pf, log_pterm = self.log_probs(tokens, lengths, conditions, reference=True)
+    def log_ref_stop(self, tokens, lengths, conditions, raw=False):
+        log_pf, log_pterm = self.log_probs(tokens, lengths, conditions, reference=True, raw=raw)
         return torch.cumsum(log_pf, 1) - log_pf + log_pterm
+
+    def stop_allowed(self, tokens, lengths, conditions):
+        """Policy.stop_allowed under each row's own mask."""
+        out = torch.zeros(len(tokens), self.policy.max_len + 1, dtype=torch.bool, device=tokens.device)
+        for rows in self.groups(conditions):
+            rows = rows.to(tokens.device)
+            out[rows] = self.view([conditions[i] for i in rows.tolist()]).stop_allowed(tokens[rows], lengths[rows])
+        return out
 
     def prompt_states(self, conditions):
         """The policy network's last hidden state at the last prompt position of each condition, [n, E] (with
@@ -256,6 +266,39 @@ class ConditionalPolicy:
         return torch.stack([states[c] for c in conditions])
 
 
+def hidden_size(policy):
+    return policy.model.get_input_embeddings().embedding_dim
+
+
+class LogZHead(torch.nn.Module):
+    """logZ(c) = w . h(c) + b, h(c) the policy's last hidden state at the end of c's prompt (METHOD.md §11.2).
+    w starts at 0, so logZ(c) starts at b for every condition; a prompt never trained on still gets a value."""
+
+    def __init__(self, size, init=0.0, dtype=torch.float32):
+        super().__init__()
+        self.linear = torch.nn.Linear(size, 1, dtype=dtype)  # bf16: --log-z-dtype, the authors' storage
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            self.linear.bias.fill_(init)
+
+    def forward(self, states):
+        return self.linear(states.to(self.linear.weight.dtype)).squeeze(-1).float()
+
+
+def batch_log_z(conditions, log_pf, log_pterm, log_r, lengths):
+    """logZ(c) = the mean of log R(x) - log q(x) over the rows of condition c (detached), one value per row: at
+    q = p* every term is log Z(c); under q it is log Z(c) - KL(q || p*) in expectation (METHOD.md §11.2)."""
+    with torch.no_grad():
+        tau = lengths[:, None]
+        log_w = (log_r.gather(1, tau) - log_pterm.gather(1, tau)).squeeze(1) - torch.where(
+            torch.arange(log_pf.shape[1], device=log_pf.device)[None] < tau, log_pf, 0.0).sum(1)
+        index = {c: i for i, c in enumerate(dict.fromkeys(conditions))}
+        group = torch.tensor([index[c] for c in conditions], device=log_w.device)
+        sums = torch.zeros(len(index), dtype=log_w.dtype, device=log_w.device).index_add_(0, group, log_w)
+        counts = torch.bincount(group, minlength=len(index)).to(log_w.dtype)
+        return (sums / counts)[group]
+
+
 def row_log_z(args, log_z, policy, conditions, log_pf, log_pterm, log_r, lengths):
     """Each row's logZ for the losses: the head's value for its condition, or the batch estimate."""
     if args.log_z_mode == "batch":
@@ -267,7 +310,8 @@ def make_log_z(args, policy):
     """The learned part of logZ and its parameters (logZ's own optimiser group): the head, or for --log-z batch
     the unused scalar that keeps the optimiser's and the checkpoint's layout."""
     if args.log_z_mode == "head":
-        head = LogZHead(hidden_size(policy)).to(policy.device)
+        dtype = torch.bfloat16 if getattr(args, "log_z_dtype", "float32") == "bfloat16" else torch.float32
+        head = LogZHead(hidden_size(policy), dtype=dtype).to(policy.device)
         return head, list(head.parameters())
     log_z = torch.nn.Parameter(torch.zeros((), device=policy.device))
     return log_z, [log_z]
@@ -299,96 +343,6 @@ def learned_log_z(args, log_z, policy, conditions):
         return log_z(policy.prompt_states(conditions)).tolist()
 
 
-# ----------------------------------------------------------------------------- batches
-
-def draw_conditions(args, task, rng):
-    """m = batch_size / k training conditions (without replacement when the split has enough), k rows each."""
-    train = task.conditions["train"]
-    m = args.batch_size // args.samples_per_prompt
-    picks = rng.choice(len(train), size=m, replace=m > len(train))
-    return [train[i] for i in picks for _ in range(args.samples_per_prompt)]
-
-
-def prefix_scores(task, policy, tokens, lengths, conditions):
-    """rewards.prefix_scores with each row's condition's own task, [B, T] float64."""
-    scores = torch.zeros(len(tokens), policy.max_len + 1, dtype=torch.float64)
-    for c in dict.fromkeys(conditions):
-        rows = torch.tensor([i for i, x in enumerate(conditions) if x == c])
-        scores[rows] = rewards.prefix_scores(task.given(c), policy.token_texts, tokens[rows.to(tokens.device)],
-                                             lengths[rows.to(lengths.device)], policy.max_len)
-    return scores
-
-
-def score_rows(args, task, policy, tokens, lengths, items, conditions):
-    """batches.score_rows for rows with conditions: log R, u, texts, final scores, log_ref, prefix scores."""
-    cached = cached_rows(args, policy, items)
-    if cached is not None:
-        log_ref, scores = cached
-    else:
-        scores = prefix_scores(task, policy, tokens, lengths, conditions).to(policy.device)
-        log_ref = policy.log_ref_stop(tokens, lengths, conditions)
-    log_r, u = rewards.log_reward(log_ref.double(), scores, args.kappa, args.lam)
-    final = scores.gather(1, lengths[:, None]).squeeze(1)
-    return log_r.float(), u.float(), policy.texts(tokens, lengths), final, log_ref, scores
-
-
-def condition_items(task, conditions, tokens, lengths, texts, final, log_ref, scores):
-    """batches.to_items, each row with its condition's task (validity, canonical form, finished object)."""
-    items = [None] * len(texts)
-    for c in dict.fromkeys(conditions):
-        rows = [i for i, x in enumerate(conditions) if x == c]
-        made = to_items(task.given(c), tokens[rows], lengths[rows], [texts[i] for i in rows], final[rows],
-                        log_ref[rows], scores[rows])
-        for i, item in zip(rows, made):
-            items[i] = item
-    return items
-
-
-def get_batch(args, task, policy, buffer, rng, frac, coin=None):
-    """batches.get_batch with conditions: the same replay / temperature choices; a replayed batch is m conditions
-    of the buffer x k of their own items, an on-policy one m drawn training conditions x k samples."""
-    coin = rng if coin is None else coin
-    if replay_ready(args, buffer) and coin.random() < linear(args.p_replay_start, args.p_replay_end, frac):
-        items, conditions = buffer.sample(args.batch_size // args.samples_per_prompt, args.samples_per_prompt, rng)
-        tokens, lengths = from_items(policy, items)
-        return tokens, lengths, "replay", items, conditions
-    temperature = 1.0
-    if coin.random() < args.temp_prob:
-        temperature = coin.uniform(linear(args.t_lo_start, args.t_lo_end, frac), linear(args.t_hi_start, args.t_hi_end, frac))
-    conditions = draw_conditions(args, task, rng)
-    tokens, lengths, _ = policy.sample(conditions, temperature)
-    return tokens, lengths, "policy", None, conditions
-
-
-def micro_batch(args, task, policy, buffer, log_z, rng, frac, coin, knobs):
-    """train.py's micro-batch with conditions: batch, scores, log-probs, each row's logZ, loss and backward, the
-    buffer refresh; returns the micro-batch's metrics (the unconditional ones, with the batch's mean logZ)."""
-    tokens, lengths, source, items, conditions = get_batch(args, task, policy, buffer, rng, frac, coin)
-    log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, items, conditions)
-    log_pf, log_pterm = policy.log_probs(tokens, lengths, conditions)
-    z = row_log_z(args, log_z, policy, conditions, log_pf, log_pterm, log_r, lengths)
-    loss, stats = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, z, **knobs,
-                                      **rl_knobs(args.loss, policy, tokens, lengths, conditions, final))
-    (loss / args.grad_accum).backward()
-    if source == "policy" and buffer is not None:
-        buffer.add(condition_items(task, conditions, tokens, lengths, texts, final, log_ref, scores), conditions)
-    valid = torch.tensor([task.given(c).is_valid(t) for c, t in zip(conditions, texts)], dtype=torch.float)
-    return dict(loss=loss.item(), reward=final.mean().item(), validity=valid.mean().item(),
-                length=lengths.float().mean().item(), replay=float(source == "replay"), **scored(source, lengths),
-                log_pstop_final=log_pterm.detach().gather(1, lengths[:, None]).mean().item(),
-                **{k: float(v) for k, v in stats.items()}, log_z=z.detach().mean().item())
-
-
-def rl_knobs(name, policy, tokens, lengths, conditions, score):
-    """What an RL baseline takes beyond the batch (rl_losses.batch_knobs), with one group per condition: its k
-    samples share a baseline (RLOO) or an advantage's mean and std (GRPO). {} for the GFlowNet losses."""
-    if name not in rl_losses.LOSSES:
-        return {}
-    ids = {c: i for i, c in enumerate(dict.fromkeys(conditions))}
-    return dict(rl_losses.batch_knobs(name, policy, tokens, lengths, score, conditions),
-                groups=torch.tensor([ids[c] for c in conditions], device=tokens.device))
-
-
 # ----------------------------------------------------------------------------- replay, one buffer per condition
 
 class ConditionalBuffer:
@@ -397,8 +351,8 @@ class ConditionalBuffer:
 
     kind = "conditional"
 
-    def __init__(self, kind, capacity, similarity):
-        self.options = dict(kind=kind, capacity=capacity, similarity=similarity)
+    def __init__(self, kind, capacity, similarity, **options):
+        self.options = dict(kind=kind, capacity=capacity, similarity=similarity, **options)
         self.buffers = {}
 
     def _buffer(self, condition):

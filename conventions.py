@@ -167,26 +167,17 @@ def buffer_options(args):
     return dict(valid_only=args.replay_valid_only)
 
 
-def log_probs(args, policy, tokens, lengths):
-    """The loss's log_pf and log_pterm. Raw: read off the full-vocabulary log-softmax; with our root the states
-    whose stop the mask forbids keep log q(stop) = -inf, so the prefix objectives pass over them as they do
-    under the mask, while the s_0 root uses every state."""
+def log_probs(args, policy, tokens, lengths, conditions=None):
+    """The loss's log_pf and log_pterm (with each row's prompt when the rows have conditions). Raw: read off the
+    full-vocabulary log-softmax; with our root the states whose stop the mask forbids keep log q(stop) = -inf, so
+    the prefix objectives pass over them as they do under the mask, while the s_0 root uses every state."""
+    rows = {} if conditions is None else dict(conditions=conditions)
     if getattr(args, "log_probs", "masked") != "raw":
-        return policy.log_probs(tokens, lengths)
-    log_pf, log_pterm = policy.log_probs(tokens, lengths, raw=True)
+        return policy.log_probs(tokens, lengths, **rows)
+    log_pf, log_pterm = policy.log_probs(tokens, lengths, raw=True, **rows)
     if args.prefix_root == "s0":
         return log_pf, log_pterm
-    return log_pf, torch.where(stop_allowed(policy, tokens, lengths), log_pterm, float("-inf"))
-
-
-def stop_allowed(policy, tokens, lengths):
-    """[B, L_max + 1] bool: where Policy.action_log_probs allows the stop (k >= L_min, and the task mask allows it
-    or k = L_max), and everywhere past a row's end."""
-    k = torch.arange(policy.max_len + 1, device=tokens.device)
-    ok = (k >= policy.min_len)[None].expand(len(tokens), -1)
-    if policy.task_mask is not None:
-        ok = ok & (policy.allowed_actions(tokens, policy.max_len, lengths)[..., -1] | (k == policy.max_len))
-    return ok | (k[None] > lengths[:, None])
+    return log_pf, torch.where(policy.stop_allowed(tokens, lengths, **rows), log_pterm, float("-inf"))
 
 
 def buffer_items(args, items, scores, log_r, lengths):

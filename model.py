@@ -187,6 +187,15 @@ class Policy:
         log_pf, log_pterm = self.log_probs(tokens, lengths, reference=True, raw=raw)
         return torch.cumsum(log_pf, 1) - log_pf + log_pterm
 
+    def stop_allowed(self, tokens, lengths):
+        """[B, L_max + 1] bool: where action_log_probs allows the stop (k >= L_min, and the task mask allows it or
+        k = L_max), and everywhere past a row's end."""
+        k = torch.arange(self.max_len + 1, device=tokens.device)
+        ok = (k >= self.min_len)[None].expand(len(tokens), -1)
+        if self.task_mask is not None:
+            ok = ok & (self.allowed_actions(tokens, self.max_len, lengths)[..., -1] | (k == self.max_len))
+        return ok | (k[None] > lengths[:, None])
+
     def _adapters_off(self):
         return self.model.disable_adapter()
 

@@ -148,15 +148,21 @@ LOSSES = {"rloo": rloo_loss, "grpo": grpo_loss, "dpg": dpg_loss}
 
 # ----------------------------------------------------------------------------- what the trainer adds for them
 
-def batch_knobs(name, policy, tokens, lengths, score, *conditions):
+def batch_knobs(name, policy, tokens, lengths, score, conditions=None):
     """The tensors beyond the batch contract an RL loss takes: GRPO's reward S and P_ref's per-action log-probs
-    (one more teacher-forced pass of the reference, without gradient). {} for every other loss. A conditional
-    policy's rows pass their conditions on to its log_probs."""
-    if name != "grpo":
+    (one more teacher-forced pass of the reference, without gradient), and with conditions each row's group: a
+    condition's k samples share a baseline (RLOO) or an advantage's mean and std (GRPO). {} for the GFlowNet
+    losses."""
+    if name not in LOSSES:
         return {}
-    with torch.no_grad():
-        ref_log_pf, ref_log_pterm = policy.log_probs(tokens, lengths, *conditions, reference=True)
-    return dict(score=score, ref_log_pf=ref_log_pf, ref_log_pterm=ref_log_pterm)
+    rows = {} if conditions is None else dict(conditions=conditions)
+    out = {} if conditions is None else dict(groups=torch.tensor(
+        [list(dict.fromkeys(conditions)).index(c) for c in conditions], device=tokens.device))
+    if name == "grpo":
+        with torch.no_grad():
+            ref_log_pf, ref_log_pterm = policy.log_probs(tokens, lengths, reference=True, **rows)
+        out.update(score=score, ref_log_pf=ref_log_pf, ref_log_pterm=ref_log_pterm)
+    return out
 
 
 @torch.no_grad()

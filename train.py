@@ -11,6 +11,7 @@ and `latest`, the name of the newest complete checkpoint.
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -31,7 +32,7 @@ import model as modellib
 import rewards
 from tasks.smiles.task import PAPER_SCAFFOLD
 import rl_losses
-from batches import estimate_log_z, get_batch, linear, score_rows, scored, to_items
+from batches import by_row, estimate_log_z, get_batch, linear, row_tasks, score_rows, scored, to_items
 from checkpoint import (load_rank_state, non_finite_loss, resume_args, save_checkpoint, stop_on_ctrl_c,
                         stop_requested)
 from checkpoint import MEASURE_ONLY, RUN_ONLY, STOP, find_checkpoint, load_state  # noqa: F401 (sample.py, tests)
@@ -266,62 +267,83 @@ def lr_factor(args, frac):
     return 0.5 * (1 + math.cos(math.pi * frac)) if args.lr_schedule == "cosine" else 1.0
 
 
-def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
-    """One optimiser step over grad_accum batches; returns the step's metrics."""
+@dataclasses.dataclass
+class Training:
+    """What a training step reads and updates: the settings, the task, the policy (with its frozen reference), the
+    replay buffer (None without replay), logZ (a scalar; with conditions, a head) and its optimiser, and the
+    run's random generator for batches."""
+    args: argparse.Namespace
+    task: object
+    policy: object
+    buffer: object
+    log_z: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    rng: np.random.Generator
+
+
+def train_step(training, step):
+    """One optimiser step over grad_accum micro-batches; returns the step's metrics."""
+    args = training.args
     frac = conventions.schedule_frac(args, step)
-    for group, base in zip(optimizer.param_groups, (args.lr, args.lr_logz)):
+    for group, base in zip(training.optimizer.param_groups, (args.lr, args.lr_logz)):
         group["lr"] = base * lr_factor(args, step / args.steps)  # the last step keeps a small, non-zero rate
-    optimizer.zero_grad(set_to_none=True)
-    rows, kept, cpu_start = [], [], time.process_time()
-    conditional = isinstance(policy, conditions.ConditionalPolicy)
-    for i in range(args.grad_accum):
-        coin, knobs = shared_coin(args, step, i), loss_knobs(args, frac)
-        rows.append(conditions.micro_batch(args, task, policy, buffer, log_z, rng, frac, coin, knobs) if conditional
-                    else micro_batch(args, task, policy, buffer, log_z, rng, frac, coin, knobs, kept))
-    grad_norm = optimizer_step(args, optimizer, log_z)
-    inner_epochs(args, policy, log_z, optimizer, kept, frac)
+    training.optimizer.zero_grad(set_to_none=True)
+    knobs, kept, cpu_start = loss_knobs(args, frac), [], time.process_time()
+    rows = [micro_batch(training, frac, shared_coin(args, step, i), knobs, kept) for i in range(args.grad_accum)]
+    grad_norm = optimizer_step(args, training.optimizer, training.log_z)
+    inner_epochs(training, kept, knobs)
+    # the step's metrics: the mean over its micro-batches and over the ranks
     metrics = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     metrics = dict(zip(metrics, average_across_ranks([torch.tensor(list(metrics.values()), dtype=torch.float64)])[0].tolist()))
     if args.loss == "dpg":  # its running Z estimate rides in log_z, which every checkpoint saves
-        rl_losses.update_running_log_z(log_z, metrics["dpg_weight_mean"], step)
+        rl_losses.update_running_log_z(training.log_z, metrics["dpg_weight_mean"], step)
     scale = len(rows) * (dist.get_world_size() if dist.is_initialized() else 1)  # per step over all ranks, not means
     metrics.update({k: metrics[k] * scale for k in ("objects_scored", "prefixes_scored")})
-    log_z_value = metrics.pop("log_z") if "log_z" in metrics else log_z.item()  # with conditions: the batch's mean
-    knobs = loss_knobs(args, frac)
+    log_z_value = metrics.pop("log_z") if "log_z" in metrics else training.log_z.item()  # with conditions: the batch's mean
     return dict(step=step + 1, **metrics, log_z=log_z_value, grad_norm=grad_norm.item(), k_min=knobs["k_min"],
-                eta=knobs["eta"], lr=optimizer.param_groups[0]["lr"], cpu_seconds=time.process_time() - cpu_start)
+                eta=knobs["eta"], lr=training.optimizer.param_groups[0]["lr"], cpu_seconds=time.process_time() - cpu_start)
 
 
-def micro_batch(args, task, policy, buffer, log_z, rng, frac, coin, knobs, kept):
-    """One batch: draw it, score it, loss and backward, refresh the buffer; returns its metrics. GRPO's batches are
-    kept in `kept` for its inner epochs, with q_old = this pass."""
-    tokens, lengths, source, *items = get_batch(args, task, policy, buffer, rng, frac, coin)
-    log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, *items)
-    log_pf, log_pterm = conventions.log_probs(args, policy, tokens, lengths)
-    rl = rl_losses.batch_knobs(args.loss, policy, tokens, lengths, final)  # {} for the GFlowNet losses
+def micro_batch(training, frac, coin, knobs, kept):
+    """One batch, with or without conditions: draw it, score it, loss and backward, refresh the buffer; returns its
+    metrics. GRPO's batches are kept in `kept` for its inner epochs, with q_old = this pass."""
+    args, task, policy = training.args, training.task, training.policy
+    # the batch: on-policy samples or replayed items, each row with its condition when the task has them
+    batch = get_batch(args, task, policy, training.buffer, training.rng, frac, coin)
+    tokens, lengths, conds = batch.tokens, batch.lengths, batch.conditions
+    # its reward at every prefix, and the policy's log-probs of every action and stop
+    log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, batch.items, conds)
+    log_pf, log_pterm = conventions.log_probs(args, policy, tokens, lengths, conds)
+    log_z = training.log_z if conds is None else conditions.row_log_z(args, training.log_z, policy, conds, log_pf, log_pterm,
+                                                                  log_r, lengths)
+    # the loss, through the one entry point of every objective
+    rl = rl_losses.batch_knobs(args.loss, policy, tokens, lengths, final, conds)  # {} for the GFlowNet losses
     loss, stats = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, log_z, **knobs, **rl)
     (loss / args.grad_accum).backward()
     if args.loss == "grpo" and args.grpo_epochs > 1:
         kept.append((tokens, lengths, log_r, u, dict(rl, old_log_pf=log_pf.detach(), old_log_pterm=log_pterm.detach())))
-    if source == "policy" and buffer is not None:
-        items = to_items(task, tokens, lengths, texts, final, log_ref, scores)
-        buffer.add(conventions.buffer_items(args, items, scores, log_r, lengths))
-    valid = torch.tensor([task.is_valid(t) for t in texts], dtype=torch.float)
+    # what the on-policy samples add to the replay buffer
+    if batch.source == "policy" and training.buffer is not None:
+        items = to_items(task, tokens, lengths, texts, final, log_ref, scores, conds)
+        training.buffer.add(conventions.buffer_items(args, items, scores, log_r, lengths), **by_row(conds))
+    valid = torch.tensor([t.is_valid(x) for t, x in zip(row_tasks(task, conds, len(texts)), texts)], dtype=torch.float)
     return dict(loss=loss.item(), reward=final.mean().item(), validity=valid.mean().item(),
-                length=lengths.float().mean().item(), replay=float(source == "replay"),
-                **scored(source, lengths), log_pstop_final=log_pterm.detach().gather(1, lengths[:, None]).mean().item(),
-                **{k: float(v) for k, v in stats.items()})
+                length=lengths.float().mean().item(), replay=float(batch.source == "replay"),
+                **scored(batch.source, lengths), log_pstop_final=log_pterm.detach().gather(1, lengths[:, None]).mean().item(),
+                **{k: float(v) for k, v in stats.items()},
+                **({} if conds is None else dict(log_z=log_z.detach().mean().item())))
 
 
-def inner_epochs(args, policy, log_z, optimizer, batches, frac):
+def inner_epochs(training, batches, knobs):
     """GRPO's epochs after the first: the loss again on the same stored batches (q_old fixed), one more step each."""
+    args = training.args
     for _ in range(1, args.grpo_epochs if args.loss == "grpo" else 1):
-        optimizer.zero_grad(set_to_none=True)
+        training.optimizer.zero_grad(set_to_none=True)
         for tokens, lengths, log_r, u, rl in batches:
-            log_pf, log_pterm = conventions.log_probs(args, policy, tokens, lengths)
-            loss, _ = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, log_z, **loss_knobs(args, frac), **rl)
+            log_pf, log_pterm = conventions.log_probs(args, training.policy, tokens, lengths)
+            loss, _ = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, training.log_z, **knobs, **rl)
             (loss / args.grad_accum).backward()
-        optimizer_step(args, optimizer, log_z)
+        optimizer_step(args, training.optimizer, training.log_z)
 
 
 def optimizer_step(args, optimizer, log_z):
@@ -380,6 +402,7 @@ def run(args):
     else:
         with torch.no_grad():
             log_z.fill_(args.log_z_init if args.log_z_init is not None else estimate_log_z(args, task, policy))
+    training = Training(args, task, policy, buffer, log_z, optimizer, rng)
     started = time.perf_counter()
     log_path = os.path.join(args.out, "metrics.jsonl")
     if rank == 0 and step and os.path.exists(log_path):  # drop lines a killed run wrote after its checkpoint
@@ -403,7 +426,7 @@ def run(args):
         kl = {}
         bar = tqdm(range(step, args.steps), initial=step, total=args.steps, dynamic_ncols=True, disable=rank != 0)
         for step in bar:
-            metrics = train_step(args, task, policy, buffer, log_z, optimizer, rng, step)
+            metrics = train_step(training, step)
             if eval_due(args, metrics["step"]):
                 metrics.update(evaluate(args, task, policy, log_z, metrics["step"]))
                 kl = dict(KL=f"{metrics['kl_q_target']:.2f}")

@@ -207,7 +207,7 @@ def bench_fidelity(model="prior", n=256, steps=3, task_name="smiles"):
     step_times = []
     for step in range(steps + 2):  # fill the buffer first: replay needs a full batch
         t = time.perf_counter()
-        train.train_step(args, task, policy, buffer, log_z, optimizer, rng, step)
+        train.train_step(train.Training(args, task, policy, buffer, log_z, optimizer, rng), step)
         step_times.append(time.perf_counter() - t)
     step_s = float(np.median(step_times[2:]))
     t = time.perf_counter()

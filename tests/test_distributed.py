@@ -8,6 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train
+from batches import Batch
 
 BATCH = 8  # rows per rank
 # fork: the ranks start with this process's imports (torch, transformers), seconds each under spawn; the parent has
@@ -41,14 +42,14 @@ def train_two_steps(rank, world, model, out, port):
     torch.manual_seed(123)
     tokens, lengths, _ = policy.sample(2 * BATCH)  # the same rows on every rank: same weights, same seed
     rows = slice(rank * len(tokens) // world, (rank + 1) * len(tokens) // world)
-    train.get_batch = lambda *a: (tokens[rows], lengths[rows], "policy")
+    train.get_batch = lambda *a: Batch(tokens[rows], lengths[rows], "policy")
     log_z = torch.nn.Parameter(torch.zeros(()))
     # SGD: a weight moves by lr x its averaged gradient, so the comparison below is one of gradients. Adam would
     # divide each by its own running scale and turn float rounding in a near-zero gradient into a whole lr step.
     optimizer = torch.optim.SGD([dict(params=list(policy.model.parameters()), lr=args.lr),
                                  dict(params=[log_z], lr=args.lr_logz)])
     for step in range(2):
-        metrics = train.train_step(args, task, policy, None, log_z, optimizer, None, step)
+        metrics = train.train_step(train.Training(args, task, policy, None, log_z, optimizer, None), step)
     params = torch.nn.utils.parameters_to_vector(list(policy.model.parameters()) + [log_z]).detach()
     torch.save(dict(params=params, loss=metrics["loss"]), os.path.join(out, f"rank{rank}-of-{world}.pt"))
     if world > 1:

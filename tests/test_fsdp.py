@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
 import batches
+from batches import Batch
 import losses
 import model as modellib
 import tracking
@@ -75,13 +76,13 @@ def fixed_batch_steps(rank, world, model, out, flags, tokens, lengths):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     rows = slice(rank * len(tokens) // world, (rank + 1) * len(tokens) // world)
-    train.get_batch = lambda *a: (tokens[rows], lengths[rows], "policy")
+    train.get_batch = lambda *a: Batch(tokens[rows], lengths[rows], "policy")
     log_z = torch.nn.Parameter(torch.zeros(()))
     optimizer = torch.optim.AdamW([
         dict(params=[p for p in policy.model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay),
         dict(params=[log_z], lr=args.lr_logz, weight_decay=0.0)])
     for step in range(2):
-        metrics = train.train_step(args, task, policy, None, log_z, optimizer, None, step)
+        metrics = train.train_step(train.Training(args, task, policy, None, log_z, optimizer, None), step)
     train.save_checkpoint(args, policy, None, log_z, optimizer, np.random.default_rng(0), 2)
     names = [n for n, p in policy.model.named_parameters() if p.requires_grad]
     torch.save(dict(params=trainable(policy), log_z=log_z.detach().clone(), names=names, metrics=metrics),

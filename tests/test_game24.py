@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.game24 import task as game24
+import batches
 import condition_fidelity
+import conventions
 import conditions
 import losses
 import sample
 import tracking
 import train
+from tasks.game24 import task as game24
 from test_distributed import free_port, start_ranks
 
 DIGITS = "123456789"
@@ -129,7 +131,7 @@ def test_raptb_is_tb_here():
     conds = ["1139:"] * 3 + ["3389:"] * 3
     tokens, lengths, _ = policy.sample(conds)
     log_pf, log_pterm = policy.log_probs(tokens, lengths, conds)
-    log_r, u = conditions.score_rows(argparse_like(), task, policy, tokens, lengths, None, conds)[:2]
+    log_r, u = batches.score_rows(argparse_like(), task, policy, tokens, lengths, None, conds)[:2]
     log_z = torch.tensor([1.0] * 3 + [30.0] * 3, requires_grad=True)
     rap = losses.raptb_loss(log_pf, log_pterm, log_r, u, lengths, log_z, k_min=2, min_len=7)[0]
     tb = losses.tb_loss(log_pf, log_pterm, log_r, lengths, log_z)[0]
@@ -224,3 +226,21 @@ def test_rl_baselines_run_on_the_game24_with_a_group_per_prompt(tmp_path, loss):
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
     assert train.main([*FAST, "--loss", "dpg", "--out", str(tmp_path / "dpg")]) == 2  # one Z: not per prompt
 
+
+
+def test_the_authors_conventions_apply_to_each_rows_condition(tmp_path, capsys):
+    """--conventions authors on a conditional task: raw log-probs and the s_0 root reach the loss through each row's
+    prompt (the same values as the row alone), and a run trains with them and a bf16 logZ head."""
+    args = train.get_args([*FAST, "--conventions", "authors", "--out", str(tmp_path / "run")])
+    assert (args.log_probs, args.prefix_root, args.log_z_dtype) == ("raw", "s0", "bfloat16")
+    policy, task = reference()
+    conds = ["1139:"] * 2 + ["3389:"] * 2
+    tokens, lengths, _ = policy.sample(conds)
+    log_pf, log_pterm = conventions.log_probs(args, policy, tokens, lengths, conds)
+    masked = policy.log_probs(tokens, lengths, conds)
+    assert not torch.equal(log_pterm, masked[1])  # raw: the stop keeps its own log-prob where the mask forces it
+    for i, c in enumerate(conds):
+        alone = policy.view([c]).log_probs(tokens[i:i + 1], lengths[i:i + 1], raw=True)
+        assert torch.allclose(log_pf[i:i + 1], alone[0], atol=1e-6) and torch.allclose(log_pterm[i:i + 1], alone[1], atol=1e-6)
+    assert train.main([*FAST, "--conventions", "authors", "--out", str(tmp_path / "run")]) == 0
+    assert "log_probs=raw" in capsys.readouterr().out
