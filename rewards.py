@@ -110,6 +110,12 @@ class ScoreFunctionTask(Task):
         return [float(v) for v in values]
 
 
+def builtin_task(name):
+    """The class of a built-in task (its `defaults`, for --help), imported as `--task` would."""
+    where, attr = BUILTIN[name].rsplit(":", 1)
+    return getattr(importlib.import_module(where), attr)
+
+
 def load_task(spec, **options):
     """A built-in task by name (BUILTIN), or a user's: 'module:attr' or 'path/to/file.py:attr', where attr is a Task
     class or a plain score function over a list of texts. A class is instantiated with those of `options` (scaffold,

@@ -239,3 +239,15 @@ def test_readme_is_a_users_document():
                                       f"RESULTS.md (newest first, each table with its command), not README")
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert "(RESULTS.md)" in readme, "README's results summary links to RESULTS.md"
+
+
+def test_every_train_flag_has_a_help_line_with_its_real_default():
+    """train.py --help: every flag explains itself, and none reads "(default: None)" where a value exists (a flag
+    whose value depends on the task or the loss states it, with the built-in tasks' own)."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import train
+    parser = train.make_parser()
+    assert not [a.option_strings for a in parser._actions if not a.help]
+    text = parser.format_help()
+    assert "default: None" not in text and "(default 5000; expr24" in " ".join(text.split())
