@@ -8,6 +8,7 @@ A condition (METHOD.md §11) is a property of a row: a task with conditions give
 row is scored by its condition's task (`task.given(c)`), read by the policy with its prompt and kept in its
 condition's buffer. A task without them has `conditions` None, and every function here takes both alike.
 """
+import dataclasses
 import math
 from typing import NamedTuple, Optional
 
@@ -122,6 +123,37 @@ def make_item(task, row, tau, text, score, log_ref, prefix_scores):
     return Item(tokens=tuple(row[:tau]), text=task.full(text), key=task.canonical(text), score=float(score),  # Mol
                 valid=task.is_valid(text), length=tau, log_ref=log_ref, prefix_scores=prefix_scores,
                 fp=fingerprint(text) if fingerprint is not None else None)
+
+
+def loss_log_probs(args, policy, tokens, lengths, conditions=None):
+    """The loss's log_pf and log_pterm (with each row's prompt when the rows have conditions). Raw: read off the
+    full-vocabulary log-softmax; with our root the states whose stop the mask forbids keep log q(stop) = -inf, so
+    the prefix objectives pass over them as they do under the mask, while the s_0 root uses every state."""
+    rows = by_row(conditions)
+    if args.log_probs != "raw":
+        return policy.log_probs(tokens, lengths, **rows)
+    log_pf, log_pterm = policy.log_probs(tokens, lengths, raw=True, **rows)
+    if args.prefix_root == "s0":
+        return log_pf, log_pterm
+    return log_pf, torch.where(policy.stop_allowed(tokens, lengths, **rows), log_pterm, float("-inf"))
+
+
+def buffer_items(args, items, scores, log_r, lengths):
+    """The items an on-policy batch adds to the buffer, with the r(x) and validity of --buffer-reward and
+    --buffer-validity: the task's score and validity (ours), the best prefix score, or the sum of the finite
+    log R(s_k T) over the proper prefixes k < tau; valid = score > 0."""
+    reward, validity = args.buffer_reward, args.buffer_validity
+    if reward == "final" and validity == "task":
+        return items
+    out = []
+    for it, row_s, row_r, tau in zip(items, scores.tolist(), log_r.tolist(), lengths.tolist()):
+        r = it.score
+        if reward == "max-prefix":
+            r = max(row_s[:tau + 1])
+        elif reward == "prefix-sum":
+            r = sum(x for x in row_r[:tau] if math.isfinite(x))
+        out.append(dataclasses.replace(it, score=float(r), valid=it.score > 0 if validity == "score" else it.valid))
+    return out
 
 
 def from_items(policy, items):

@@ -20,12 +20,11 @@ import math
 import numpy as np
 import torch
 
-import conventions
 import model as modellib
 import rewards
 from batches import draw_conditions, score_rows
 from distributed import average_across_ranks
-from replay import make_buffer
+from replay import buffer_options, make_buffer
 
 
 def is_conditional(task):
@@ -150,7 +149,7 @@ def build(args, task, policy):
     task = as_conditional(task)
     policy = ConditionalPolicy(policy, task, args.prompt)
     buffer = None if args.replay == "none" else ConditionalBuffer(args.replay, args.buffer_size, task.similarity,
-                                                                  **conventions.buffer_options(args))
+                                                                  **buffer_options(args))
     return task, policy, buffer, make_log_z(args, policy)
 
 

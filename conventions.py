@@ -14,10 +14,7 @@ flag at a time. An explicit flag always wins over the switch.
 and the authors' per-method settings (AUTHORS_PER_METHOD), which only --conventions authors applies.
 """
 import argparse
-import dataclasses
-import math
 
-import torch
 
 UNSET = object()  # stands for "not on the command line" while finding the flags the user gave
 
@@ -136,67 +133,7 @@ def describe(args):
     return "conventions: authors (" + ", ".join(f"{k}={getattr(args, k)}" for k in sorted(keys)) + ")"
 
 
-# ----------------------------------------------------------------------------- what train.py calls
-
-def make_log_z(args, device):
-    dtype = torch.bfloat16 if getattr(args, "log_z_dtype", "float32") == "bfloat16" else torch.float32
-    return torch.nn.Parameter(torch.zeros((), device=device, dtype=dtype))
-
-
-def make_optimizer(args, params, z_params):
-    """AdamW with logZ (the scalar, or a logZ head's parameters) in a group of its own. A group with the network's lr
-    and weight decay is the same AdamW update as sharing the network's group (AdamW acts per parameter), which is
-    where the authors keep it."""
-    return torch.optim.AdamW([
-        dict(params=params, lr=args.lr, weight_decay=args.weight_decay),
-        dict(params=list(z_params), lr=args.lr_logz, weight_decay=getattr(args, "log_z_weight_decay", 0.0))])
-
-
-def schedule_frac(args, step):
-    """How far the linear schedules are at `step`: 0 -> 1 over the run, over anneal_span runs when > 1."""
-    return step / max(1, args.steps - 1) / getattr(args, "anneal_span", 1.0)
-
-
-def buffer_options(args):
-    """The replay buffer's options (replay.make_buffer) from the convention flags."""
-    if args.replay == "subm":
-        power = args.subm_len_power
-        return dict(valid_only=args.replay_valid_only, w_val=args.subm_w_val, len_bin_size=args.subm_len_bin,
-                    bin_weights="authors" if power else "uniform", len_power=power or 1.0,
-                    diversity=args.subm_diversity)
-    return dict(valid_only=args.replay_valid_only)
-
-
-def log_probs(args, policy, tokens, lengths, conditions=None):
-    """The loss's log_pf and log_pterm (with each row's prompt when the rows have conditions). Raw: read off the
-    full-vocabulary log-softmax; with our root the states whose stop the mask forbids keep log q(stop) = -inf, so
-    the prefix objectives pass over them as they do under the mask, while the s_0 root uses every state."""
-    rows = {} if conditions is None else dict(conditions=conditions)
-    if getattr(args, "log_probs", "masked") != "raw":
-        return policy.log_probs(tokens, lengths, **rows)
-    log_pf, log_pterm = policy.log_probs(tokens, lengths, raw=True, **rows)
-    if args.prefix_root == "s0":
-        return log_pf, log_pterm
-    return log_pf, torch.where(policy.stop_allowed(tokens, lengths, **rows), log_pterm, float("-inf"))
-
-
-def buffer_items(args, items, scores, log_r, lengths):
-    """The items an on-policy batch adds to the buffer, with the r(x) and validity of --buffer-reward and
-    --buffer-validity: the task's score and validity (ours), the best prefix score, or the sum of the finite
-    log R(s_k T) over the proper prefixes k < tau; valid = score > 0."""
-    reward, validity = getattr(args, "buffer_reward", "final"), getattr(args, "buffer_validity", "task")
-    if reward == "final" and validity == "task":
-        return items
-    out = []
-    for it, row_s, row_r, tau in zip(items, scores.tolist(), log_r.tolist(), lengths.tolist()):
-        r = it.score
-        if reward == "max-prefix":
-            r = max(row_s[:tau + 1])
-        elif reward == "prefix-sum":
-            r = sum(x for x in row_r[:tau] if math.isfinite(x))
-        out.append(dataclasses.replace(it, score=float(r), valid=it.score > 0 if validity == "score" else it.valid))
-    return out
-
+# ----------------------------------------------------------------------------- the task
 
 def task_for(args, task):
     """The task these conventions train on: Expr24 with the authors' digits and reward under --expr24-target."""

@@ -422,3 +422,13 @@ BUFFERS = {"subm": SubMBuffer, "rp": RPBuffer, "prt": PRTBuffer}
 def make_buffer(kind, capacity=200, similarity="tanimoto", **options):
     """kind in "rp", "prt", "subm"; similarity "tanimoto" (SMILES) or "bigram" (text)."""
     return BUFFERS[kind](capacity=capacity, similarity=similarity, **options)
+
+
+def buffer_options(args):
+    """make_buffer's options from train.py's flags (the authors' conventions among them, METHOD.md §10)."""
+    if args.replay == "subm":
+        power = args.subm_len_power
+        return dict(valid_only=args.replay_valid_only, w_val=args.subm_w_val, len_bin_size=args.subm_len_bin,
+                    bin_weights="authors" if power else "uniform", len_power=power or 1.0,
+                    diversity=args.subm_diversity)
+    return dict(valid_only=args.replay_valid_only)

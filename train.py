@@ -32,13 +32,14 @@ import model as modellib
 import rewards
 from tasks.smiles.task import PAPER_SCAFFOLD
 import rl_losses
-from batches import by_row, estimate_log_z, get_batch, linear, row_tasks, score_rows, scored, to_items
+from batches import (buffer_items, by_row, estimate_log_z, get_batch, linear, loss_log_probs, row_tasks, score_rows,
+                     scored, to_items)
 from checkpoint import (load_rank_state, non_finite_loss, resume_args, save_checkpoint, stop_on_ctrl_c,
                         stop_requested)
 from checkpoint import MEASURE_ONLY, RUN_ONLY, STOP, find_checkpoint, load_state  # noqa: F401 (sample.py, tests)
 from distributed import (average_across_ranks, enable_grad_ckpt, fsdp_average_and_clip, load_optimizer,
                          setup_distributed, shard, shared_coin)
-from replay import make_buffer
+from replay import buffer_options, make_buffer
 from tracking import (eval_due, evaluate, format_fidelity, log_step, report_fidelity, save_curves, trackers,
                       tracking_problem)
 
@@ -273,7 +274,7 @@ def build_buffer(args, task):
     if args.replay == "none":
         return None
     return make_buffer(args.replay, capacity=args.buffer_size, similarity=task.similarity,
-                       **conventions.buffer_options(args))
+                       **buffer_options(args))
 
 
 def loss_knobs(args, frac):
@@ -289,6 +290,26 @@ def loss_knobs(args, frac):
 def lr_factor(args, frac):
     """The learning rates' multiplier after `frac` of the run; a function of the step alone, so resuming needs no state."""
     return 0.5 * (1 + math.cos(math.pi * frac)) if args.lr_schedule == "cosine" else 1.0
+
+
+def make_log_z(args, device):
+    """The scalar logZ (a task without conditions), stored in --log-z-dtype."""
+    dtype = torch.bfloat16 if args.log_z_dtype == "bfloat16" else torch.float32
+    return torch.nn.Parameter(torch.zeros((), device=device, dtype=dtype))
+
+
+def make_optimizer(args, params, z_params):
+    """AdamW with logZ (the scalar, or a logZ head's parameters) in a group of its own. A group with the network's lr
+    and weight decay is the same AdamW update as sharing the network's group (AdamW acts per parameter), which is
+    where the authors keep it."""
+    return torch.optim.AdamW([
+        dict(params=params, lr=args.lr, weight_decay=args.weight_decay),
+        dict(params=list(z_params), lr=args.lr_logz, weight_decay=args.log_z_weight_decay)])
+
+
+def schedule_frac(args, step):
+    """How far the linear schedules are at `step`: 0 -> 1 over the run, over anneal_span runs when > 1."""
+    return step / max(1, args.steps - 1) / args.anneal_span
 
 
 @dataclasses.dataclass
@@ -308,7 +329,7 @@ class Training:
 def train_step(training, step):
     """One optimiser step over grad_accum micro-batches; returns the step's metrics."""
     args = training.args
-    frac = conventions.schedule_frac(args, step)
+    frac = schedule_frac(args, step)
     for group, base in zip(training.optimizer.param_groups, (args.lr, args.lr_logz)):
         group["lr"] = base * lr_factor(args, step / args.steps)  # the last step keeps a small, non-zero rate
     training.optimizer.zero_grad(set_to_none=True)
@@ -337,7 +358,7 @@ def micro_batch(training, frac, coin, knobs, kept):
     tokens, lengths, conds = batch.tokens, batch.lengths, batch.conditions
     # its reward at every prefix, and the policy's log-probs of every action and stop
     log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, batch.items, conds)
-    log_pf, log_pterm = conventions.log_probs(args, policy, tokens, lengths, conds)
+    log_pf, log_pterm = loss_log_probs(args, policy, tokens, lengths, conds)
     log_z = training.log_z if conds is None else conditions.row_log_z(args, training.log_z, policy, conds, log_pf, log_pterm,
                                                                   log_r, lengths)
     # the loss, through the one entry point of every objective
@@ -349,7 +370,7 @@ def micro_batch(training, frac, coin, knobs, kept):
     # what the on-policy samples add to the replay buffer
     if batch.source == "policy" and training.buffer is not None:
         items = to_items(task, tokens, lengths, texts, final, log_ref, scores, conds)
-        training.buffer.add(conventions.buffer_items(args, items, scores, log_r, lengths), **by_row(conds))
+        training.buffer.add(buffer_items(args, items, scores, log_r, lengths), **by_row(conds))
     valid = torch.tensor([t.is_valid(x) for t, x in zip(row_tasks(task, conds, len(texts)), texts)], dtype=torch.float)
     return dict(loss=loss.item(), reward=final.mean().item(), validity=valid.mean().item(),
                 length=lengths.float().mean().item(), replay=float(batch.source == "replay"),
@@ -364,7 +385,7 @@ def inner_epochs(training, batches, knobs):
     for _ in range(1, args.grpo_epochs if args.loss == "grpo" else 1):
         training.optimizer.zero_grad(set_to_none=True)
         for tokens, lengths, log_r, u, rl in batches:
-            log_pf, log_pterm = conventions.log_probs(args, training.policy, tokens, lengths)
+            log_pf, log_pterm = loss_log_probs(args, training.policy, tokens, lengths)
             loss, _ = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, training.log_z, **knobs, **rl)
             (loss / args.grad_accum).backward()
         optimizer_step(args, training.optimizer, training.log_z)
@@ -411,9 +432,9 @@ def run(args):
     rng = np.random.default_rng(args.seed + rank)
     if not conditional:
         buffer = build_buffer(args, task)
-        log_z = conventions.make_log_z(args, policy.device)
+        log_z = make_log_z(args, policy.device)
         z_params = [log_z]
-    optimizer = conventions.make_optimizer(args, [p for p in policy.model.parameters() if p.requires_grad], z_params)
+    optimizer = make_optimizer(args, [p for p in policy.model.parameters() if p.requires_grad], z_params)
     step = 0
     if state is not None:
         step = state["step"]

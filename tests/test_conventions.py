@@ -16,12 +16,12 @@ import conventions
 import fidelity
 import model as modellib
 import rewards
-from tasks.smiles.task import SmilesTask
 import tracking
 import train
-from tasks.expr24.task import EXPR24_OPS, Expr24AuthorsTask, Expr24Task
 from losses import raptb_loss, subtb_loss
 from metrics import blockwise_coverage, expr24_metrics
+from tasks.expr24.task import EXPR24_OPS, Expr24AuthorsTask, Expr24Task
+from tasks.smiles.task import SmilesTask
 from replay import Item
 from test_losses import assert_same, make_batch, ref_raptb, ref_subtb
 
@@ -83,8 +83,8 @@ def test_bad_combinations_are_one_line(flags, tmp_path, capsys):
 
 def test_schedules_anneal_over_the_span():
     args = argparse.Namespace(steps=11, anneal_span=10.0)
-    assert conventions.schedule_frac(args, 10) == pytest.approx(0.1)
-    assert conventions.schedule_frac(argparse.Namespace(steps=11), 10) == 1.0
+    assert train.schedule_frac(args, 10) == pytest.approx(0.1)
+    assert train.schedule_frac(argparse.Namespace(steps=11, anneal_span=1.0), 10) == 1.0
 
 
 # ----------------------------------------------------------------------------- 1. logZ
@@ -96,9 +96,9 @@ def test_log_z_in_bf16_stalls_at_two_to_the_minus_4():
     found = {}
     for dtype in ("float32", "bfloat16"):
         args = settings("--conventions", "authors", "--log-z-dtype", dtype)
-        log_z = conventions.make_log_z(args, "cpu")
+        log_z = train.make_log_z(args, "cpu")
         weight = torch.nn.Parameter(torch.zeros(3))
-        optimizer = conventions.make_optimizer(args, [weight], [log_z])
+        optimizer = train.make_optimizer(args, [weight], [log_z])
         assert optimizer.param_groups[1]["lr"] == 1e-4 and optimizer.param_groups[1]["weight_decay"] == 0.01
         for step in range(1, 1101):
             optimizer.zero_grad()
@@ -152,7 +152,7 @@ def test_raw_log_probs_are_a_full_vocabulary_log_softmax(authors_policy):
         assert -30 < log_pterm[0, 9] < 0  # the forced stop keeps its raw log-prob (masked: log 1 = 0)
     masked = policy.log_probs(tokens, lengths)[1]
     args = argparse.Namespace(log_probs="raw", prefix_root="lmin")
-    ours_root = conventions.log_probs(args, policy, tokens, lengths)[1]  # raw values, our states
+    ours_root = batches.loss_log_probs(args, policy, tokens, lengths)[1]  # raw values, our states
     assert torch.equal(ours_root.isneginf(), masked.isneginf()) and masked[0, 9] == 0
 
 
@@ -277,13 +277,13 @@ def test_only_correct_expressions_enter_the_authors_expr24_buffer(authors_policy
     log_r, _, texts_, final, log_ref, scores = batches.score_rows(sargs, task, policy, tokens, lengths)
     items = batches.to_items(task, tokens, lengths, texts_, final, log_ref, scores)
     assert all(it.valid for it in items)  # our validity: every sample of the grammar is a valid expression
-    kept = conventions.buffer_items(args, items, scores, log_r, lengths)
+    kept = batches.buffer_items(args, items, scores, log_r, lengths)
     assert [it.valid for it in kept] == [s == 1.0 for s in final.tolist()]  # theirs: valid = correct
     buffer.add(kept)
     assert len(buffer) == 3 and all(task.score(it.text) == 1.0 for it in buffer.items)
     # RP and PRT rank by the sum of log R over the proper prefixes k < tau (their heap key)
     rp = settings("--conventions", "authors", "--loss", "tb", "--replay", "rp", task="expr24")
-    ranked = conventions.buffer_items(rp, items, scores, log_r, lengths)
+    ranked = batches.buffer_items(rp, items, scores, log_r, lengths)
     assert ranked[0].score == pytest.approx(log_r[0, :3].sum().item(), rel=1e-6) and ranked[0].valid
     assert ranked[1].score == pytest.approx(log_r[1, :5].sum().item(), rel=1e-6) and not ranked[1].valid
 
@@ -292,9 +292,9 @@ def test_the_authors_smiles_item_reward_is_the_best_prefix_score():
     args = settings("--conventions", "authors", "--replay", "subm")
     item = Item(tokens=(1, 2, 3), text="x", key="x", score=0.4, valid=True, length=3)
     scores = torch.tensor([[0.0, 0.7, 0.0, 0.4, 0.9]], dtype=torch.float64)  # past tau: ignored
-    (kept,) = conventions.buffer_items(args, [item], scores, torch.zeros(1, 5), torch.tensor([3]))
+    (kept,) = batches.buffer_items(args, [item], scores, torch.zeros(1, 5), torch.tensor([3]))
     assert kept.score == 0.7 and kept.valid
-    (bad,) = conventions.buffer_items(args, [Item((1,), "y", "y", 0.0, True, 1)], scores, torch.zeros(1, 5),
+    (bad,) = batches.buffer_items(args, [Item((1,), "y", "y", 0.0, True, 1)], scores, torch.zeros(1, 5),
                                       torch.tensor([1]))
     assert not bad.valid  # scored 0: invalid to the authors' buffer, whatever the task says
 

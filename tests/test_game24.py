@@ -14,7 +14,6 @@ import torch
 
 import batches
 import condition_fidelity
-import conventions
 import conditions
 import losses
 import sample
@@ -236,7 +235,7 @@ def test_the_authors_conventions_apply_to_each_rows_condition(tmp_path, capsys):
     policy, task = reference()
     conds = ["1139:"] * 2 + ["3389:"] * 2
     tokens, lengths, _ = policy.sample(conds)
-    log_pf, log_pterm = conventions.log_probs(args, policy, tokens, lengths, conds)
+    log_pf, log_pterm = batches.loss_log_probs(args, policy, tokens, lengths, conds)
     masked = policy.log_probs(tokens, lengths, conds)
     assert not torch.equal(log_pterm, masked[1])  # raw: the stop keeps its own log-prob where the mask forces it
     for i, c in enumerate(conds):
