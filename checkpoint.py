@@ -130,10 +130,14 @@ MEASURE_ONLY = ("eval_every", "eval_n", "eval_n_final", "wandb", "tensorboard") 
 # given again: they never change training
 
 
-def resume_args(args, get_args, before_flags=None):
+def before_flags(saved):
+    """A checkpoint written before these flags existed was trained without them: resume it that way."""
+    return dict(eta_end=saved.get("eta", 0.25), absorb_end=1.0, eta_anneal=1.0, lr_schedule="constant", no_smiles_mask=True)
+
+
+def resume_args(args, get_args):
     """Settings come from the checkpoint; only where and how long to run may change (`get_args`: train.py's parser). A
-    setting given explicitly that contradicts the checkpoint (another --model, another --loss, ...) is an error.
-    `before_flags(saved)`: for a checkpoint older than some flags, the values that reproduce how it was trained."""
+    setting given explicitly that contradicts the checkpoint (another --model, another --loss, ...) is an error."""
     ckpt = find_checkpoint(args.out)
     state = load_state(ckpt, args.task)
     saved, defaults = state["args"], vars(get_args(["--task", args.task, "--out", args.out]))
@@ -143,7 +147,7 @@ def resume_args(args, get_args, before_flags=None):
             raise modellib.ModelError(f"checkpoint {ckpt!r} was trained with --{key.replace('_', '-')} "
                                       f"{saved.get(key)!r}, not {value!r}")
     now = {k: getattr(args, k) for k in RUN_ONLY} | {k: v for k, v in given.items() if k in MEASURE_ONLY}
-    older = before_flags(saved) if before_flags else {}
+    older = before_flags(saved)
     saved = argparse.Namespace(**{**defaults, **older, **saved, **now})  # defaults: other flags newer than the checkpoint
     return saved, ckpt, state
 

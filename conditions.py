@@ -119,12 +119,8 @@ def runs_conditional(args, task):
 
 
 def flag_problem(args, task):
-    """Fills --log-z and --samples-per-prompt; says why the conditional flags do not fit (None if they do)."""
+    """Why the conditional flags do not fit (None if they do)."""
     conditional = is_conditional(task)
-    if args.log_z_mode is None:
-        args.log_z_mode = "head" if conditional else "scalar"
-    if args.samples_per_prompt is None:
-        args.samples_per_prompt = args.batch_size if not conditional else min(args.batch_size, 8)
     k = args.samples_per_prompt
     if args.log_z_mode == "scalar" and conditional:
         return "--log-z scalar: each condition has its own Z(c); use --log-z head or --log-z batch"

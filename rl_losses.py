@@ -175,18 +175,10 @@ def update_running_log_z(log_z, weight_mean, n_before):
     log_z.add_(torch.log1p(torch.as_tensor((weight_mean - 1) / (n_before + 2), dtype=torch.float64)).to(log_z.dtype))
 
 
-def check_args(args):
-    """train.py's settings for the RL baselines: fills the defaults that depend on the loss (--replay, --temp-prob,
-    --grpo-beta) and returns why a setting cannot work (None if all can). Their gradients are on-policy estimators
+def problem(args):
+    """Why train.py's settings cannot run an RL baseline (None if they can). Their gradients are on-policy estimators
     at temperature 1: a replayed or tempered batch would bias them, so asking for one is an error."""
-    rl = args.loss in LOSSES
-    if args.replay is None:
-        args.replay = "none" if rl else "subm"
-    if args.temp_prob is None:
-        args.temp_prob = 0.0 if rl else 0.666
-    if args.grpo_beta is None and args.lam > 0:
-        args.grpo_beta = args.kappa / args.lam
-    if not rl:
+    if args.loss not in LOSSES:
         return None
     why = f"--loss {args.loss}, an on-policy estimator (METHOD.md §9)"
     if args.replay != "none":

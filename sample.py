@@ -124,9 +124,9 @@ def get_args(argv=None):
         p.error(f"--out {args.out!r}: need a file name in a folder that exists and can be written")
     if args.train_smiles is not None and not os.path.isfile(args.train_smiles):
         p.error(f"--train-smiles {args.train_smiles!r}: no such file")
-    import checks  # torch: only once the flags parse
-    if checks.device_problem(args.device):
-        p.error(checks.device_problem(args.device))
+    import flags  # torch: only once the flags parse
+    if flags.device_problem(args.device):
+        p.error(flags.device_problem(args.device))
     return args
 
 

@@ -24,176 +24,23 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import checks
 import conditions
 import conventions
 import losses
 import model as modellib
 import rewards
-from tasks.smiles.task import PAPER_SCAFFOLD
 import rl_losses
 from batches import (buffer_items, by_row, estimate_log_z, get_batch, linear, loss_log_probs, row_tasks, score_rows,
                      scored, to_items)
 from checkpoint import (load_rank_state, non_finite_loss, resume_args, save_checkpoint, stop_on_ctrl_c,
                         stop_requested)
 from checkpoint import MEASURE_ONLY, RUN_ONLY, STOP, find_checkpoint, load_state  # noqa: F401 (sample.py, tests)
+from flags import fill_defaults, first_problem, make_parser
 from distributed import (average_across_ranks, enable_grad_ckpt, fsdp_average_and_clip, load_optimizer,
                          setup_distributed, shard, shared_coin)
 from replay import buffer_options, make_buffer
 from tracking import (eval_due, evaluate, format_fidelity, log_step, report_fidelity, save_curves, trackers,
                       tracking_problem)
-
-# the paper's optimisation settings (SMILES), used for every flag left unset that the task's defaults do not set
-PAPER_DEFAULTS = dict(steps=5000, batch_size=32, grad_accum=4, lr=1e-4)
-# how the defaults reach the target (RESULTS.md, "Reach the target"), the same for every method: RapTB's eta goes to 0
-# over the first half of the run (so the second half trains TB, whose fixed point is R/Z, while the first keeps the
-# dense early credit), and the learning rate follows a cosine to 0. --paper restores the paper's constant eta and lr.
-OURS = dict(eta_end=0.0, eta_anneal=0.5, lr_schedule="cosine")
-PAPER = dict(eta_end=None, eta_anneal=1.0, lr_schedule="constant")  # eta_end None: --eta throughout
-
-
-def before_flags(saved):
-    """A checkpoint written before these flags existed was trained without them: resume it that way."""
-    return dict(eta_end=saved.get("eta", 0.25), absorb_end=1.0, eta_anneal=1.0, lr_schedule="constant", no_smiles_mask=True)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default; a flag whose default depends on the task or the loss (None here, filled by
-    check_args) says its value in its own help instead of "(default: None)"."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def by_task(key):
-    """A flag's value for the default task, then the built-in tasks' own (their `defaults`), for --help."""
-    values = {name: rewards.builtin_task(name).defaults.get(key, PAPER_DEFAULTS.get(key))
-              for name in rewards.BUILTIN}
-    default = values.pop("smiles")
-    others = ", ".join(f"{name} {v}" for name, v in values.items() if v != default)
-    return f"default {default}" + (f"; {others}" if others else "")
-
-
-def make_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    a = p.add_argument
-    # task and model
-    a("--task", default="smiles", help="smiles, expr24, game24, or your own: my_module:score, path/to/file.py:MyTask")
-    a("--charset", default=None, help="your own task: the characters a token may use (default: any; a built-in task "
-      "has its own)")
-    a("--model", default=None, help="hub name or local folder (default prior_sidechain, the embedded side-chain "
-      "GPT-2; with --scaffold '' prior, the whole-molecule one; expr24 a tiny model built in OUT/init; game24 "
-      "prior_game24)")
-    a("--lora", action="store_true", help="train LoRA adapters (r=16, alpha=16, dropout 0.1) instead of all weights")
-    a("--trust-remote-code", action="store_true", help="let a hub model run its own code (never from a checkpoint)")
-    a("--prompt", default="", help="text before the generated part (the embedded prior uses BOS only); with "
-      "conditions, before each condition's text")
-    a("--prompts", default=None, help="(default none) a file of prompts, one per line, to train on: each is a condition (METHOD.md "
-      "§11); your own score function gets them if it takes a `prompts` argument (TRL's convention)")
-    a("--heldout-prompts", default=None, help="(default none) with --prompts: prompts never trained on, measured beside them")
-    a("--scaffold", default=PAPER_SCAFFOLD, help="SMILES with one '*' to fill; '' for whole molecules")
-    a("--scaffolds", default=None, help="(default none) a file of scaffolds (one SMILES with one '*' per line, a tab and 'heldout' "
-      "marking held-out ones): each is a condition (METHOD.md §11.5; tasks/smiles/data/scaffolds.tsv ships a MOSES set)")
-    a("--attach", default="graph", choices=["graph", "string"],
-      help="join the side chain to the scaffold on the molecular graph, or paste the string as the paper does")
-    a("--no-smiles-mask", action="store_true", help="sample and train without the SMILES syntax "
-      "mask (tasks/smiles/grammar.py), which removes most invalid outputs (each costs about lambda nats of KL); RDKit judges validity")
-    a("--min-len", type=int, default=None, help="L_min: stop is masked before this many generated tokens "
-      f"({by_task('min_len')})")
-    a("--max-len", type=int, default=None, help="L_max: stop is forced after this many generated tokens "
-      f"({by_task('max_len')})")
-    a("--kappa", type=float, default=1.0, help="weight of log P_ref in log R")
-    a("--lam", type=float, default=50.0, help="lambda_r: weight of the task score S in log R")
-    # objective
-    a("--loss", default="raptb", choices=sorted(losses.LOSSES), help="the objective (METHOD.md §3, §9)")
-    a("--eta", type=float, default=0.25, help="weight of RapTB's rooted prefix term (the paper's 0.25) at the start")
-    a("--eta-end", type=float, default=None, help="eta at the end of --eta-anneal (default 0: absorbed targets bias "
-      "RapTB's fixed point away from R/Z, METHOD.md §3.3; with --paper, --eta throughout)")
-    a("--absorb-end", type=float, default=1.0, help="absorption strength at the end of --eta-anneal (1: the paper's "
-      "absorbed targets throughout; 0: RapTB without absorption, whose fixed point is R/Z)")
-    a("--eta-anneal", type=float, default=None, help="fraction of the run over which eta and the absorption move to their "
-      "end values, then held (default 0.5, so the rest trains an unbiased objective; --paper 1)")
-    a("--gamma", type=float, default=0.99, help="RapTB: discount of the absorbed offset over the steps to the horizon")
-    a("--alpha", type=float, default=0.5, help="1 = max-only absorbed target, 0 = soft-only")
-    a("--beta", type=float, default=5.0, help="RapTB: inverse temperature of the soft-max absorbed target")
-    a("--rho", type=float, default=0.1, help="RapTB: the soft target's penalty per step of distance")
-    a("--k-min-start", type=int, default=5, help="k_min is linear from this ...")
-    a("--k-min-end", type=int, default=2, help="... to this over training")
-    a("--subtb-lam", type=float, default=1.0, help="window / prefix weight lambda of SubTB and RapTB")
-    a("--eps-absorb", type=float, default=1e-6, help="RapTB: a prefix absorbs when its |u| is at most this")
-    a("--horizon", type=int, default=None, help="RapTB: the horizon K of its prefixes (default: each row's length)")
-    a("--no-detach", action="store_true", help="ablation: let the aux term send gradient to log P(stop)")
-    a("--no-absorb", action="store_true", help="ablation: RapTB without absorbed targets")
-    # the RL baselines (rloo, grpo, dpg; METHOD.md §9): on-policy at temperature 1, no replay
-    a("--grpo-std-norm", action=argparse.BooleanOptionalAction, default=True, help="grpo: advantages (S - mean) / "
-      "(std + 1e-4) and a per-sequence mean over actions, as practitioners run it; --no-grpo-std-norm is Dr. GRPO "
-      "(S - mean and a constant normaliser: no length or difficulty weighting, Liu et al. 2025)")
-    a("--grpo-clip", type=float, default=0.2, help="grpo: the ratio is clipped to [1 - eps, 1 + eps] (PPO's 0.2)")
-    a("--grpo-beta", type=float, default=None, help="grpo: weight of the per-action k3 KL penalty to the reference "
-      "(default kappa / lambda = 0.02, the weight of KL(q || P_ref) in the target's objective)")
-    a("--grpo-epochs", type=int, default=1, help="grpo: optimiser steps on each sampled batch (q_old fixed); "
-      "more reuse each reward call, 1 is on-policy and leaves the clip inert")
-    # exploration and replay
-    a("--replay", default=None, choices=["none", "rp", "prt", "subm"],
-      help="the replay buffer (default subm for the GFlowNet losses; none for rloo, grpo, dpg and oracle, whose "
-      "gradients need their own samples)")
-    a("--buffer-size", type=int, default=200, help="items the replay buffer keeps (per prompt with conditions)")
-    a("--p-replay-start", type=float, default=0.5, help="probability that a batch is replayed, at the start ...")
-    a("--p-replay-end", type=float, default=0.25, help="... and at the end, linear in between")
-    a("--temp-prob", type=float, default=None, help="probability of a tempered on-policy batch "
-      "(default 0.666; 0 for rloo, grpo and dpg, which must sample at temperature 1)")
-    a("--t-lo-start", type=float, default=0.8, help="a tempered batch's temperature is uniform in [lo, hi]: lo at the "
-      "start ...")
-    a("--t-lo-end", type=float, default=1.0, help="... lo at the end (linear in between)")
-    a("--t-hi-start", type=float, default=1.5, help="hi at the start ...")
-    a("--t-hi-end", type=float, default=1.0, help="... hi at the end")
-    # optimisation
-    # these four default to the task's choice (its `defaults`), else the paper's (PAPER_DEFAULTS)
-    a("--steps", type=int, default=None, help=f"optimiser steps ({by_task('steps')})")
-    a("--batch-size", type=int, default=None, help=f"sequences per batch ({by_task('batch_size')})")
-    a("--grad-accum", type=int, default=None, help=f"batches per optimiser step ({by_task('grad_accum')})")
-    a("--lr", type=float, default=None, help=f"learning rate of the network ({by_task('lr')})")
-    a("--lr-logz", type=float, default=0.1, help="logZ's own learning rate (not stated in the paper)")
-    a("--lr-schedule", default=None, choices=["constant", "cosine"], help="both learning rates over the run: cosine to "
-      "0 (default cosine: the late steps average out sampling noise, which sets the last tenths of a nat) or the "
-      "paper's constant")
-    a("--paper", action="store_true", help="the paper's settings for every flag left unset: constant eta and learning "
-      "rate (the defaults differ only there; see OURS and PAPER at the top of train.py; --conventions authors "
-      "implies them)")
-    a("--log-z", dest="log_z_mode", default=None, choices=["scalar", "head", "batch"],
-      help="logZ: one learned scalar (default for a single prompt); head: logZ(c) learned from the prompt's last "
-      "hidden state (default with conditions); batch: no learned logZ, the mean of log R - log q over each "
-      "condition's k samples (VarGrad), which is log Z(c) - KL(q||p*) in expectation, so biased low while q is "
-      "far from p* (METHOD.md §11.2)")
-    a("--samples-per-prompt", type=int, default=None, help="k: each batch holds batch-size / k conditions x k "
-      "samples (default: the whole batch; with conditions 8); --log-z batch needs k >= 2 to compare samples")
-    a("--log-z-init", type=conventions.log_z_init, default="estimate",
-      help="initial logZ, or 'estimate': the importance-sampling estimate log mean exp(log R - log q) of one batch")
-    a("--weight-decay", type=float, default=0.01, help="AdamW's weight decay of the network")
-    a("--grad-clip", type=float, default=0.5, help="clip the global gradient norm to this (the paper's 0.5)")
-    a("--seed", type=int, default=0, help="the starting weights' and every sample's seed")
-    # run
-    a("--out", default="out", help="the run's folder: metrics.jsonl, checkpoints, curves.png")
-    a("--ckpt-every", type=int, default=250, help="save a checkpoint every this many steps (and at the end)")
-    a("--resume", action="store_true", help="continue from --out/latest with its saved settings")
-    a("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    a("--eval-every", type=int, default=None, help="measure the distance to the target every N steps, at the start "
-      "and at the end (METHOD.md §8; default --steps / 4; 0: never)")
-    a("--eval-n", type=int, default=256, help="policy samples (and as many reference samples) per measurement")
-    a("--eval-n-final", type=int, default=1000, help="samples for the measurement at the end: at 256 + 256 a few "
-      "invalid samples decide the estimate and its interval covers the truth about half the time (RESULTS.md)")
-    a("--eval-prompts", type=int, default=32, help="with conditions: the prompts of each split measured (spread "
-      "over the split, the same each time; 0: all), to keep a measurement to seconds")
-    a("--wandb", default=None, metavar="PROJECT", help="also log metrics.jsonl's scalars to this Weights & Biases "
-      "project (pip install wandb; WANDB_MODE=offline needs no account); metrics.jsonl stays the record")
-    a("--tensorboard", action="store_true", help="also write them as TensorBoard events to OUT/tensorboard "
-      "(pip install tensorboard)")
-    # models that do not fit one GPU
-    a("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the ranks (FSDP2)")
-    a("--grad-ckpt", action="store_true", help="activation checkpointing: keep block inputs only, recompute in backward")
-    conventions.add_arguments(p)
-    return p
-
 
 def get_args(argv=None):
     p = make_parser()
@@ -208,20 +55,9 @@ def check_args(p, args, explicit=()):
         task = build_task(args)  # a user's task is imported here, so a broken one fails before any work
     except rewards.TaskError as e:
         p.exit(2, f"error: {e}\n")
-    for key, value in (PAPER if args.paper or args.conventions == "authors" else OURS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    for key, value in {**PAPER_DEFAULTS, **task.defaults}.items():  # e.g. SMILES: the prior, 2..10; Expr24: 3..9
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    problem = rl_losses.check_args(args)  # the RL baselines' own defaults and limits
-    if problem:
-        p.error(problem)
-    conventions.apply(args, explicit)  # --conventions authors: the authors' settings for the flags not given
-    if args.eta_end is None:  # --paper: eta throughout
-        args.eta_end = args.eta
-    problem = checks.first_problem(args, task, conditions.flag_problem(args, task), conventions.problem(args),
-                                   tracking_problem(args))
+    fill_defaults(args, task, explicit)
+    problem = first_problem(args, task, rl_losses.problem(args), conditions.flag_problem(args, task),
+                            conventions.problem(args), tracking_problem(args))
     if problem:
         p.error(problem)
 
@@ -409,7 +245,7 @@ def run(args):
     rank, world = setup_distributed(args)
     ckpt, state = None, None
     if args.resume:
-        args, ckpt, state = resume_args(args, get_args, before_flags)
+        args, ckpt, state = resume_args(args, get_args)
         if len(state["ranks"]) != world:
             raise modellib.ModelError(f"checkpoint {ckpt!r} was written by {len(state['ranks'])} processes; "
                                       f"resume it with the same number (got {world})")

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-import checks
+import flags
 import sample
 import train
 from model import load_model
@@ -24,9 +24,9 @@ def one_line_error(capsys, code):
 def test_the_pieces_a_tokenizer_cannot_represent(tiny_gpt2):
     atoms = load_model("prior")[1]  # the embedded SMILES prior's atom tokenizer: "xxxx" is one <unk>
     assert atoms("xxxx", add_special_tokens=False).input_ids == [atoms.unk_token_id]
-    assert checks.unknown_text(atoms, "xxxx") == ["xxxx"]
-    assert checks.unknown_text(atoms, "C[Xe]Cq[Xe]") == ["[Xe]", "q"] and checks.unknown_text(atoms, "CC(=O)Cl") == []
-    assert checks.unknown_text(load_model(tiny_gpt2)[1], "any text ☃") == []  # byte-level BPE has no <unk>
+    assert flags.unknown_text(atoms, "xxxx") == ["xxxx"]
+    assert flags.unknown_text(atoms, "C[Xe]Cq[Xe]") == ["[Xe]", "q"] and flags.unknown_text(atoms, "CC(=O)Cl") == []
+    assert flags.unknown_text(load_model(tiny_gpt2)[1], "any text ☃") == []  # byte-level BPE has no <unk>
 
 
 @pytest.mark.parametrize("flags, piece", [(["--prompt", "xxxx"], "'xxxx'"),  # the SMILES prior, the default
