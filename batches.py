@@ -177,7 +177,8 @@ def get_batch(args, task, policy, buffer, rng, frac, coin=None):
     if coin.random() < args.temp_prob:
         temperature = coin.uniform(linear(args.t_lo_start, args.t_lo_end, frac), linear(args.t_hi_start, args.t_hi_end, frac))
     conditions = draw_conditions(args, task, rng) if conditional else None
-    tokens, lengths, _ = policy.sample(args.batch_size if conditions is None else conditions, temperature)
+    tokens, lengths, _ = policy.sample(args.batch_size if conditions is None else conditions, temperature,
+                                       epsilon=args.epsilon)
     return Batch(tokens, lengths, "policy", None, conditions)
 
 

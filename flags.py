@@ -112,6 +112,9 @@ def make_parser():
     a("--p-replay-end", type=float, default=0.25, help="... and at the end, linear in between")
     a("--temp-prob", type=float, default=None, help="probability of a tempered on-policy batch "
       "(default 0.666; 0 for rloo, grpo and dpg, which must sample at temperature 1)")
+    a("--epsilon", type=float, default=0.0, help="exploration: at each step of an on-policy batch, a uniformly random "
+      "allowed action with this probability instead of the policy's (torchgfn's epsilon); off-policy, the "
+      "GFlowNet objectives keep R/Z as their fixed point (every object can still be drawn)")
     a("--t-lo-start", type=float, default=0.8, help="a tempered batch's temperature is uniform in [lo, hi]: lo at the "
       "start ...")
     a("--t-lo-end", type=float, default=1.0, help="... lo at the end (linear in between)")
@@ -220,7 +223,7 @@ def number_problem(args):
     for name in ("steps", "batch_size", "grad_accum", "buffer_size", "ckpt_every", "eval_n", "eval_n_final"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1"
-    for name in ("p_replay_start", "p_replay_end", "temp_prob", "alpha", "gamma", "subtb_lam", "absorb_end", "eta_anneal"):
+    for name in ("p_replay_start", "p_replay_end", "temp_prob", "epsilon", "alpha", "gamma", "subtb_lam", "absorb_end", "eta_anneal"):
         if not 0 <= getattr(args, name) <= 1:
             return f"--{name.replace('_', '-')} must be in [0, 1]"
     for name in ("t_lo_start", "t_lo_end", "t_hi_start", "t_hi_end", "lr", "lr_logz", "beta"):

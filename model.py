@@ -203,19 +203,21 @@ class Policy:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     @torch.no_grad()
-    def sample(self, n, temperature=1.0, reference=False):
+    def sample(self, n, temperature=1.0, reference=False, epsilon=0.0):
         """Sample n sequences with a KV cache at `temperature` (masked logits / temperature); from the reference
-        P_ref instead of the policy with `reference` (the fidelity meter's second proposal).
+        P_ref instead of the policy with `reference` (the fidelity meter's second proposal). With `epsilon`, each
+        step takes a uniformly random allowed action with that probability (exploration: the sampler is then
+        (1 - epsilon) q + epsilon U at every state, full support under the mask).
         Returns tokens [n, L_max] (EOS past tau), lengths [n], and log_q [n, T]: the log-prob of each chosen
         action under the temperature-1 sampler (for checks and for the CSV's log-prob column)."""
         if reference:
             with self._adapters_off() if self.reference is None else contextlib.nullcontext():
-                return self._sample(self.reference or self.model, n, temperature)
-        return self._sample(self.model, n, temperature)
+                return self._sample(self.reference or self.model, n, temperature, epsilon)
+        return self._sample(self.model, n, temperature, epsilon)
 
     fast_sampling = True  # False: every sampling step runs the network's own (Hugging Face) forward
 
-    def _sample(self, net, n, temperature):
+    def _sample(self, net, n, temperature, epsilon=0.0):
         was_training = self.model.training
         self.model.eval()
         T = self.max_len + 1
@@ -252,7 +254,11 @@ class Policy:
                 logp = self.action_log_probs(logits, k, allowed)
             if allowed is not None and bool(logp.isneginf().all(-1).any()):
                 raise ValueError(f"the task's state mask and L_min leave no action at a state with {k} tokens")
-            a = torch.multinomial(torch.softmax(logp / temperature if temperature != 1 else logp, -1), 1).squeeze(-1)
+            probs = torch.softmax(logp / temperature if temperature != 1 else logp, -1)
+            if epsilon:  # the masked uniform policy mixed in: every allowed action keeps probability >= epsilon / A
+                allowed_now = logp.isfinite().to(probs.dtype)
+                probs = (1 - epsilon) * probs + epsilon * allowed_now / allowed_now.sum(-1, keepdim=True)
+            a = torch.multinomial(probs, 1).squeeze(-1)
             log_q[:, k] = torch.where(done, 0.0, logp.gather(-1, a[:, None]).squeeze(-1))
             stopping = (a == self.stop) & ~done
             lengths.masked_fill_(stopping, k)
