@@ -29,8 +29,10 @@ def number_problem(args):
         return f"--{bad[0].replace('_', '-')} must be a finite number (got {getattr(args, bad[0])})"
     if args.max_len < args.min_len or args.min_len < 0 or args.max_len < 1:
         return f"need 0 <= --min-len <= --max-len and --max-len >= 1 (got {args.min_len} and {args.max_len})"
-    if min(args.kappa, args.eps_absorb, args.k_min_start, args.k_min_end, args.seed) < 0:
-        return "--kappa, --eps-absorb, --k-min-start, --k-min-end and --seed must be >= 0"
+    for name in ("kappa", "eps_absorb", "k_min_start", "k_min_end", "seed", "eta", "eta_end", "rho", "weight_decay",
+                 "eval_every"):
+        if (getattr(args, name) or 0) < 0:  # eval_every None: the default schedule
+            return f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})"
     if args.horizon is not None and args.horizon < 1:
         return "--horizon must be at least 1"
     for name in ("steps", "batch_size", "grad_accum", "buffer_size", "ckpt_every", "eval_n", "eval_n_final"):
@@ -41,9 +43,19 @@ def number_problem(args):
             return f"--{name.replace('_', '-')} must be in [0, 1]"
     for name in ("t_lo_start", "t_lo_end", "t_hi_start", "t_hi_end", "lr", "lr_logz", "beta"):
         if not getattr(args, name) > 0:
-            return f"--{name.replace('_', '-')} must be positive"
-    if min(args.eta, args.eta_end, args.rho, args.weight_decay) < 0 or args.grad_clip <= 0:
-        return "--eta, --eta-end, --rho and --weight-decay must be >= 0 and --grad-clip > 0"
+            return f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})"
+    for name in ("grad_clip", "score_timeout"):
+        if not getattr(args, name) > 0:
+            return f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})"
+    return run_problem(args)
+
+
+def run_problem(args):
+    """Flags that contradict each other or say nothing."""
+    if args.resume and args.overwrite:
+        return "--resume continues the run in --out and --overwrite deletes it: give one of them"
+    if args.charset == "":
+        return "--charset '' allows no character: name the characters a token may use, or leave it out for any"
 
 
 def device_problem(name):

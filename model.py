@@ -29,6 +29,12 @@ def first_line(error):
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def one_line(error, limit=300):
+    """The whole message of `error` on one line (a library's message may span several), at most `limit` characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def resolve(name):
     """'prior', 'prior_sidechain' and 'prior_game24' mean the embedded models wherever the scripts are run from;
     anything else is passed on."""
@@ -48,8 +54,9 @@ def load_model(name, *, lora=False, adapter=None, dtype=torch.float32, trust_rem
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      use_safetensors=True)  # weights never from a pickle
     except Exception as e:  # OSError, ValueError, safetensors errors, ...: all mean "this is not a usable model"
-        raise ModelError(f"cannot load model {name!r} (not a model folder, or not in the local Hugging Face "
-                         f"cache while offline): {first_line(e)}") from None
+        where = "its files are incomplete or damaged" if os.path.isdir(name) else \
+            "not a model folder, or not in the local Hugging Face cache while offline"
+        raise ModelError(f"cannot load model {name!r} ({where}): {one_line(e)}") from None
     if tokenizer.eos_token_id is None:
         raise ModelError(f"model {name!r}: its tokenizer has no EOS token to use as the stop action")
     # GFlowNet residuals compare log-probs taken in different calls, so the base network must be deterministic:

@@ -68,15 +68,18 @@ def format_fidelity(f, explain=False):
     return (condition_fidelity if f.get("conditional") else fidelity).format_fidelity(f, explain)
 
 
-def report_fidelity(log_path, seconds):
-    """The first and the last measurement of the run, and the share of the run they took."""
+def report_fidelity(log_path, seconds, resumed_at=0):
+    """The first and the last measurement of the run, and the share of this process's `seconds` (from step
+    `resumed_at`) that its own measurements took."""
     with open(log_path) as f:
         rows = [r for r in map(json.loads, f) if "kl_q_target" in r]
     if not rows:
         return
     for name, row in (("start", rows[0]), ("end", rows[-1])) if len(rows) > 1 else (("end", rows[0]),):
         print(f"{name} (step {row['step']}): " + format_fidelity(row, explain=name == "end"))
-    print(f"measuring took {sum(r['eval_seconds'] for r in rows):.0f} s of this run's {seconds:.0f} s")
+    mine = sum(r["eval_seconds"] for r in rows if r["step"] > resumed_at or not resumed_at)
+    print(f"measuring took {mine:.0f} s of the {seconds:.0f} s since " + (f"resuming at step {resumed_at}"
+                                                                          if resumed_at else "the start"))
 
 
 # ----------------------------------------------------------------------------- Weights & Biases, TensorBoard
