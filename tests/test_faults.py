@@ -348,3 +348,142 @@ def test_full_disk_keeps_the_previous_checkpoint(tiny_gpt2, tmp_path, monkeypatc
     assert sorted(n for n in os.listdir(tmp_path) if "ckpt" in n) == ["ckpt-000001"]  # the temporary folder is gone
     monkeypatch.undo()
     assert train.main(["--resume", "--out", str(tmp_path), "--steps", "3"]) == 0  # and it resumes from there
+
+
+# ----------------------------------------------------------------------------- no run lost or relabelled
+
+def snapshot(folder):
+    """Every file under `folder`, path -> bytes: what "nothing lost" compares."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_gpt2, tmp_path_factory):
+    """A finished 3-step run saved with --ckpt-every 2 and --grad-ckpt (none of them the defaults)."""
+    out = tmp_path_factory.mktemp("finished")
+    assert run(tiny_gpt2, out, "--steps", "3", "--ckpt-every", "2", "--grad-ckpt") == 0
+    return out
+
+
+def copy_of(run_dir, tmp_path):
+    shutil.copytree(run_dir, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_resume_continues_with_every_saved_setting(tiny_gpt2, tmp_path, ctrl_c_after_step, capsys):
+    """Stopped at step 2 of 5, `--resume --out` alone trains to 5 with --ckpt-every 3 and --grad-ckpt as saved."""
+    undo = ctrl_c_after_step(2)
+    assert run(tiny_gpt2, tmp_path, "--steps", "5", "--ckpt-every", "3", "--grad-ckpt") == 130
+    undo()
+    err = capsys.readouterr().err
+    assert " 2/5 " in err.replace("\r", "\n").strip().splitlines()[-2]  # the bar reads the step the checkpoint holds
+    assert train.main(["--resume", "--out", str(tmp_path)]) == 0
+    assert f"resuming {tmp_path}/ckpt-000002 at step 2 of 5 with the run's saved settings\n" in capsys.readouterr().out
+    assert [r["step"] for r in tracking.read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
+    saved = checkpoint.load_state(checkpoint.find_checkpoint(str(tmp_path)))
+    assert saved["step"] == 5 and saved["args"]["ckpt_every"] == 3 and saved["args"]["grad_ckpt"] is True
+    assert "explicit" not in saved["args"] and "changed" not in saved["args"]  # the command line is not a setting
+
+
+def test_resume_says_which_saved_setting_a_flag_replaces(finished, tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
+    assert train.main(["--resume", "--out", str(out), "--steps", "4", "--ckpt-every", "9"]) == 0
+    assert ("at step 3 of 4 with the run's saved settings, except --ckpt-every 9 (was 2), --steps 4 (was 3)\n"
+            in capsys.readouterr().out)
+    assert [r["step"] for r in tracking.read_metrics(out)][-1] == 4
+
+
+def test_resume_of_a_finished_run_changes_nothing(finished, tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
+    before = snapshot(out)
+    assert train.main(["--resume", "--out", str(out)]) == 0
+    assert "nothing to do:" in capsys.readouterr().out and snapshot(out) == before
+
+
+def test_steps_below_the_checkpoint_is_one_line_and_changes_nothing(finished, tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
+    before = snapshot(out)
+    err = one_line_error(capsys, train.main(["--resume", "--out", str(out), "--steps", "2"]))
+    assert err == f"error: --steps 2 is below the step of '{out}/ckpt-000003' (3); nothing was changed: give --steps 3 or more"
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("what", ["metrics.jsonl", "latest", "ckpt-000003"])
+def test_a_fresh_run_into_a_run_is_refused(finished, tiny_gpt2, tmp_path, capsys, what):
+    out = copy_of(finished, tmp_path)
+    for name in {"metrics.jsonl", "latest", "ckpt-000003"} - {what}:  # one trace of a run is enough
+        shutil.rmtree(out / name) if (out / name).is_dir() else os.remove(out / name)
+    before = snapshot(out)
+    err = one_line_error(capsys, run(tiny_gpt2, out, "--steps", "2"))
+    assert f"already holds a run ({what})" in err and "--resume" in err and "--overwrite" in err
+    assert snapshot(out) == before
+
+
+def test_overwrite_replaces_the_run_and_keeps_other_files(finished, tiny_gpt2, tmp_path):
+    out = copy_of(finished, tmp_path)
+    (out / "notes.txt").write_text("mine")
+    assert run(tiny_gpt2, out, "--steps", "1", "--overwrite") == 0
+    assert [r["step"] for r in tracking.read_metrics(out)] == [1]
+    assert sorted(n for n in os.listdir(out) if "ckpt" in n) == ["ckpt-000001"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_resume_and_overwrite_together_is_one_line(tmp_path, capsys):
+    assert "give one of them" in one_line_error(capsys, train.main(["--resume", "--overwrite", "--out", str(tmp_path)]))
+
+
+def test_a_full_disk_in_torch_save_removes_the_temporary_folder(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    """torch.save fails on a full disk with a RuntimeError from its zip writer (not an OSError)."""
+    real_save = torch.save
+
+    def full_disk_at_step_2(obj, path, *a, **k):
+        if "000002" in str(path):
+            open(path, "wb").write(b"x" * 1000)
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk_at_step_2)
+    assert run(tiny_gpt2, tmp_path, "--steps", "3") == 2
+    err = last_line_error(capsys.readouterr().err)
+    assert err.startswith(f"error: cannot write checkpoint {tmp_path}/ckpt-000002: [enforce fail") and "kept" in err
+    assert sorted(n for n in os.listdir(tmp_path) if "ckpt" in n) == ["ckpt-000001"]  # no .ckpt-000002.tmp
+
+
+def test_sample_never_replaces_earlier_samples(finished, tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
+    assert sample.main([str(out), "--n", "8", "--fidelity-n", "0"]) == 0
+    capsys.readouterr()
+    before = snapshot(out)
+    err = one_line_error(capsys, sample.main([str(out), "--n", "8", "--fidelity-n", "0"]))
+    assert err == f"error: {out}/samples.csv already exists (earlier samples): add --overwrite to replace it, or --out NEW.csv to keep it"
+    assert "no conditions" in one_line_error(capsys, sample.main([str(out), "--split", "heldout", "--overwrite"]))
+    assert snapshot(out) == before
+    assert sample.main([str(out), "--n", "9", "--fidelity-n", "0", "--overwrite"]) == 0
+    assert len((out / "samples.csv").read_text().splitlines()) == 10
+
+
+def test_ctrl_c_while_starting_is_one_line(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "build_policy", interrupted)
+    assert run(tiny_gpt2, tmp_path, "--steps", "2") == 130
+    assert capsys.readouterr().err.strip() == "interrupted (Ctrl-C) without saving; no checkpoint was written"
+
+
+def test_out_of_memory_is_one_line_naming_the_batch_size(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    def allocate(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 4000000000000 bytes.")
+    monkeypatch.setattr(train, "build_policy", allocate)
+    err = one_line_error(capsys, run(tiny_gpt2, tmp_path, "--steps", "2"))
+    assert err.startswith("error: out of memory (") and "lower --batch-size (4)" in err
+
+
+def test_measuring_time_counts_this_process_only(tmp_path, capsys, monkeypatch):
+    rows = [dict(step=0, eval_seconds=10.0), dict(step=2, eval_seconds=5.0), dict(step=4, eval_seconds=3.0)]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(dict(r, kl_q_target=1.0, tv=0.1)) + "\n" for r in rows)
+    monkeypatch.setattr(tracking, "format_fidelity", lambda row, explain=False: "...")  # tested elsewhere
+    tracking.report_fidelity(str(tmp_path / "metrics.jsonl"), 14.0, resumed_at=2)
+    assert capsys.readouterr().out.splitlines()[-1] == "measuring took 3 s of the 14 s since resuming at step 2"
