@@ -175,6 +175,7 @@ def run_settings(args):
     """The training run's settings from a checkpoint, or train.py's defaults around a bare model."""
     import train
     from model import ModelError
+    from rl_losses import NO_LOG_Z
     if not_a_model_problem(args.ckpt):
         raise ModelError(not_a_model_problem(args.ckpt))
     if os.path.isfile(os.path.join(args.ckpt, "latest")) or os.path.isfile(os.path.join(args.ckpt, "state.pt")):
@@ -185,6 +186,8 @@ def run_settings(args):
             raise ModelError(f"checkpoint {ckpt!r} was trained on the task {saved!r}, not {args.task!r}; to sample it "
                              f"under {args.task!r} anyway, add --any-task")
         log_z = state["log_z"] if isinstance(state["log_z"], dict) else float(state["log_z"])  # a dict: a logZ head
+        if state["args"].get("loss") in NO_LOG_Z:  # RLOO and GRPO learn none: no "learned logZ" to compare
+            log_z = None
         settings = argparse.Namespace(**{**state["args"], "task": args.task or saved}, log_z=log_z)
     else:
         argv = ["--model", args.ckpt, "--task", args.task or "smiles", "--out", "."]  # train.py checks them all
@@ -206,6 +209,8 @@ def main(argv=None):
     from rewards import TaskError
     try:
         args = get_args(argv)
+        if args.prompts:  # read now, not after the model loads
+            conditions.read_prompts(args.prompts)
         ckpt, settings = run_settings(args)  # a bare model's flags go through train.py's checks
         if output_problem(args, ckpt):
             raise ModelError(output_problem(args, ckpt))

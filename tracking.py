@@ -16,6 +16,7 @@ import time
 import condition_fidelity
 import conditions
 import fidelity
+import rl_losses
 from model import ModelError
 
 TRACKERS = (("wandb", "wandb", "wandb"), ("tensorboard", "torch.utils.tensorboard", "tensorboard"))  # flag, module, pip
@@ -43,9 +44,16 @@ def evaluate(args, task, policy, log_z, step):
                                            lambda c: conditions.learned_log_z(args, log_z, policy, c))
     start = time.perf_counter()
     n = args.eval_n if step != args.steps else max(args.eval_n, getattr(args, "eval_n_final", args.eval_n))
-    f = fidelity.measure(policy, task, args.kappa, args.lam, n, log_z.item(), seed=args.seed + step,
+    learned = None if args.loss in rl_losses.NO_LOG_Z else log_z.item()  # RLOO and GRPO have none
+    f = fidelity.measure(policy, task, args.kappa, args.lam, n, learned, seed=args.seed + step,
                          exact=step == args.steps)  # Expr24: exact at the end; before, Z exact and the rest estimated
     return dict(f, eval_seconds=time.perf_counter() - start)
+
+
+def progress(metrics, kl):
+    """The progress bar's numbers: the step's loss, logZ (where the method has one), reward, validity, length, KL."""
+    return dict(loss=f"{metrics['loss']:.3g}", **({"logZ": f"{metrics['log_z']:.2f}"} if "log_z" in metrics else {}),
+                R=f"{metrics['reward']:.3f}", valid=f"{metrics['validity']:.2f}", len=f"{metrics['length']:.1f}", **kl)
 
 
 def eval_due(args, step):

@@ -37,7 +37,7 @@ from checkpoint import MEASURE_ONLY, RUN_ONLY, STOP, failure, find_checkpoint, l
 from distributed import (average_across_ranks, enable_grad_ckpt, fsdp_average_and_clip, load_optimizer,
                          setup_distributed, shard, shared_coin)
 from replay import make_buffer
-from tracking import (eval_due, evaluate, format_fidelity, log_step, report_fidelity, save_curves, trackers,
+from tracking import (eval_due, evaluate, progress, format_fidelity, log_step, report_fidelity, save_curves, trackers,
                       tracking_problem)
 
 # the paper's optimisation settings (SMILES), used for every flag left unset that the task's defaults do not set
@@ -294,8 +294,10 @@ def train_step(args, task, policy, buffer, log_z, optimizer, rng, step):
     metrics.update({k: metrics[k] * scale for k in ("objects_scored", "prefixes_scored")})
     log_z_value = metrics.pop("log_z") if "log_z" in metrics else log_z.item()  # with conditions: the batch's mean
     knobs = loss_knobs(args, frac)
-    return dict(step=step + 1, **metrics, log_z=log_z_value, grad_norm=grad_norm.item(), k_min=knobs["k_min"],
-                eta=knobs["eta"], lr=optimizer.param_groups[0]["lr"], cpu_seconds=time.process_time() - cpu_start)
+    no_log_z = args.loss in rl_losses.NO_LOG_Z  # their log_z is an unused number: not a logZ to report
+    return dict(step=step + 1, **metrics, **({} if no_log_z else dict(log_z=log_z_value)), grad_norm=grad_norm.item(),
+                k_min=knobs["k_min"], eta=knobs["eta"], lr=optimizer.param_groups[0]["lr"],
+                cpu_seconds=time.process_time() - cpu_start)
 
 
 def micro_batch(args, task, policy, buffer, log_z, rng, frac, coin, knobs, kept):
@@ -415,9 +417,7 @@ def run(args):
                 if rank == 0:
                     log_step(log_file, metrics)
                     track(metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.3g}", logZ=f"{metrics['log_z']:.2f}",
-                                R=f"{metrics['reward']:.3f}", valid=f"{metrics['validity']:.2f}",
-                                len=f"{metrics['length']:.1f}", **kl)
+                bar.set_postfix(progress(metrics, kl))
                 if stop_requested() and metrics["step"] < args.steps:
                     bar.close()
                     path = save_checkpoint(args, policy, buffer, log_z, optimizer, rng, metrics["step"])

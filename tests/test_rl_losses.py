@@ -425,10 +425,15 @@ def test_dpg_carries_its_running_z_in_log_z(tiny_gpt2, tmp_path, text_task):
     assert len({row["log_z"] for row in log}) == len(log)  # it moves every step
 
 
-def test_rloo_and_grpo_leave_log_z_alone(tiny_gpt2, tmp_path, text_task):
+def test_rloo_and_grpo_report_no_log_z(tiny_gpt2, tmp_path, text_task, capsys):
+    """They learn none: no logZ in metrics.jsonl (so none drawn), none in the bar, no "learned logZ" line."""
     for loss in ("rloo", "grpo"):
-        assert run(tiny_gpt2, tmp_path / loss, "--loss", loss, "--lr", "1e-2", *text_task) == 0
-        assert len({row["log_z"] for row in read_log(tmp_path / loss)}) == 1
+        assert run(tiny_gpt2, tmp_path / loss, "--loss", loss, "--lr", "1e-2", *text_task, "--eval-every", "2",
+                   "--eval-n", "8", "--eval-n-final", "8") == 0
+        rows = read_log(tmp_path / loss)
+        assert not [r for r in rows if "log_z" in r or "log_z_learned" in r] and "kl_q_target" in rows[-1]
+        out, err = capsys.readouterr()
+        assert "learned logZ" not in out and "logZ=" not in err
 
 
 def test_grpo_inner_epochs_take_more_steps(tiny_gpt2, tmp_path, text_task):
