@@ -487,3 +487,125 @@ def test_measuring_time_counts_this_process_only(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tracking, "format_fidelity", lambda row, explain=False: "...")  # tested elsewhere
     tracking.report_fidelity(str(tmp_path / "metrics.jsonl"), 14.0, resumed_at=2)
     assert capsys.readouterr().out.splitlines()[-1] == "measuring took 3 s of the 14 s since resuming at step 2"
+
+
+# ----------------------------------------------------------------------------- the table: one line, exit 2, nothing written
+
+def bad_files(tmp_path, tiny_gpt2, finished):
+    """What the table's bad inputs point at: {tmp}/... files and folders, a finished run and a damaged model."""
+    (tmp_path / "binary.bin").write_bytes(bytes(range(128, 256)) * 4)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "emptydir").mkdir()
+    for name, text in [("binrun", None), ("listrun", "[1, 2]\n"), ("emptyrun", ""), ("nosteprun", '{"loss": 1}\n')]:
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "metrics.jsonl"
+        path.write_bytes(bytes(range(128, 256))) if text is None else path.write_text(text)
+    shutil.copytree(finished, tmp_path / "run")
+    shutil.copytree(tiny_gpt2, tmp_path / "damaged")
+    weights = tmp_path / "damaged" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a download cut short
+    (tmp_path / "task_syntax.py").write_text("def score(texts)\n    return []\n")
+    (tmp_path / "task_classes.py").write_text(
+        "class Raises:\n    def __init__(self):\n        raise ValueError('no config')\n"
+        "class NoScore:\n    pass\n")
+
+
+TRAIN = "train"
+SAMPLE = "sample"
+PLOT = "plot"
+BAD_INPUTS = [
+    # train.py: numbers, each flag by name
+    (TRAIN, ["--eval-every", "-1"], "--eval-every must be >= 0 (got -1)"),
+    (TRAIN, ["--seed", "-1"], "--seed must be >= 0 (got -1)"),
+    (TRAIN, ["--eta", "-0.1"], "--eta must be >= 0"),
+    (TRAIN, ["--eta-end", "-1"], "--eta-end must be >= 0"),
+    (TRAIN, ["--rho", "-1"], "--rho must be >= 0"),
+    (TRAIN, ["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (TRAIN, ["--k-min-end", "-1"], "--k-min-end must be >= 0"),
+    (TRAIN, ["--grad-clip", "0"], "--grad-clip must be positive (got 0.0)"),
+    (TRAIN, ["--score-timeout", "0"], "--score-timeout must be positive"),
+    (TRAIN, ["--score-timeout", "nan"], "--score-timeout must be a finite number"),
+    (TRAIN, ["--steps", "0"], "--steps must be at least 1"),
+    (TRAIN, ["--batch-size", "0"], "--batch-size must be at least 1"),
+    (TRAIN, ["--grad-accum", "0"], "--grad-accum must be at least 1"),
+    (TRAIN, ["--buffer-size", "0"], "--buffer-size must be at least 1"),
+    (TRAIN, ["--ckpt-every", "0"], "--ckpt-every must be at least 1"),
+    (TRAIN, ["--eval-n", "0"], "--eval-n must be at least 1"),
+    (TRAIN, ["--eval-n-final", "0"], "--eval-n-final must be at least 1"),
+    (TRAIN, ["--p-replay-start", "1.5"], "--p-replay-start must be in [0, 1]"),
+    (TRAIN, ["--temp-prob", "-0.1"], "--temp-prob must be in [0, 1]"),
+    (TRAIN, ["--alpha", "2"], "--alpha must be in [0, 1]"),
+    (TRAIN, ["--gamma", "1.1"], "--gamma must be in [0, 1]"),
+    (TRAIN, ["--eta-anneal", "2"], "--eta-anneal must be in [0, 1]"),
+    (TRAIN, ["--t-lo-start", "0"], "--t-lo-start must be positive"),
+    (TRAIN, ["--lr", "0"], "--lr must be positive"),
+    (TRAIN, ["--beta", "-1"], "--beta must be positive"),
+    (TRAIN, ["--min-len", "5", "--max-len", "3"], "need 0 <= --min-len <= --max-len"),
+    (TRAIN, ["--steps", "2.5"], "argument --steps: invalid int value: '2.5'"),
+    (TRAIN, ["--loss", "nope"], "argument --loss: invalid choice: 'nope'"),
+    (TRAIN, ["--replay", "nope"], "argument --replay: invalid choice: 'nope'"),
+    (TRAIN, ["--charset", ""], "--charset '' allows no character"),
+    (TRAIN, ["--resume", "--overwrite"], "give one of them"),
+    # train.py: files
+    (TRAIN, ["--prompts", "{tmp}/missing.txt"], "cannot read prompts file"),
+    (TRAIN, ["--prompts", "{tmp}/binary.bin"], "is not UTF-8 text (byte 0x80 at offset 0)"),
+    (TRAIN, ["--prompts", "{tmp}/empty.txt"], "holds no prompt"),
+    (TRAIN, ["--heldout-prompts", "{tmp}/empty.txt"], "--heldout-prompts needs --prompts"),
+    (TRAIN, ["--scaffolds", "{tmp}/binary.bin"], "is not UTF-8 text"),
+    (TRAIN, ["--task", "expr24", "--scaffolds", "{tmp}/empty.txt"], "--scaffolds is for --task smiles"),
+    (TRAIN, ["--task", "{tmp}/task_syntax.py:score"], "cannot import"),
+    (TRAIN, ["--task", "{tmp}/task_classes.py:Raises"], "Raises() raised ValueError: no config"),
+    (TRAIN, ["--task", "{tmp}/task_classes.py:NoScore"], "has no score(text) method"),
+    # train.py --resume: the run in --out is left as it was
+    (TRAIN, ["--resume", "--out", "{tmp}/emptydir"], "no checkpoint at"),
+    (TRAIN, ["--resume", "--out", "{tmp}/run", "--loss", "tb"], "was trained with --loss 'raptb', not 'tb'"),
+    (TRAIN, ["--resume", "--out", "{tmp}/run", "--steps", "1"], "--steps 1 is below the step of"),
+    (TRAIN, ["--out", "{tmp}/run"], "already holds a run"),
+    # sample.py
+    (SAMPLE, ["{tmp}/run", "--target-lams", "abc"], "--target-lams 'abc': need comma-separated numbers"),
+    (SAMPLE, ["{tmp}/run", "--target-lams", "10,nan"], "--target-lams '10,nan': need finite numbers"),
+    (SAMPLE, ["{tmp}/run", "--batch-size", "0"], "--batch-size must be at least 1 (got 0)"),
+    (SAMPLE, ["{tmp}/run", "--fidelity-n", "-1"], "--fidelity-n must be >= 0 (got -1)"),
+    (SAMPLE, ["{tmp}/run", "--split", "nope"], "argument --split: invalid choice"),
+    (SAMPLE, ["{tmp}/run", "--n", "abc"], "argument --n: invalid int value"),
+    (SAMPLE, ["{tmp}/run", "--split", "heldout"], "--split heldout: this run has no conditions"),
+    (SAMPLE, ["{tmp}/run", "--prompts", "{tmp}/binary.bin"], "is not UTF-8 text"),
+    (SAMPLE, ["{tmp}/run", "--task", "expr24"], "to sample it under 'expr24' anyway, add --any-task"),
+    (SAMPLE, ["{tmp}/emptydir"], "is a folder, but not a run (no `latest`), a checkpoint (no state.pt) nor a model"),
+    (SAMPLE, ["{tmp}/damaged", "--out", "{tmp}/s.csv"], "its files are incomplete or damaged"),
+    # plot.py
+    (PLOT, ["{tmp}/missing"], "is not a folder"),
+    (PLOT, ["{tmp}/emptydir"], "has no metrics.jsonl"),
+    (PLOT, ["{tmp}/binrun"], "is not one JSON object per line"),
+    (PLOT, ["{tmp}/listrun"], "each with its step"),
+    (PLOT, ["{tmp}/nosteprun"], "each with its step"),
+    (PLOT, ["{tmp}/emptyrun"], "holds no step yet"),
+    (PLOT, ["{tmp}/run", "--out", "{tmp}/missing/c.png"], "need a file name in a folder that exists"),
+    (PLOT, [], "the following arguments are required: RUN"),
+]
+
+
+@pytest.mark.parametrize("script, argv, message", BAD_INPUTS, ids=[f"{s}:{' '.join(a)}" for s, a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_writes_nothing(tiny_gpt2, finished, tmp_path, capsys, script, argv, message):
+    import plot
+    bad_files(tmp_path, tiny_gpt2, finished)
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    if script == TRAIN and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    try:
+        code = dict(train=train.main, sample=sample.main, plot=plot.main)[script](argv)
+    except SystemExit as e:  # plot.py exits from its parser
+        code = e.code
+    assert message in one_line_error(capsys, code)
+    assert snapshot(tmp_path) == before  # nothing written, nothing removed
+
+
+def test_the_fault_suite_counts_sixty_bad_inputs():
+    """This table and the other one-line tables (above, test_user_task.py): at least 60 distinct bad inputs."""
+    import test_user_task
+    others = [test_bad_flags_are_one_line, test_sample_bad_flags_are_one_line,
+              test_user_task.test_a_misbehaving_score_function_is_one_line, test_user_task.test_a_bad_task_name_is_one_line]
+    count = len(BAD_INPUTS) + sum(len(t.pytestmark[0].args[1]) for t in others)
+    assert count >= 60, count
