@@ -78,6 +78,13 @@ def load_model(name, *, lora=False, adapter=None, dtype=torch.float32, trust_rem
     return model, tokenizer
 
 
+def cache_argument(net):
+    """The name of the key-value cache in the network's forward and output: `cache` since transformers renamed
+    `past_key_values` (which then warns on every call), `past_key_values` before."""
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net  # LoRA: PEFT's forward takes **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def fuse_gelu(model):
     """GPT-2's gelu_new is the tanh GELU written as five tensor ops, each kept for backward; torch's native
     F.gelu(approximate="tanh") is the same function (to ~1e-7) in one kernel, 10-15% of a CPU forward+backward."""
@@ -229,7 +236,7 @@ class Policy:
             probe = torch.zeros(T, len(self.action_of), device=self.device)  # off action_log_probs itself
             bias = torch.zeros(T, len(self.actions), device=self.device).masked_fill_(
                 self.action_log_probs(probe, torch.arange(T, device=self.device)).isneginf(), float("-inf"))
-        ids, past = self.prompt.expand(n, -1), None
+        ids, past, cache_name = self.prompt.expand(n, -1), None, cache_argument(net)
         for k in range(T):
             if k == self.max_len:  # the stop is forced whatever the logits (METHOD.md §1): q(T | s_Lmax) = 1, so the
                 break  # rows still going end here with what they hold (tau = L_max, log q = 0), and no forward runs
@@ -242,8 +249,8 @@ class Policy:
                     logits = logits.new_empty(n, len(self.action_of)).index_copy_(1, self.actions, logits)
             else:
                 with self._autocast():
-                    out = net(input_ids=ids, past_key_values=past, use_cache=True)
-                past, logits = out.past_key_values, out.logits[:, -1]
+                    out = net(input_ids=ids, **{cache_name: past}, use_cache=True)
+                past, logits = getattr(out, cache_name), out.logits[:, -1]
             if self.task_mask is not None:  # finished rows allow everything: what they draw is ignored
                 allowed = self.task_mask(self.action_of[tokens[:, :k]], k) | done[:, None]
             if decoder is None or allowed is not None:
