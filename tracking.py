@@ -83,8 +83,13 @@ def report_fidelity(log_path, seconds, resumed_at=0):
         rows = [r for r in map(json.loads, f) if "kl_q_target" in r]
     if not rows:
         return
-    for name, row in (("start", rows[0]), ("end", rows[-1])) if len(rows) > 1 else (("end", rows[0]),):
-        print(f"{name} (step {row['step']}): " + format_fidelity(row, explain=name == "end"))
+    first, last = rows[0], rows[-1]
+    if len(rows) > 1 and resumed_at:  # a fresh run printed its start block when it measured it
+        print(f"start (step {first['step']}): " + format_fidelity(first))
+    print(f"end (step {last['step']}): " + format_fidelity(last, explain=True))
+    if len(rows) > 1:
+        print(f"KL(q||p*) from {first['kl_q_target']:.3f} at step {first['step']} to {last['kl_q_target']:.3f} at "
+              f"step {last['step']}")
     mine = sum(r["eval_seconds"] for r in rows if r["step"] > resumed_at or not resumed_at)
     print(f"measuring took {mine:.0f} s of the {seconds:.0f} s since " + (f"resuming at step {resumed_at}"
                                                                           if resumed_at else "the start"))

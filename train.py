@@ -403,7 +403,7 @@ def run(args):
             if rank == 0:
                 log_step(log_file, dict(step=0, **first))
                 track(dict(step=0, **first))
-                print(format_fidelity(first))
+                print("start (step 0): " + format_fidelity(first))
         kl = {}
         with tqdm(initial=step, total=args.steps, dynamic_ncols=True, disable=rank != 0) as bar:
             for step in range(step, args.steps):

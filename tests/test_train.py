@@ -47,6 +47,8 @@ def test_periodic_fidelity_is_logged_and_printed(tiny_gpt2, tmp_path, capsys):
     assert all(math.isfinite(m["kl_q_target"]) and math.isfinite(m["log_z_estimate"]) for m in rows)
     out = capsys.readouterr().out
     assert "start (step 0): distance to the target" in out and "end (step 3)" in out and "missed mass" in out
+    assert out.count("start (step 0): distance to the target") == 1  # printed when measured, not again at the end
+    assert f"KL(q||p*) from {rows[0]['kl_q_target']:.3f} at step 0 to {rows[-1]['kl_q_target']:.3f} at step 3" in out
 
 
 def test_training_moves_the_weights_and_logz(tiny_gpt2, tmp_path):
