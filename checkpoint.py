@@ -7,6 +7,7 @@ is read with torch.load(weights_only=True), which refuses anything that would ru
 """
 import argparse
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -39,6 +40,9 @@ def load_rank_state(s, buffer, rng):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+NOT_SAVED = ("explicit", "changed")  # what this command line said, not the run's settings
+
+
 def save_checkpoint(args, policy, buffer, log_z, optimizer, rng, step):
     """Rank 0 writes ckpt-<step>/ under a temporary name, renames it into place, then points `latest` at it
     (os.replace is atomic), so a crash at any moment leaves the previous checkpoint intact. Weights and
@@ -58,7 +62,8 @@ def save_checkpoint(args, policy, buffer, log_z, optimizer, rng, step):
         optimizer_state = optimizer.state_dict()
     log_z = {k: v.detach().cpu() for k, v in log_z.state_dict().items()} if isinstance(log_z, torch.nn.Module) \
         else log_z.detach().cpu()  # a logZ head (METHOD.md §11.2): its tensors
-    state = dict(step=step, log_z=log_z, optimizer=optimizer_state, args=vars(args), ranks=ranks)
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
+    state = dict(step=step, log_z=log_z, optimizer=optimizer_state, args=settings, ranks=ranks)
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         # with LoRA the adapter only; under FSDP a normal HF folder from the gathered weights
@@ -70,10 +75,11 @@ def save_checkpoint(args, policy, buffer, log_z, optimizer, rng, step):
         with open(os.path.join(args.out, "latest.tmp"), "w") as f:
             f.write(name + "\n")
         os.replace(os.path.join(args.out, "latest.tmp"), os.path.join(args.out, "latest"))
-    except (OSError, SafetensorError) as e:  # e.g. a full disk: the previous checkpoint and `latest` are untouched
+    except (OSError, RuntimeError, SafetensorError) as e:  # e.g. a full disk (torch.save raises RuntimeError):
+        # the previous checkpoint and `latest` are untouched
         shutil.rmtree(tmp, ignore_errors=True)
         why = e.strerror if isinstance(e, OSError) and e.strerror else modellib.first_line(e)
-        raise modellib.ModelError(f"cannot write checkpoint {final}: {why}") from None
+        raise modellib.ModelError(f"cannot write checkpoint {final}: {why}; the previous one is kept") from None
     for old in os.listdir(args.out):  # keep only the newest checkpoint; drop what a killed save left behind
         if (old.startswith("ckpt-") and old != name) or (old.startswith(".ckpt-") and old.endswith(".tmp")):
             shutil.rmtree(os.path.join(args.out, old), ignore_errors=True)
@@ -122,12 +128,43 @@ def non_finite_loss(out, step):
             f"(another --out) with a lower --lr or --lam")
 
 
+def drop_lines_after(log_path, step):
+    """metrics.jsonl as of the checkpoint at `step`: a killed run may have logged later steps, and a half-written
+    last line (it has no newline yet)."""
+    if not os.path.exists(log_path):
+        return
+    with open(log_path) as f:
+        kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
+    with open(log_path, "w") as f:
+        f.writelines(kept)
+
+
+def failure(error, args):
+    """(exit code, the one line to print) for an error that ends a run, or (None, None) for one that is a bug."""
+    if isinstance(error, KeyboardInterrupt):  # Ctrl-C while it starts, or a second one in the loop
+        try:
+            kept = f"the last checkpoint is {find_checkpoint(args.out)} (kept); continue with: python train.py " \
+                   f"--resume --out {args.out}"
+        except modellib.ModelError:
+            kept = "no checkpoint was written"
+        return 130, f"\ninterrupted (Ctrl-C) without saving; {kept}"
+    if isinstance(error, (MemoryError, RuntimeError)) and not isinstance(error, modellib.ModelError):
+        text = str(error)
+        if not (isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text
+                or "out of memory" in text.lower()):
+            return None, None
+        return 2, (f"error: out of memory ({modellib.first_line(error)[:100]}); lower --batch-size "
+                   f"({args.batch_size}) or --max-len ({args.max_len}), or raise --grad-accum to keep the batch")
+    return 2, f"error: {error}"
+
+
 # ----------------------------------------------------------------------------- resume and Ctrl-C
 
-RUN_ONLY = ("out", "steps", "device", "ckpt_every", "resume", "grad_ckpt",  # what --resume may change; and
-            "trust_remote_code")  # never from the checkpoint: running a model's code is the user's choice each time
-MEASURE_ONLY = ("eval_every", "eval_n", "eval_n_final", "wandb", "tensorboard")  # --resume keeps the run's unless
-# given again: they never change training
+RUN_ONLY = ("out", "steps", "device", "ckpt_every", "resume", "grad_ckpt", "score_timeout",  # what --resume may
+            "trust_remote_code", "overwrite")  # change; the last two never come from a checkpoint: running a model's
+# code is the user's choice each time, and --overwrite is a fresh run's
+FROM_NOW = ("out", "resume", "trust_remote_code", "overwrite")  # always this command's, never the checkpoint's
+MEASURE_ONLY = ("eval_every", "eval_n", "eval_n_final", "wandb", "tensorboard")  # never change training
 
 
 def before_flags(saved):
@@ -135,21 +172,83 @@ def before_flags(saved):
     return dict(eta_end=saved.get("eta", 0.25), absorb_end=1.0, eta_anneal=1.0, lr_schedule="constant", no_smiles_mask=True)
 
 
-def resume_args(args, get_args):
-    """Settings come from the checkpoint; only where and how long to run may change (`get_args`: train.py's parser). A
-    setting given explicitly that contradicts the checkpoint (another --model, another --loss, ...) is an error."""
+def resume_args(args, get_args, explicit=None):
+    """Settings come from the checkpoint, every one of them (--steps, --ckpt-every, ... included): only the flags in
+    RUN_ONLY and MEASURE_ONLY that the command line gives (`explicit`; None: those that differ from the defaults)
+    replace them, and each replacement is printed. A setting given that contradicts the checkpoint (another
+    --model, another --loss, ...) is an error, as is a --steps below the checkpoint's step. `get_args`: train.py's
+    parser; a checkpoint older than some flags resumes with the values that reproduce its training (before_flags)."""
     ckpt = find_checkpoint(args.out)
     state = load_state(ckpt, args.task)
     saved, defaults = state["args"], vars(get_args(["--task", args.task, "--out", args.out]))
-    given = {k: v for k, v in vars(args).items() if v != defaults.get(k)}
+    if explicit is None:
+        explicit = getattr(args, "explicit", None) or {k for k, v in vars(args).items() if v != defaults.get(k)}
+    given = {k: getattr(args, k) for k in explicit if hasattr(args, k) and k not in NOT_SAVED}
     for key, value in given.items():
-        if key not in RUN_ONLY + MEASURE_ONLY and value != saved.get(key):
+        if key not in RUN_ONLY + MEASURE_ONLY and value != saved.get(key, defaults.get(key)):
             raise modellib.ModelError(f"checkpoint {ckpt!r} was trained with --{key.replace('_', '-')} "
                                       f"{saved.get(key)!r}, not {value!r}")
-    now = {k: getattr(args, k) for k in RUN_ONLY} | {k: v for k, v in given.items() if k in MEASURE_ONLY}
+    if "steps" in given and given["steps"] < state["step"]:
+        raise modellib.ModelError(f"--steps {given['steps']} is below the step of {ckpt!r} ({state['step']}); "
+                                  f"nothing was changed: give --steps {state['step']} or more")
+    before = {k: saved.get(k, defaults.get(k)) for k in given}
+    changed = {k: v for k, v in given.items() if k in RUN_ONLY + MEASURE_ONLY and k not in FROM_NOW and v != before[k]}
+    now = {k: getattr(args, k) for k in FROM_NOW} | changed
     older = before_flags(saved)
-    saved = argparse.Namespace(**{**defaults, **older, **saved, **now})  # defaults: other flags newer than the checkpoint
-    return saved, ckpt, state
+    resumed = argparse.Namespace(**{**defaults, **older, **saved, **now})  # defaults: flags newer than the checkpoint
+    resumed.changed = {k: (before[k], v) for k, v in changed.items()}
+    from flags import device_problem  # the saved --device on this machine
+    if device_problem(resumed.device):
+        raise modellib.ModelError(f"{device_problem(resumed.device)}; the run was saved with it: give --device")
+    return resumed, ckpt, state
+
+
+def resume_due(ckpt, state, args, rank, world):
+    """Whether the resumed run has steps left, after one printed line (rank 0): where it continues and which saved
+    settings the command replaced, or that a finished run has nothing to do."""
+    if len(state["ranks"]) != world:
+        raise modellib.ModelError(f"checkpoint {ckpt!r} was written by {len(state['ranks'])} processes; "
+                                  f"resume it with the same number (got {world})")
+    if state["step"] == args.steps:
+        if rank == 0:
+            print(f"nothing to do: {ckpt} is the end of this {args.steps}-step run (nothing was changed); to train "
+                  f"longer, add --steps N")
+        return False
+    changes = ", ".join(f"--{k.replace('_', '-')} {new} (was {old})" for k, (old, new) in sorted(args.changed.items()))
+    if rank == 0:
+        print(f"resuming {ckpt} at step {state['step']} of {args.steps} with the run's saved settings"
+              + (f", except {changes}" if changes else ""))
+    return True
+
+
+def existing_run(out):
+    """What in `out` belongs to an earlier run (metrics.jsonl, `latest`, ckpt-* folders), in order; [] if nothing."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(n for n in os.listdir(out) if n in ("metrics.jsonl", "latest") or n.startswith("ckpt-"))
+
+
+def start_afresh(args):
+    """A fresh run's --out: refused in one line if an earlier run is there, unless --overwrite clears it (rank 0;
+    under torchrun the others find it cleared or being cleared, and write nothing until rank 0 has saved)."""
+    found = existing_run(args.out)
+    if found and not getattr(args, "overwrite", False):
+        raise modellib.ModelError(f"--out {args.out!r} already holds a run ({', '.join(found)}): continue it with "
+                                  f"--resume, or add --overwrite to delete it and start afresh")
+    if found and os.environ.get("RANK", "0") == "0":
+        clear_run(args.out)
+    return args
+
+
+RUN_FILES = ("metrics.jsonl", "latest", "curves.png", "init")  # with ckpt-* and .ckpt-*.tmp: what train.py writes
+
+
+def clear_run(out):
+    """--overwrite: remove what an earlier run wrote to `out` (RUN_FILES and its checkpoints), nothing else."""
+    for name in os.listdir(out) if os.path.isdir(out) else ():
+        if name in RUN_FILES or name.startswith("ckpt-") or (name.startswith(".ckpt-") and name.endswith(".tmp")):
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def stop_requested():

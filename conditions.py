@@ -57,10 +57,13 @@ def all_conditions(task):
 def read_prompts(path):
     """One prompt per line, as written (blank lines skipped)."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             prompts = [line.rstrip("\r\n") for line in f if line.strip()]
     except OSError as e:
         raise rewards.TaskError(f"cannot read prompts file {path!r}: {e.strerror}") from None
+    except UnicodeDecodeError as e:  # a binary file, or another encoding
+        raise rewards.TaskError(f"prompts file {path!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                                f"offset {e.start})") from None
     if not prompts:
         raise rewards.TaskError(f"prompts file {path!r} holds no prompt")
     return list(dict.fromkeys(prompts))

@@ -67,6 +67,7 @@ def tiny_llama(tmp_path_factory):
 def ctrl_c_after_step(monkeypatch):
     """ctrl_c_after_step(n) makes train.py stop after step n, as its SIGINT handler would (at a known moment);
     it returns the function that undoes it."""
+    import checkpoint
     import train
     real_log_step = train.log_step
 
@@ -74,7 +75,7 @@ def ctrl_c_after_step(monkeypatch):
         def log_then_stop(log_file, metrics):
             real_log_step(log_file, metrics)
             if metrics["step"] == n:
-                train.STOP["requested"] = True
+                checkpoint.STOP["requested"] = True
         monkeypatch.setattr(train, "log_step", log_then_stop)
         return lambda: monkeypatch.setattr(train, "log_step", real_log_step)
     return arm

@@ -341,9 +341,12 @@ def format_fidelity(f, explain=False):
     """The printed block; with `explain`, one line on how to read it."""
     ci = lambda c: f" [{c[0]:.2f}, {c[1]:.2f}]" if c else ""
     kind = "exact" if f["exact"] else "estimated, Z exact" if f.get("exact_log_z") else "estimated"
+    bound = "" if f["exact"] else ">= "  # estimated: over the objects drawn only, so lower bounds
     lines = [f"distance to the target ({kind}): "
-             f"KL(q||p*) {f['kl_q_target']:.3f}{ci(f.get('kl_q_target_ci'))} nats  TV {f['tv_target']:.3f}  "
-             f"missed mass {f['missed_mass']:.3f}  oversampled mass {f['oversampled_mass']:.3f}",
+             f"KL(q||p*) {f['kl_q_target']:.3f}{ci(f.get('kl_q_target_ci'))} nats  TV {bound}{f['tv_target']:.3f}  "
+             f"missed mass {bound}{f['missed_mass']:.3f}  oversampled mass {bound}{f['oversampled_mass']:.3f}"
+             + ("" if f["exact"] or "seen_target_mass" not in f else f"  (lower bounds: the {f['n_objects']} objects "
+                f"drawn hold {f['seen_target_mass']:.3f} of the target)"),
              f"  log Z {f['log_z_estimate']:.2f}{ci(f.get('log_z_ci'))}"
              + (f"  learned logZ {f['log_z_learned']:.2f} (gap {f['log_z_gap']:+.2f})" if "log_z_learned" in f else "")
              + (f"  ESS policy {f['ess']['q']:.1f} reference {f['ess']['ref']:.1f}" if "ess" in f else "")

@@ -100,7 +100,8 @@ def make_parser():
       "(S - mean and a constant normaliser: no length or difficulty weighting, Liu et al. 2025)")
     a("--grpo-clip", type=float, default=0.2, help="grpo: the ratio is clipped to [1 - eps, 1 + eps] (PPO's 0.2)")
     a("--grpo-beta", type=float, default=None, help="grpo: weight of the per-action k3 KL penalty to the reference "
-      "(default kappa / lambda = 0.02, the weight of KL(q || P_ref) in the target's objective)")
+      "(default kappa / lambda = 0.02, the weight of KL(q || P_ref) in the target's objective; TRL 0.14's default "
+      "0.04, TRL 1.16's 0)")
     a("--grpo-epochs", type=int, default=1, help="grpo: optimiser steps on each sampled batch (q_old fixed); "
       "more reuse each reward call, 1 is on-policy and leaves the clip inert")
     # exploration and replay
@@ -148,7 +149,12 @@ def make_parser():
     # run
     a("--out", default="out", help="the run's folder: metrics.jsonl, checkpoints, curves.png")
     a("--ckpt-every", type=int, default=250, help="save a checkpoint every this many steps (and at the end)")
-    a("--resume", action="store_true", help="continue from --out/latest with its saved settings")
+    a("--resume", action="store_true", help="continue from --out/latest with all its saved settings (--steps, "
+      "--ckpt-every, ... included); a run-only or measuring flag given again replaces the saved one, said in one line")
+    a("--overwrite", action="store_true", help="start afresh in an --out that already holds a run: its metrics.jsonl, "
+      "checkpoints, curves.png and init/ are deleted first (without it such an --out is refused)")
+    a("--score-timeout", type=float, default=300.0, help="your own score function: seconds one call may take before "
+      "the run stops with one line (a hang otherwise prints nothing)")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     a("--eval-every", type=int, default=None, help="measure the distance to the target every N steps, at the start "
       "and at the end (METHOD.md §8; default --steps / 4; 0: never)")
@@ -216,8 +222,10 @@ def number_problem(args):
         return f"--{bad[0].replace('_', '-')} must be a finite number (got {getattr(args, bad[0])})"
     if args.max_len < args.min_len or args.min_len < 0 or args.max_len < 1:
         return f"need 0 <= --min-len <= --max-len and --max-len >= 1 (got {args.min_len} and {args.max_len})"
-    if min(args.kappa, args.eps_absorb, args.k_min_start, args.k_min_end, args.seed) < 0:
-        return "--kappa, --eps-absorb, --k-min-start, --k-min-end and --seed must be >= 0"
+    for name in ("kappa", "eps_absorb", "k_min_start", "k_min_end", "seed", "eta", "eta_end", "rho", "weight_decay",
+                 "eval_every"):
+        if (getattr(args, name) or 0) < 0:  # eval_every None: the default schedule
+            return f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})"
     if args.horizon is not None and args.horizon < 1:
         return "--horizon must be at least 1"
     for name in ("steps", "batch_size", "grad_accum", "buffer_size", "ckpt_every", "eval_n", "eval_n_final"):
@@ -228,9 +236,19 @@ def number_problem(args):
             return f"--{name.replace('_', '-')} must be in [0, 1]"
     for name in ("t_lo_start", "t_lo_end", "t_hi_start", "t_hi_end", "lr", "lr_logz", "beta"):
         if not getattr(args, name) > 0:
-            return f"--{name.replace('_', '-')} must be positive"
-    if min(args.eta, args.eta_end, args.rho, args.weight_decay) < 0 or args.grad_clip <= 0:
-        return "--eta, --eta-end, --rho and --weight-decay must be >= 0 and --grad-clip > 0"
+            return f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})"
+    for name in ("grad_clip", "score_timeout"):
+        if not getattr(args, name) > 0:
+            return f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})"
+    return run_problem(args)
+
+
+def run_problem(args):
+    """Flags that contradict each other or say nothing."""
+    if args.resume and args.overwrite:
+        return "--resume continues the run in --out and --overwrite deletes it: give one of them"
+    if args.charset == "":
+        return "--charset '' allows no character: name the characters a token may use, or leave it out for any"
 
 
 def device_problem(name):

@@ -29,6 +29,12 @@ def first_line(error):
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def one_line(error, limit=300):
+    """The whole message of `error` on one line (a library's message may span several), at most `limit` characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def resolve(name):
     """'prior', 'prior_sidechain' and 'prior_game24' mean the embedded models wherever the scripts are run from;
     anything else is passed on."""
@@ -48,8 +54,9 @@ def load_model(name, *, lora=False, adapter=None, dtype=torch.float32, trust_rem
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      use_safetensors=True)  # weights never from a pickle
     except Exception as e:  # OSError, ValueError, safetensors errors, ...: all mean "this is not a usable model"
-        raise ModelError(f"cannot load model {name!r} (not a model folder, or not in the local Hugging Face "
-                         f"cache while offline): {first_line(e)}") from None
+        where = "its files are incomplete or damaged" if os.path.isdir(name) else \
+            "not a model folder, or not in the local Hugging Face cache while offline"
+        raise ModelError(f"cannot load model {name!r} ({where}): {one_line(e)}") from None
     if tokenizer.eos_token_id is None:
         raise ModelError(f"model {name!r}: its tokenizer has no EOS token to use as the stop action")
     # GFlowNet residuals compare log-probs taken in different calls, so the base network must be deterministic:
@@ -69,6 +76,13 @@ def load_model(name, *, lora=False, adapter=None, dtype=torch.float32, trust_rem
             config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear")
             model = get_peft_model(model, config)
     return model, tokenizer
+
+
+def cache_argument(net):
+    """The name of the key-value cache in the network's forward and output: `cache` since transformers renamed
+    `past_key_values` (which then warns on every call), `past_key_values` before."""
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net  # LoRA: PEFT's forward takes **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def fuse_gelu(model):
@@ -233,7 +247,7 @@ class Policy:
             probe = torch.zeros(T, len(self.action_of), device=self.device)  # off action_log_probs itself
             bias = torch.zeros(T, len(self.actions), device=self.device).masked_fill_(
                 self.action_log_probs(probe, torch.arange(T, device=self.device)).isneginf(), float("-inf"))
-        ids, past = self.prompt.expand(n, -1), None
+        ids, past, cache_name = self.prompt.expand(n, -1), None, cache_argument(net)
         for k in range(T):
             if k == self.max_len:  # the stop is forced whatever the logits (METHOD.md §1): q(T | s_Lmax) = 1, so the
                 break  # rows still going end here with what they hold (tau = L_max, log q = 0), and no forward runs
@@ -246,8 +260,8 @@ class Policy:
                     logits = logits.new_empty(n, len(self.action_of)).index_copy_(1, self.actions, logits)
             else:
                 with self._autocast():
-                    out = net(input_ids=ids, past_key_values=past, use_cache=True)
-                past, logits = out.past_key_values, out.logits[:, -1]
+                    out = net(input_ids=ids, **{cache_name: past}, use_cache=True)
+                past, logits = getattr(out, cache_name), out.logits[:, -1]
             if self.task_mask is not None:  # finished rows allow everything: what they draw is ignored
                 allowed = self.task_mask(self.action_of[tokens[:, :k]], k) | done[:, None]
             if decoder is None or allowed is not None:

@@ -32,12 +32,13 @@ def read_run(folder):
         raise PlotError(f"{folder!r} is not a folder (expected a train.py --out folder)")
     if not os.path.isfile(path):
         raise PlotError(f"{folder!r} has no metrics.jsonl (expected a train.py --out folder)")
-    with open(path) as f:
-        lines = [line for line in f if line.endswith("\n")]
     try:
-        rows = [json.loads(line) for line in lines]
-    except json.JSONDecodeError as e:
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.endswith("\n")]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PlotError(f"{path} is not one JSON object per line ({e})") from None
+    if not all(isinstance(r, dict) and isinstance(r.get("step"), int) for r in rows):
+        raise PlotError(f"{path} is not one JSON object per line, each with its step (not written by train.py)")
     if not rows:
         raise PlotError(f"{path} holds no step yet")
     return rows

@@ -13,6 +13,7 @@ import inspect
 import importlib.util
 import os
 import sys
+import threading
 
 import torch
 
@@ -75,8 +76,8 @@ class ScoreFunctionTask(Task):
     convention for reward functions). Every text counts as valid and is its own canonical form; the alphabet
     comes from --charset (or the whole vocabulary), the lengths and the reference model from the flags."""
 
-    def __init__(self, fn, name, charset=None):
-        self.fn, self.name = fn, name
+    def __init__(self, fn, name, charset=None, timeout=300.0):
+        self.fn, self.name, self.timeout = fn, name, timeout
         self.charset = frozenset(charset) if charset else None
         self._cache = {}
 
@@ -92,22 +93,64 @@ class ScoreFunctionTask(Task):
         return [self._cache[t] for t in texts]
 
     def _call(self, texts):
+        values = call_with_time_limit(self.fn, list(texts), self.timeout, f"score function {self.name}")
+        return checked_scores(values, texts, f"score function {self.name}")
+
+
+def call_with_time_limit(fn, texts, timeout, who):
+    """fn(texts) in a thread of its own, so that a hang is reported after `timeout` seconds (--score-timeout)
+    rather than never, and an exit or an exception inside it is named. The thread of a hung call is left behind
+    (Python cannot stop it): the run is over anyway."""
+    result = {}
+
+    def target():
         try:
-            values = list(self.fn(list(texts)))
-        except Exception as e:
-            raise TaskError(f"score function {self.name} raised {type(e).__name__} on texts such as "
-                            f"{texts[0]!r}: {e}") from None
-        if len(values) != len(texts):
-            raise TaskError(f"score function {self.name} returned {len(values)} values for {len(texts)} texts")
-        for text, value in zip(texts, values):
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise TaskError(f"score function {self.name} returned {value!r} for {text!r}: not a number") from None
-            if not 0.0 <= value <= 1.0:  # also catches NaN
-                raise TaskError(f"score function {self.name} returned {value!r} for {text!r}: "
-                                f"scores must be numbers in [0, 1]")
-        return [float(v) for v in values]
+            result["values"] = fn(texts)
+        except BaseException as e:  # SystemExit too: sys.exit() inside a score function ends nothing but the call
+            result["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True, name="score-function")
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TaskError(f"{who} did not return within {timeout:g} s on {len(texts)} texts (--score-timeout); "
+                        f"is it waiting for something?")
+    e = result.get("error")
+    if isinstance(e, SystemExit):
+        raise TaskError(f"{who} called sys.exit({e.code!r}) on texts such as {texts[0]!r}; a score function must "
+                        f"return its scores")
+    if e is not None:
+        raise TaskError(f"{who} raised {type(e).__name__} on texts such as {texts[0]!r}: {e}")
+    return result["values"]
+
+
+def checked_scores(values, texts, who):
+    """`values` as a list of floats, one per text in [0, 1]; anything else is a TaskError naming what came back."""
+    if values is None or isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+        raise TaskError(f"{who} returned {short_repr(values)} ({type(values).__name__}) for {len(texts)} texts; "
+                        f"it must return a list of {len(texts)} numbers in [0, 1], one per text")
+    values = list(values)
+    if len(values) != len(texts):
+        raise TaskError(f"{who} returned {len(values)} values for {len(texts)} texts; it must return one per text")
+    for text, value in zip(texts, values):
+        number = None if isinstance(value, (str, bytes)) else _as_float(value)
+        if number is None:
+            raise TaskError(f"{who} returned {short_repr(value)} ({type(value).__name__}) for {text!r}: not a number")
+        if not 0.0 <= number <= 1.0:  # also catches NaN
+            raise TaskError(f"{who} returned {value!r} for {text!r}: scores must be numbers in [0, 1]")
+    return [float(v) for v in values]
+
+
+def _as_float(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def short_repr(value, limit=60):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def builtin_task(name):
@@ -134,7 +177,7 @@ def load_task(spec, **options):
         return _instantiate(obj, spec, attr, options)
     if not callable(obj):
         raise TaskError(f"task {spec!r}: {attr} is neither a score function nor a task class")
-    return ScoreFunctionTask(obj, spec, options.get("charset"))
+    return ScoreFunctionTask(obj, spec, options.get("charset"), options.get("score_timeout", 300.0))
 
 
 def _instantiate(cls, spec, attr, options):

@@ -9,6 +9,7 @@ import argparse
 import csv
 import gzip
 import json
+import math
 import os
 import sys
 
@@ -98,7 +99,10 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--trust-remote-code", action="store_true", help="run a hub model's own code (never from a checkpoint)")
-    p.add_argument("--out", default=None, help="CSV path (default: samples.csv beside the checkpoint, or ./samples.csv)")
+    p.add_argument("--out", default=None, help="CSV path (default: samples.csv beside the checkpoint, or ./samples.csv); "
+                   "its metrics go beside it, NAME_metrics.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out CSV and its _metrics.json "
+                   "(without it they are never replaced: the command stops before sampling)")
     p.add_argument("--train-smiles", default=None, help="SMILES file (.smi or .smi.gz) for novelty; "
                    "default: the embedded prior's training set when the model is the prior")
     p.add_argument("--task", default=None, help="for a bare model: the task (default smiles); "
@@ -115,10 +119,9 @@ def get_args(argv=None):
                    "for the distance to the target, METHOD.md §8 (0: skip it)")
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line, not argparse's screenful of usage
     args = p.parse_args(argv)
-    if (args.n is not None and args.n < 1) or args.batch_size < 1 or not 0 < args.temperature < float("inf"):  # nan fails both
-        p.error("--n and --batch-size must be at least 1 and --temperature a positive finite number")
-    if min(args.seed, args.fidelity_n, args.min_len or 0) < 0 or (args.max_len or 1) < max(1, args.min_len or 0):
-        p.error("--seed, --fidelity-n and --min-len must be >= 0, and --max-len >= max(1, --min-len)")
+    problem = number_problem(args)
+    if problem:
+        p.error(problem)
     folder = os.path.dirname(os.path.abspath(args.out or "samples.csv"))
     if args.out is not None and (os.path.isdir(args.out) or not os.access(folder, os.W_OK)):
         p.error(f"--out {args.out!r}: need a file name in a folder that exists and can be written")
@@ -130,18 +133,62 @@ def get_args(argv=None):
     return args
 
 
+def number_problem(args):
+    """The first flag out of range, in one line, or None."""
+    for name in ("n", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})"
+    if not 0 < args.temperature < float("inf"):  # nan fails both
+        return f"--temperature must be a positive finite number (got {args.temperature})"
+    for name in ("seed", "fidelity_n", "min_len"):
+        if (getattr(args, name) or 0) < 0:
+            return f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})"
+    if (args.max_len or 1) < max(1, args.min_len or 0):
+        return f"--max-len must be at least 1 and at least --min-len (got {args.max_len})"
+    try:
+        lams = [float(x) for x in args.target_lams.split(",")] if args.target_lams is not None else []
+    except ValueError:
+        return f"--target-lams {args.target_lams!r}: need comma-separated numbers, such as 10,50"
+    if not all(map(math.isfinite, lams)) or (args.target_lams is not None and not lams):
+        return f"--target-lams {args.target_lams!r}: need finite numbers"
+
+
+def output_problem(args, ckpt):
+    """Sets args.out (the default beside the checkpoint) and says why it cannot be written without losing earlier
+    samples, or None."""
+    args.out = args.out or os.path.join(os.path.dirname(ckpt) if ckpt else ".", "samples.csv")
+    found = [p for p in (args.out, os.path.splitext(args.out)[0] + "_metrics.json") if os.path.exists(p)]
+    if found and not args.overwrite:
+        return (f"{found[0]} already exists (earlier samples): add --overwrite to replace it, or --out NEW.csv to "
+                f"keep it")
+
+
+def not_a_model_problem(path):
+    """Why a local folder given as the checkpoint is neither a run, a checkpoint nor a model, or None."""
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in
+                                       ("latest", "state.pt", "config.json", "adapter_config.json")):
+        return (f"{path!r} is a folder, but not a run (no `latest`), a checkpoint (no state.pt) nor a model "
+                f"(no config.json)")
+
+
 def run_settings(args):
     """The training run's settings from a checkpoint, or train.py's defaults around a bare model."""
+    import checkpoint
     import train
     from model import ModelError
+    from rl_losses import NO_LOG_Z
+    if not_a_model_problem(args.ckpt):
+        raise ModelError(not_a_model_problem(args.ckpt))
     if os.path.isfile(os.path.join(args.ckpt, "latest")) or os.path.isfile(os.path.join(args.ckpt, "state.pt")):
-        ckpt = train.find_checkpoint(args.ckpt)
-        state = train.load_state(ckpt, args.task)
+        ckpt = checkpoint.find_checkpoint(args.ckpt)
+        state = checkpoint.load_state(ckpt, args.task)
         saved = state["args"].get("task", "smiles")
         if args.task not in (None, saved) and not args.any_task:
             raise ModelError(f"checkpoint {ckpt!r} was trained on the task {saved!r}, not {args.task!r}; to sample it "
                              f"under {args.task!r} anyway, add --any-task")
         log_z = state["log_z"] if isinstance(state["log_z"], dict) else float(state["log_z"])  # a dict: a logZ head
+        if state["args"].get("loss") in NO_LOG_Z:  # RLOO and GRPO learn none: no "learned logZ" to compare
+            log_z = None
         settings = argparse.Namespace(**{**state["args"], "task": args.task or saved}, log_z=log_z)
     else:
         argv = ["--model", args.ckpt, "--task", args.task or "smiles", "--out", "."]  # train.py checks them all
@@ -163,15 +210,21 @@ def main(argv=None):
     from rewards import TaskError
     try:
         args = get_args(argv)
+        if args.prompts:  # read now, not after the model loads
+            conditions.read_prompts(args.prompts)
         ckpt, settings = run_settings(args)  # a bare model's flags go through train.py's checks
+        if output_problem(args, ckpt):
+            raise ModelError(output_problem(args, ckpt))
         task = train.build_task(settings)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: the prompts are shared out (sample_conditions)
             train.setup_distributed(settings)
+        conditional = conditions.runs_conditional(settings, task)
+        if not conditional and (args.prompts or args.split != "all"):
+            flag = "--prompts" if args.prompts else f"--split {args.split}"
+            raise TaskError(f"{flag}: this run has no conditions (it was trained on one prompt, --prompt)")
         policy = train.build_policy(settings, task, ckpt, with_reference=args.fidelity_n > 0)
-        if conditions.runs_conditional(settings, task):  # a prompt per condition, measured per condition
+        if conditional:  # a prompt per condition, measured per condition
             return sample_conditions.run(args, settings, task, policy, ckpt, task_metrics, write_csv, CSV_COLUMNS)
-        if args.prompts:
-            raise TaskError("--prompts: this run has no conditions (it was trained on one prompt, --prompt)")
         args.n = args.n or 3200
     except (ModelError, TaskError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -188,7 +241,7 @@ def main(argv=None):
                 samples.append(dict(tokens=row[:tau], length=tau, generated=text, molecule=task.full(text),
                                     valid=task.is_valid(text), score=task.score(text), log_prob=lp))
             bar.update(len(tokens))
-    out = args.out or os.path.join(os.path.dirname(ckpt) if ckpt else ".", "samples.csv")
+    out = args.out
     write_csv(out, samples)
     metrics = task_metrics(task, samples, settings, args.train_smiles)
     if args.fidelity_n > 0:

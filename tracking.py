@@ -16,6 +16,7 @@ import time
 import condition_fidelity
 import conditions
 import fidelity
+import rl_losses
 from model import ModelError
 
 TRACKERS = (("wandb", "wandb", "wandb"), ("tensorboard", "torch.utils.tensorboard", "tensorboard"))  # flag, module, pip
@@ -43,9 +44,16 @@ def evaluate(args, task, policy, log_z, step):
                                            lambda c: conditions.learned_log_z(args, log_z, policy, c))
     start = time.perf_counter()
     n = args.eval_n if step != args.steps else max(args.eval_n, getattr(args, "eval_n_final", args.eval_n))
-    f = fidelity.measure(policy, task, args.kappa, args.lam, n, log_z.item(), seed=args.seed + step,
+    learned = None if args.loss in rl_losses.NO_LOG_Z else log_z.item()  # RLOO and GRPO have none
+    f = fidelity.measure(policy, task, args.kappa, args.lam, n, learned, seed=args.seed + step,
                          exact=step == args.steps)  # Expr24: exact at the end; before, Z exact and the rest estimated
     return dict(f, eval_seconds=time.perf_counter() - start)
+
+
+def progress(metrics, kl):
+    """The progress bar's numbers: the step's loss, logZ (where the method has one), reward, validity, length, KL."""
+    return dict(loss=f"{metrics['loss']:.3g}", **({"logZ": f"{metrics['log_z']:.2f}"} if "log_z" in metrics else {}),
+                R=f"{metrics['reward']:.3f}", valid=f"{metrics['validity']:.2f}", len=f"{metrics['length']:.1f}", **kl)
 
 
 def eval_due(args, step):
@@ -68,15 +76,23 @@ def format_fidelity(f, explain=False):
     return (condition_fidelity if f.get("conditional") else fidelity).format_fidelity(f, explain)
 
 
-def report_fidelity(log_path, seconds):
-    """The first and the last measurement of the run, and the share of the run they took."""
+def report_fidelity(log_path, seconds, resumed_at=0):
+    """The first and the last measurement of the run, and the share of this process's `seconds` (from step
+    `resumed_at`) that its own measurements took."""
     with open(log_path) as f:
         rows = [r for r in map(json.loads, f) if "kl_q_target" in r]
     if not rows:
         return
-    for name, row in (("start", rows[0]), ("end", rows[-1])) if len(rows) > 1 else (("end", rows[0]),):
-        print(f"{name} (step {row['step']}): " + format_fidelity(row, explain=name == "end"))
-    print(f"measuring took {sum(r['eval_seconds'] for r in rows):.0f} s of this run's {seconds:.0f} s")
+    first, last = rows[0], rows[-1]
+    if len(rows) > 1 and resumed_at:  # a fresh run printed its start block when it measured it
+        print(f"start (step {first['step']}): " + format_fidelity(first))
+    print(f"end (step {last['step']}): " + format_fidelity(last, explain=True))
+    if len(rows) > 1:
+        print(f"KL(q||p*) from {first['kl_q_target']:.3f} at step {first['step']} to {last['kl_q_target']:.3f} at "
+              f"step {last['step']}")
+    mine = sum(r["eval_seconds"] for r in rows if r["step"] > resumed_at or not resumed_at)
+    print(f"measuring took {mine:.0f} s of the {seconds:.0f} s since " + (f"resuming at step {resumed_at}"
+                                                                          if resumed_at else "the start"))
 
 
 # ----------------------------------------------------------------------------- Weights & Biases, TensorBoard

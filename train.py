@@ -12,7 +12,6 @@ and `latest`, the name of the newest complete checkpoint.
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
@@ -32,21 +31,21 @@ import rewards
 import rl_losses
 from batches import (buffer_items, by_row, estimate_log_z, get_batch, linear, loss_log_probs, row_tasks, score_rows,
                      scored, to_items)
-from checkpoint import (load_rank_state, non_finite_loss, resume_args, save_checkpoint, stop_on_ctrl_c,
-                        stop_requested)
-from checkpoint import MEASURE_ONLY, RUN_ONLY, STOP, find_checkpoint, load_state  # noqa: F401 (sample.py, tests)
+from checkpoint import (drop_lines_after, failure, load_rank_state, non_finite_loss, resume_args, resume_due,
+                        save_checkpoint, start_afresh, stop_on_ctrl_c, stop_requested)
 from flags import fill_defaults, first_problem, make_parser
 from distributed import (average_across_ranks, enable_grad_ckpt, fsdp_average_and_clip, load_optimizer,
                          setup_distributed, shard, shared_coin)
 from replay import buffer_options, make_buffer
-from tracking import (eval_due, evaluate, format_fidelity, log_step, report_fidelity, save_curves, trackers,
+from tracking import (eval_due, evaluate, progress, format_fidelity, log_step, report_fidelity, save_curves, trackers,
                       tracking_problem)
 
 def get_args(argv=None):
     p = make_parser()
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line, not argparse's screenful of usage
     args = p.parse_args(argv)
-    check_args(p, args, conventions.explicit_flags(make_parser, argv, vars(args)))
+    args.explicit = conventions.explicit_flags(make_parser, argv, vars(args))  # what --resume may replace
+    check_args(p, args, args.explicit)
     return args
 
 
@@ -71,7 +70,8 @@ def build_task(args):
         return conditions.with_prompt_files(task, getattr(args, "prompts", None), getattr(args, "heldout_prompts", None))
     task = rewards.load_task(args.task, scaffold=args.scaffold, attach=getattr(args, "attach", "graph"),
                              charset=getattr(args, "charset", None),  # getattr: checkpoints older than the flags,
-                             smiles_mask=not getattr(args, "no_smiles_mask", True))  # which had no SMILES mask
+                             smiles_mask=not getattr(args, "no_smiles_mask", True),  # which had no SMILES mask
+                             score_timeout=getattr(args, "score_timeout", 300.0))
     task = conventions.task_for(args, task)  # --expr24-target authors: their digits and reward
     return conditions.with_prompt_files(task, getattr(args, "prompts", None), getattr(args, "heldout_prompts", None))
 
@@ -181,8 +181,10 @@ def train_step(training, step):
     scale = len(rows) * (dist.get_world_size() if dist.is_initialized() else 1)  # per step over all ranks, not means
     metrics.update({k: metrics[k] * scale for k in ("objects_scored", "prefixes_scored")})
     log_z_value = metrics.pop("log_z") if "log_z" in metrics else training.log_z.item()  # with conditions: the batch's mean
-    return dict(step=step + 1, **metrics, log_z=log_z_value, grad_norm=grad_norm.item(), k_min=knobs["k_min"],
-                eta=knobs["eta"], lr=training.optimizer.param_groups[0]["lr"], cpu_seconds=time.process_time() - cpu_start)
+    no_log_z = args.loss in rl_losses.NO_LOG_Z  # their log_z is an unused number: not a logZ to report
+    return dict(step=step + 1, **metrics, **({} if no_log_z else dict(log_z=log_z_value)), grad_norm=grad_norm.item(),
+                k_min=knobs["k_min"], eta=knobs["eta"], lr=training.optimizer.param_groups[0]["lr"],
+                cpu_seconds=time.process_time() - cpu_start)
 
 
 def micro_batch(training, frac, coin, knobs, kept):
@@ -242,13 +244,13 @@ def optimizer_step(args, optimizer, log_z):
 # ----------------------------------------------------------------------------- main
 
 def run(args):
-    rank, world = setup_distributed(args)
-    ckpt, state = None, None
+    rank, world = setup_distributed(args)  # first: under torchrun, rank 0 may still be saving the checkpoint
     if args.resume:
-        args, ckpt, state = resume_args(args, get_args)
-        if len(state["ranks"]) != world:
-            raise modellib.ModelError(f"checkpoint {ckpt!r} was written by {len(state['ranks'])} processes; "
-                                      f"resume it with the same number (got {world})")
+        args, ckpt, state = resume_args(args, get_args, getattr(args, "explicit", None))
+    else:
+        args, ckpt, state = start_afresh(args), None, None
+    if args.resume and not resume_due(ckpt, state, args, rank, world):  # a finished run: nothing to do
+        return 0
     os.makedirs(args.out, exist_ok=True)
     task = build_task(args)
     if args.model is None:  # a task without a pretrained model (Expr24): a tiny one, built and saved once
@@ -286,12 +288,8 @@ def run(args):
     training = Training(args, task, policy, buffer, log_z, optimizer, rng)
     started = time.perf_counter()
     log_path = os.path.join(args.out, "metrics.jsonl")
-    if rank == 0 and step and os.path.exists(log_path):  # drop lines a killed run wrote after its checkpoint
-        with open(log_path) as f:
-            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]  # a killed
-            # run may have left a half-written last line: it has no newline yet
-        with open(log_path, "w") as f:
-            f.writelines(kept)
+    if rank == 0 and step:
+        drop_lines_after(log_path, step)
     if rank == 0:
         print(f"training {args.model} on {args.task} with {args.loss} + {args.replay} replay on {world} x "
               f"{policy.device}, {sum(p.numel() for p in policy.model.parameters() if p.requires_grad):,} "
@@ -303,35 +301,33 @@ def run(args):
             if rank == 0:
                 log_step(log_file, dict(step=0, **first))
                 track(dict(step=0, **first))
-                print(format_fidelity(first))
+                print("start (step 0): " + format_fidelity(first))
         kl = {}
-        bar = tqdm(range(step, args.steps), initial=step, total=args.steps, dynamic_ncols=True, disable=rank != 0)
-        for step in bar:
-            metrics = train_step(training, step)
-            if eval_due(args, metrics["step"]):
-                metrics.update(evaluate(args, task, policy, log_z, metrics["step"]))
-                kl = dict(KL=f"{metrics['kl_q_target']:.2f}")
-            if not math.isfinite(metrics["loss"]):  # one line naming the step and the kept checkpoint
-                bar.close()
-                raise modellib.ModelError(non_finite_loss(args.out, metrics["step"]))
-            if rank == 0:
-                log_step(log_file, metrics)
-                track(metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.3g}", logZ=f"{metrics['log_z']:.2f}",
-                            R=f"{metrics['reward']:.3f}", valid=f"{metrics['validity']:.2f}",
-                            len=f"{metrics['length']:.1f}", **kl)
-            if stop_requested() and metrics["step"] < args.steps:
-                bar.close()
-                path = save_checkpoint(args, policy, buffer, log_z, optimizer, rng, metrics["step"])
+        with tqdm(initial=step, total=args.steps, dynamic_ncols=True, disable=rank != 0) as bar:
+            for step in range(step, args.steps):
+                metrics = train_step(training, step)
+                bar.update(1)  # after the step: a bar stopped here reads the step the checkpoint holds
+                if eval_due(args, metrics["step"]):
+                    metrics.update(evaluate(args, task, policy, log_z, metrics["step"]))
+                    kl = dict(KL=f"{metrics['kl_q_target']:.2f}")
+                if not math.isfinite(metrics["loss"]):  # one line naming the step and the kept checkpoint
+                    raise modellib.ModelError(non_finite_loss(args.out, metrics["step"]))
                 if rank == 0:
-                    save_curves(args.out)
-                    print(f"\ninterrupted: saved {path}; continue with: python train.py --resume --out {args.out}")
-                return 130
-            if metrics["step"] % args.ckpt_every == 0 and metrics["step"] < args.steps:
-                save_checkpoint(args, policy, buffer, log_z, optimizer, rng, metrics["step"])
+                    log_step(log_file, metrics)
+                    track(metrics)
+                bar.set_postfix(progress(metrics, kl))
+                if stop_requested() and metrics["step"] < args.steps:
+                    bar.close()
+                    path = save_checkpoint(args, policy, buffer, log_z, optimizer, rng, metrics["step"])
+                    if rank == 0:
+                        save_curves(args.out)
+                        print(f"\ninterrupted: saved {path}; continue with: python train.py --resume --out {args.out}")
+                    return 130
+                if metrics["step"] % args.ckpt_every == 0 and metrics["step"] < args.steps:
+                    save_checkpoint(args, policy, buffer, log_z, optimizer, rng, metrics["step"])
     path = save_checkpoint(args, policy, buffer, log_z, optimizer, rng, args.steps)
     if rank == 0:
-        report_fidelity(log_path, time.perf_counter() - started)
+        report_fidelity(log_path, time.perf_counter() - started, state["step"] if state else 0)
         print(f"done: {path}, curves in {save_curves(args.out) or 'none'}\nsample with: python sample.py {args.out}")
     return 0
 
@@ -341,11 +337,17 @@ def main(argv=None):
         args = get_args(argv)
     except SystemExit as e:  # argparse has printed the one-line error (or --help)
         return e.code
+    except KeyboardInterrupt:  # while a task or a model's config loads
+        print("\ninterrupted (Ctrl-C) before the run started; nothing was written", file=sys.stderr)
+        return 130
     try:
         return run(args)
-    except (modellib.ModelError, rewards.TaskError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (modellib.ModelError, rewards.TaskError, KeyboardInterrupt, MemoryError, RuntimeError) as e:
+        code, line = failure(e, args)  # one line; an unforeseen error is a bug, shown whole
+        if code is None:
+            raise
+        print(line, file=sys.stderr)
+        return code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

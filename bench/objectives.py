@@ -149,9 +149,10 @@ def bench_logprobs():
 
         def loop():
             ids, past, total = policy.prompt.expand(len(tokens), -1), None, 0.0
+            name = modellib.cache_argument(net)
             for k in range(length + 1):
-                out = net(input_ids=ids, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = net(input_ids=ids, **{name: past}, use_cache=True)
+                past = getattr(out, name)
                 logp = policy.action_log_probs(out.logits[:, -1], k)
                 total = total + logp[:, policy.stop].sum()
                 if k < length:

@@ -286,9 +286,8 @@ def bench_expr24(batch=64, repeats=15):
     import tempfile
 
     import model as modellib
-    from tasks.expr24.task import Expr24Task
     import rewards
-    from tasks.smiles.task import SmilesTask
+    from tasks.expr24.task import Expr24Task
     task = Expr24Task()
     with tempfile.TemporaryDirectory() as path:
         modellib.build_scratch_model(path, sorted(task.charset), seed=0)

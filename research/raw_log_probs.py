@@ -6,7 +6,6 @@ samples of a reference: log P_ref(x) read both ways, per sequence, split by wher
     python -m research.raw_log_probs [--task smiles] [--n 2000] [train.py flags ...]
 """
 import argparse
-import os
 import sys
 import tempfile
 

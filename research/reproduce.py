@@ -223,6 +223,7 @@ def train_command(args, s, run_dir):
         return ["--resume", "--out", run_dir, "--task", args.task, "--steps", str(args.steps), "--device", args.device]
     cmd = ["--task", args.task, "--loss", s["loss"], "--replay", s["replay"], "--seed", str(s["seed"]),
            "--steps", str(args.steps), "--out", run_dir, "--device", args.device,
+           "--overwrite",  # no `latest`: what a run killed before its first checkpoint left, ours to replace
            "--eval-n", str(min(256, args.n)), "--eval-n-final", str(min(256, args.n)),  # sample.py measures the end
            *shlex.split(s.get("method_args", "")), *shlex.split(args.train_args),
            *(["--conventions", args.conventions] if args.conventions != "ours" else [])]  # the KL curve: 4 points + start
@@ -257,7 +258,8 @@ def run_one(args, method, loss, replay, seed):
     if not trained(run_dir, args.steps):
         child(["train.py", *train_command(args, record["settings"], run_dir)], run_dir, "train", record)
     child(["sample.py", run_dir, "--n", str(args.n), "--seed", str(seed), "--device", args.device,
-           "--fidelity-n", str(min(1000, args.n)), "--out", os.path.join(run_dir, "samples.csv")], run_dir, "sample", record)
+           "--fidelity-n", str(min(1000, args.n)), "--out", os.path.join(run_dir, "samples.csv"),
+           "--overwrite"], run_dir, "sample", record)  # a run not `finished`: its samples, if any, are incomplete
     record["done"] = True
     write_json(os.path.join(run_dir, "run.json"), record)
     return record

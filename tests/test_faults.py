@@ -58,7 +58,7 @@ def assert_same_run(a, b):
     weights = [open(os.path.join(c, "model.safetensors"), "rb").read() for c in (ca, cb)]
     assert weights[0] == weights[1]
     sa, sb = checkpoint.load_state(ca), checkpoint.load_state(cb)
-    for key in train.RUN_ONLY:  # what --resume may change (--out, --ckpt-every, ...)
+    for key in checkpoint.RUN_ONLY:  # what --resume may change (--out, --ckpt-every, ...)
         sa["args"].pop(key), sb["args"].pop(key)
     assert_equal(sa, sb)
 
@@ -272,7 +272,7 @@ def stop_after(monkeypatch, step):
     def log_and_stop(log_file, metrics):
         real_log_step(log_file, metrics)
         if metrics["step"] == step:
-            train.STOP["requested"] = True
+            checkpoint.STOP["requested"] = True
 
     monkeypatch.setattr(train, "log_step", log_and_stop)
 
@@ -348,3 +348,264 @@ def test_full_disk_keeps_the_previous_checkpoint(tiny_gpt2, tmp_path, monkeypatc
     assert sorted(n for n in os.listdir(tmp_path) if "ckpt" in n) == ["ckpt-000001"]  # the temporary folder is gone
     monkeypatch.undo()
     assert train.main(["--resume", "--out", str(tmp_path), "--steps", "3"]) == 0  # and it resumes from there
+
+
+# ----------------------------------------------------------------------------- no run lost or relabelled
+
+def snapshot(folder):
+    """Every file under `folder`, path -> bytes: what "nothing lost" compares."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_gpt2, tmp_path_factory):
+    """A finished 3-step run saved with --ckpt-every 2 and --grad-ckpt (none of them the defaults)."""
+    out = tmp_path_factory.mktemp("finished")
+    assert run(tiny_gpt2, out, "--steps", "3", "--ckpt-every", "2", "--grad-ckpt") == 0
+    return out
+
+
+def copy_of(run_dir, tmp_path):
+    shutil.copytree(run_dir, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_resume_continues_with_every_saved_setting(tiny_gpt2, tmp_path, ctrl_c_after_step, capsys):
+    """Stopped at step 2 of 5, `--resume --out` alone trains to 5 with --ckpt-every 3 and --grad-ckpt as saved."""
+    undo = ctrl_c_after_step(2)
+    assert run(tiny_gpt2, tmp_path, "--steps", "5", "--ckpt-every", "3", "--grad-ckpt") == 130
+    undo()
+    err = capsys.readouterr().err
+    assert " 2/5 " in err.replace("\r", "\n").strip().splitlines()[-2]  # the bar reads the step the checkpoint holds
+    assert train.main(["--resume", "--out", str(tmp_path)]) == 0
+    assert f"resuming {tmp_path}/ckpt-000002 at step 2 of 5 with the run's saved settings\n" in capsys.readouterr().out
+    assert [r["step"] for r in tracking.read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
+    saved = checkpoint.load_state(checkpoint.find_checkpoint(str(tmp_path)))
+    assert saved["step"] == 5 and saved["args"]["ckpt_every"] == 3 and saved["args"]["grad_ckpt"] is True
+    assert "explicit" not in saved["args"] and "changed" not in saved["args"]  # the command line is not a setting
+
+
+def test_resume_says_which_saved_setting_a_flag_replaces(finished, tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
+    assert train.main(["--resume", "--out", str(out), "--steps", "4", "--ckpt-every", "9"]) == 0
+    assert ("at step 3 of 4 with the run's saved settings, except --ckpt-every 9 (was 2), --steps 4 (was 3)\n"
+            in capsys.readouterr().out)
+    assert [r["step"] for r in tracking.read_metrics(out)][-1] == 4
+
+
+def test_resume_of_a_finished_run_changes_nothing(finished, tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
+    before = snapshot(out)
+    assert train.main(["--resume", "--out", str(out)]) == 0
+    assert "nothing to do:" in capsys.readouterr().out and snapshot(out) == before
+
+
+def test_steps_below_the_checkpoint_is_one_line_and_changes_nothing(finished, tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
+    before = snapshot(out)
+    err = one_line_error(capsys, train.main(["--resume", "--out", str(out), "--steps", "2"]))
+    assert err == f"error: --steps 2 is below the step of '{out}/ckpt-000003' (3); nothing was changed: give --steps 3 or more"
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("what", ["metrics.jsonl", "latest", "ckpt-000003"])
+def test_a_fresh_run_into_a_run_is_refused(finished, tiny_gpt2, tmp_path, capsys, what):
+    out = copy_of(finished, tmp_path)
+    for name in {"metrics.jsonl", "latest", "ckpt-000003"} - {what}:  # one trace of a run is enough
+        shutil.rmtree(out / name) if (out / name).is_dir() else os.remove(out / name)
+    before = snapshot(out)
+    err = one_line_error(capsys, run(tiny_gpt2, out, "--steps", "2"))
+    assert f"already holds a run ({what})" in err and "--resume" in err and "--overwrite" in err
+    assert snapshot(out) == before
+
+
+def test_overwrite_replaces_the_run_and_keeps_other_files(finished, tiny_gpt2, tmp_path):
+    out = copy_of(finished, tmp_path)
+    (out / "notes.txt").write_text("mine")
+    assert run(tiny_gpt2, out, "--steps", "1", "--overwrite") == 0
+    assert [r["step"] for r in tracking.read_metrics(out)] == [1]
+    assert sorted(n for n in os.listdir(out) if "ckpt" in n) == ["ckpt-000001"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_resume_and_overwrite_together_is_one_line(tmp_path, capsys):
+    assert "give one of them" in one_line_error(capsys, train.main(["--resume", "--overwrite", "--out", str(tmp_path)]))
+
+
+def test_a_full_disk_in_torch_save_removes_the_temporary_folder(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    """torch.save fails on a full disk with a RuntimeError from its zip writer (not an OSError)."""
+    real_save = torch.save
+
+    def full_disk_at_step_2(obj, path, *a, **k):
+        if "000002" in str(path):
+            open(path, "wb").write(b"x" * 1000)
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk_at_step_2)
+    assert run(tiny_gpt2, tmp_path, "--steps", "3") == 2
+    err = last_line_error(capsys.readouterr().err)
+    assert err.startswith(f"error: cannot write checkpoint {tmp_path}/ckpt-000002: [enforce fail") and "kept" in err
+    assert sorted(n for n in os.listdir(tmp_path) if "ckpt" in n) == ["ckpt-000001"]  # no .ckpt-000002.tmp
+
+
+def test_sample_never_replaces_earlier_samples(finished, tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
+    assert sample.main([str(out), "--n", "8", "--fidelity-n", "0"]) == 0
+    capsys.readouterr()
+    before = snapshot(out)
+    err = one_line_error(capsys, sample.main([str(out), "--n", "8", "--fidelity-n", "0"]))
+    assert err == f"error: {out}/samples.csv already exists (earlier samples): add --overwrite to replace it, or --out NEW.csv to keep it"
+    assert "no conditions" in one_line_error(capsys, sample.main([str(out), "--split", "heldout", "--overwrite"]))
+    assert snapshot(out) == before
+    assert sample.main([str(out), "--n", "9", "--fidelity-n", "0", "--overwrite"]) == 0
+    assert len((out / "samples.csv").read_text().splitlines()) == 10
+
+
+def test_ctrl_c_while_starting_is_one_line(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "build_policy", interrupted)
+    assert run(tiny_gpt2, tmp_path, "--steps", "2") == 130
+    assert capsys.readouterr().err.strip() == "interrupted (Ctrl-C) without saving; no checkpoint was written"
+
+
+def test_out_of_memory_is_one_line_naming_the_batch_size(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    def allocate(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 4000000000000 bytes.")
+    monkeypatch.setattr(train, "build_policy", allocate)
+    err = one_line_error(capsys, run(tiny_gpt2, tmp_path, "--steps", "2"))
+    assert err.startswith("error: out of memory (") and "lower --batch-size (4)" in err
+
+
+def test_measuring_time_counts_this_process_only(tmp_path, capsys, monkeypatch):
+    rows = [dict(step=0, eval_seconds=10.0), dict(step=2, eval_seconds=5.0), dict(step=4, eval_seconds=3.0)]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(dict(r, kl_q_target=1.0, tv=0.1)) + "\n" for r in rows)
+    monkeypatch.setattr(tracking, "format_fidelity", lambda row, explain=False: "...")  # tested elsewhere
+    tracking.report_fidelity(str(tmp_path / "metrics.jsonl"), 14.0, resumed_at=2)
+    assert capsys.readouterr().out.splitlines()[-1] == "measuring took 3 s of the 14 s since resuming at step 2"
+
+
+# ----------------------------------------------------------------------------- the table: one line, exit 2, nothing written
+
+def bad_files(tmp_path, tiny_gpt2, finished):
+    """What the table's bad inputs point at: {tmp}/... files and folders, a finished run and a damaged model."""
+    (tmp_path / "binary.bin").write_bytes(bytes(range(128, 256)) * 4)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "emptydir").mkdir()
+    for name, text in [("binrun", None), ("listrun", "[1, 2]\n"), ("emptyrun", ""), ("nosteprun", '{"loss": 1}\n')]:
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "metrics.jsonl"
+        path.write_bytes(bytes(range(128, 256))) if text is None else path.write_text(text)
+    shutil.copytree(finished, tmp_path / "run")
+    shutil.copytree(tiny_gpt2, tmp_path / "damaged")
+    weights = tmp_path / "damaged" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a download cut short
+    (tmp_path / "task_syntax.py").write_text("def score(texts)\n    return []\n")
+    (tmp_path / "task_classes.py").write_text(
+        "class Raises:\n    def __init__(self):\n        raise ValueError('no config')\n"
+        "class NoScore:\n    pass\n")
+
+
+TRAIN = "train"
+SAMPLE = "sample"
+PLOT = "plot"
+BAD_INPUTS = [
+    # train.py: numbers, each flag by name
+    (TRAIN, ["--eval-every", "-1"], "--eval-every must be >= 0 (got -1)"),
+    (TRAIN, ["--seed", "-1"], "--seed must be >= 0 (got -1)"),
+    (TRAIN, ["--eta", "-0.1"], "--eta must be >= 0"),
+    (TRAIN, ["--eta-end", "-1"], "--eta-end must be >= 0"),
+    (TRAIN, ["--rho", "-1"], "--rho must be >= 0"),
+    (TRAIN, ["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (TRAIN, ["--k-min-end", "-1"], "--k-min-end must be >= 0"),
+    (TRAIN, ["--grad-clip", "0"], "--grad-clip must be positive (got 0.0)"),
+    (TRAIN, ["--score-timeout", "0"], "--score-timeout must be positive"),
+    (TRAIN, ["--score-timeout", "nan"], "--score-timeout must be a finite number"),
+    (TRAIN, ["--steps", "0"], "--steps must be at least 1"),
+    (TRAIN, ["--batch-size", "0"], "--batch-size must be at least 1"),
+    (TRAIN, ["--grad-accum", "0"], "--grad-accum must be at least 1"),
+    (TRAIN, ["--buffer-size", "0"], "--buffer-size must be at least 1"),
+    (TRAIN, ["--ckpt-every", "0"], "--ckpt-every must be at least 1"),
+    (TRAIN, ["--eval-n", "0"], "--eval-n must be at least 1"),
+    (TRAIN, ["--eval-n-final", "0"], "--eval-n-final must be at least 1"),
+    (TRAIN, ["--p-replay-start", "1.5"], "--p-replay-start must be in [0, 1]"),
+    (TRAIN, ["--temp-prob", "-0.1"], "--temp-prob must be in [0, 1]"),
+    (TRAIN, ["--alpha", "2"], "--alpha must be in [0, 1]"),
+    (TRAIN, ["--gamma", "1.1"], "--gamma must be in [0, 1]"),
+    (TRAIN, ["--eta-anneal", "2"], "--eta-anneal must be in [0, 1]"),
+    (TRAIN, ["--t-lo-start", "0"], "--t-lo-start must be positive"),
+    (TRAIN, ["--lr", "0"], "--lr must be positive"),
+    (TRAIN, ["--beta", "-1"], "--beta must be positive"),
+    (TRAIN, ["--min-len", "5", "--max-len", "3"], "need 0 <= --min-len <= --max-len"),
+    (TRAIN, ["--steps", "2.5"], "argument --steps: invalid int value: '2.5'"),
+    (TRAIN, ["--loss", "nope"], "argument --loss: invalid choice: 'nope'"),
+    (TRAIN, ["--replay", "nope"], "argument --replay: invalid choice: 'nope'"),
+    (TRAIN, ["--charset", ""], "--charset '' allows no character"),
+    (TRAIN, ["--resume", "--overwrite"], "give one of them"),
+    # train.py: files
+    (TRAIN, ["--prompts", "{tmp}/missing.txt"], "cannot read prompts file"),
+    (TRAIN, ["--prompts", "{tmp}/binary.bin"], "is not UTF-8 text (byte 0x80 at offset 0)"),
+    (TRAIN, ["--prompts", "{tmp}/empty.txt"], "holds no prompt"),
+    (TRAIN, ["--heldout-prompts", "{tmp}/empty.txt"], "--heldout-prompts needs --prompts"),
+    (TRAIN, ["--scaffolds", "{tmp}/binary.bin"], "is not UTF-8 text"),
+    (TRAIN, ["--task", "expr24", "--scaffolds", "{tmp}/empty.txt"], "--scaffolds is for --task smiles"),
+    (TRAIN, ["--task", "{tmp}/task_syntax.py:score"], "cannot import"),
+    (TRAIN, ["--task", "{tmp}/task_classes.py:Raises"], "Raises() raised ValueError: no config"),
+    (TRAIN, ["--task", "{tmp}/task_classes.py:NoScore"], "has no score(text) method"),
+    # train.py --resume: the run in --out is left as it was
+    (TRAIN, ["--resume", "--out", "{tmp}/emptydir"], "no checkpoint at"),
+    (TRAIN, ["--resume", "--out", "{tmp}/run", "--loss", "tb"], "was trained with --loss 'raptb', not 'tb'"),
+    (TRAIN, ["--resume", "--out", "{tmp}/run", "--steps", "1"], "--steps 1 is below the step of"),
+    (TRAIN, ["--out", "{tmp}/run"], "already holds a run"),
+    # sample.py
+    (SAMPLE, ["{tmp}/run", "--target-lams", "abc"], "--target-lams 'abc': need comma-separated numbers"),
+    (SAMPLE, ["{tmp}/run", "--target-lams", "10,nan"], "--target-lams '10,nan': need finite numbers"),
+    (SAMPLE, ["{tmp}/run", "--batch-size", "0"], "--batch-size must be at least 1 (got 0)"),
+    (SAMPLE, ["{tmp}/run", "--fidelity-n", "-1"], "--fidelity-n must be >= 0 (got -1)"),
+    (SAMPLE, ["{tmp}/run", "--split", "nope"], "argument --split: invalid choice"),
+    (SAMPLE, ["{tmp}/run", "--n", "abc"], "argument --n: invalid int value"),
+    (SAMPLE, ["{tmp}/run", "--split", "heldout"], "--split heldout: this run has no conditions"),
+    (SAMPLE, ["{tmp}/run", "--prompts", "{tmp}/binary.bin"], "is not UTF-8 text"),
+    (SAMPLE, ["{tmp}/run", "--task", "expr24"], "to sample it under 'expr24' anyway, add --any-task"),
+    (SAMPLE, ["{tmp}/emptydir"], "is a folder, but not a run (no `latest`), a checkpoint (no state.pt) nor a model"),
+    (SAMPLE, ["{tmp}/damaged", "--out", "{tmp}/s.csv"], "its files are incomplete or damaged"),
+    # plot.py
+    (PLOT, ["{tmp}/missing"], "is not a folder"),
+    (PLOT, ["{tmp}/emptydir"], "has no metrics.jsonl"),
+    (PLOT, ["{tmp}/binrun"], "is not one JSON object per line"),
+    (PLOT, ["{tmp}/listrun"], "each with its step"),
+    (PLOT, ["{tmp}/nosteprun"], "each with its step"),
+    (PLOT, ["{tmp}/emptyrun"], "holds no step yet"),
+    (PLOT, ["{tmp}/run", "--out", "{tmp}/missing/c.png"], "need a file name in a folder that exists"),
+    (PLOT, [], "the following arguments are required: RUN"),
+]
+
+
+@pytest.mark.parametrize("script, argv, message", BAD_INPUTS, ids=[f"{s}:{' '.join(a)}" for s, a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_writes_nothing(tiny_gpt2, finished, tmp_path, capsys, script, argv, message):
+    import plot
+    bad_files(tmp_path, tiny_gpt2, finished)
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    if script == TRAIN and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    try:
+        code = dict(train=train.main, sample=sample.main, plot=plot.main)[script](argv)
+    except SystemExit as e:  # plot.py exits from its parser
+        code = e.code
+    assert message in one_line_error(capsys, code)
+    assert snapshot(tmp_path) == before  # nothing written, nothing removed
+
+
+def test_the_fault_suite_counts_sixty_bad_inputs():
+    """This table and the other one-line tables (above, test_user_task.py): at least 60 distinct bad inputs."""
+    import test_user_task
+    others = [test_bad_flags_are_one_line, test_sample_bad_flags_are_one_line,
+              test_user_task.test_a_misbehaving_score_function_is_one_line, test_user_task.test_a_bad_task_name_is_one_line]
+    count = len(BAD_INPUTS) + sum(len(t.pytestmark[0].args[1]) for t in others)
+    assert count >= 60, count

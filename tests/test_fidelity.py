@@ -165,6 +165,12 @@ def test_expr24_between_exact_measurements_z_is_still_exact(small_expr24):
     assert cheap["log_z_estimate"] == pytest.approx(exact["log_z_estimate"], rel=1e-9)
     assert cheap["kl_q_target"] == pytest.approx(exact["kl_q_target"], rel=0.1)  # same Z, sampled expectation
     assert "Z exact" in fidelity.format_fidelity(cheap)
+    # the estimated TV and missed mass cover only the objects drawn: printed as lower bounds, with how much of
+    # the target those objects hold, so a start line of TV 0.000 is not read against an exact TV at the end
+    first = fidelity.format_fidelity(cheap).splitlines()[0]
+    assert f"TV >= {cheap['tv_target']:.3f}" in first and f"missed mass >= {cheap['missed_mass']:.3f}" in first
+    assert f"drawn hold {cheap['seen_target_mass']:.3f} of the target)" in first
+    assert ">=" not in fidelity.format_fidelity(exact).splitlines()[0]
 
 
 # ----------------------------------------------------------------------------- rare invalid leakage (METHOD.md §8.2)

@@ -15,6 +15,7 @@ from batches import Batch
 import losses
 import model as modellib
 import tracking
+import checkpoint
 import train
 from test_distributed import free_port, start_ranks
 
@@ -127,7 +128,7 @@ def check_same_training(fsdp, one_dir, lora):
     assert one["log_z"] != 0
 
     # the FSDP checkpoint is a normal HF folder with the same weights as the unsharded run's
-    ckpt, ckpt_one = train.find_checkpoint(str(fsdp)), train.find_checkpoint(str(one_dir))
+    ckpt, ckpt_one = checkpoint.find_checkpoint(str(fsdp)), checkpoint.find_checkpoint(str(one_dir))
     weights = "adapter_model.safetensors" if lora else "model.safetensors"
     a, b = load_file(os.path.join(ckpt, weights)), load_file(os.path.join(ckpt_one, weights))
     assert a.keys() == b.keys() and len(a) > 0
@@ -158,7 +159,7 @@ def main_runs(rank, world, jobs):
         def log_step(log_file, metrics):
             real_log_step(log_file, metrics)
             if metrics["step"] == stop_after:
-                train.STOP["requested"] = True
+                checkpoint.STOP["requested"] = True
 
         def save_checkpoint(args, policy, buffer, log_z, optimizer, rng, step, out=out):
             torch.save(dict(params=trainable(policy), log_z=log_z.detach().clone()), os.path.join(out, f"params{rank}.pt"))
@@ -194,7 +195,7 @@ def test_fsdp_lora_trains_checkpoints_and_resumes_exactly(tiny_llama, tmp_path):
     resumed = torch.load(os.path.join(killed, "params0.pt"), weights_only=False)
     for name in r0["params"]:
         assert torch.equal(r0["params"][name], resumed["params"][name])
-    adapter = load_file(os.path.join(train.find_checkpoint(straight), "adapter_model.safetensors"))
+    adapter = load_file(os.path.join(checkpoint.find_checkpoint(straight), "adapter_model.safetensors"))
     assert len(adapter) == len(r0["params"])
     for name, value in r0["params"].items():
         assert torch.equal(adapter[name.replace(".default", "")], value)
@@ -254,7 +255,7 @@ def test_grad_ckpt_gives_the_same_loss_and_gradients(tiny_llama, lora):
 
 
 def test_grad_ckpt_may_change_on_resume():
-    assert "grad_ckpt" in train.RUN_ONLY and "fsdp" not in train.RUN_ONLY
+    assert "grad_ckpt" in checkpoint.RUN_ONLY and "fsdp" not in checkpoint.RUN_ONLY
 
 
 # ----------------------------------------------------------------------------- on a GPU
@@ -271,7 +272,7 @@ def test_fsdp_on_one_gpu_trains_and_resumes(tiny_llama, tmp_path, monkeypatch, e
     def log_step(log_file, metrics):
         real_log_step(log_file, metrics)
         if metrics["step"] == 2:
-            train.STOP["requested"] = True
+            checkpoint.STOP["requested"] = True
 
     monkeypatch.setattr(train, "log_step", log_step)
     assert train.main(argv) == 130
@@ -280,7 +281,7 @@ def test_fsdp_on_one_gpu_trains_and_resumes(tiny_llama, tmp_path, monkeypatch, e
     log = read_log(tmp_path)
     assert [m["step"] for m in log] == [1, 2, 3, 4]
     assert all(np.isfinite([m["loss"], m["log_z"], m["grad_norm"]]).all() for m in log)
-    ckpt = train.find_checkpoint(str(tmp_path))
+    ckpt = checkpoint.find_checkpoint(str(tmp_path))
     if "--lora" in extra:
         modellib.load_model(tiny_llama, adapter=ckpt)
     else:

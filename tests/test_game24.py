@@ -6,7 +6,6 @@ import itertools
 import json
 import os
 import statistics
-import sys
 
 import numpy as np
 import pytest
@@ -14,10 +13,10 @@ import torch
 
 import batches
 import condition_fidelity
-import conditions
 import losses
 import sample
 import tracking
+import checkpoint
 import train
 from tasks.game24 import task as game24
 from test_distributed import free_port, start_ranks
@@ -157,7 +156,7 @@ def test_a_game24_run_resumes_bit_identically(tmp_path, monkeypatch, log_z="head
     def ctrl_c_after_step_2(log_file, metrics):
         real_log_step(log_file, metrics)
         if metrics["step"] == 2:
-            train.STOP["requested"] = True
+            checkpoint.STOP["requested"] = True
     monkeypatch.setattr(train, "log_step", ctrl_c_after_step_2)
     assert train.main([*args, "--out", str(tmp_path / "killed")]) == 130
     monkeypatch.setattr(train, "log_step", real_log_step)
@@ -165,7 +164,7 @@ def test_a_game24_run_resumes_bit_identically(tmp_path, monkeypatch, log_z="head
     strip = lambda rows: [{k: v for k, v in r.items() if k not in tracking.TIMINGS} for r in rows]
     straight, killed = strip(read_log(tmp_path / "straight")), strip(read_log(tmp_path / "killed"))
     assert straight == killed and "heldout_tv_target" in straight[-1] and "train_kl_q_target" in straight[0]
-    a, b = (torch.load(os.path.join(train.find_checkpoint(str(tmp_path / d)), "state.pt"), weights_only=True)
+    a, b = (torch.load(os.path.join(checkpoint.find_checkpoint(str(tmp_path / d)), "state.pt"), weights_only=True)
             for d in ("straight", "killed"))
     if log_z == "head":
         assert set(a["log_z"]) == {"linear.weight", "linear.bias"}

@@ -89,6 +89,13 @@ def test_prompt_is_prepended(tiny_gpt2):
     assert torch.isfinite(log_pf).all()
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_sampling_with_a_prompt_warns_nothing(tiny_llama, lora, recwarn):
+    """The cache goes by the name the installed transformers takes: no deprecation warning on every batch."""
+    make_policy(tiny_llama, prompt="CCO", lora=lora).sample(4)
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)], [str(w.message) for w in recwarn]
+
+
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(modellib.ModelError, match="cannot load model"):
         modellib.load_model("no-such-org/no-such-model-xyz")

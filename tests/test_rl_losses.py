@@ -10,6 +10,7 @@ import torch
 from torch.func import grad, vmap
 
 import rl_losses
+import checkpoint
 import train
 from losses import compute_loss
 from rl_losses import dpg_loss, grpo_loss, rloo_loss
@@ -425,10 +426,15 @@ def test_dpg_carries_its_running_z_in_log_z(tiny_gpt2, tmp_path, text_task):
     assert len({row["log_z"] for row in log}) == len(log)  # it moves every step
 
 
-def test_rloo_and_grpo_leave_log_z_alone(tiny_gpt2, tmp_path, text_task):
+def test_rloo_and_grpo_report_no_log_z(tiny_gpt2, tmp_path, text_task, capsys):
+    """They learn none: no logZ in metrics.jsonl (so none drawn), none in the bar, no "learned logZ" line."""
     for loss in ("rloo", "grpo"):
-        assert run(tiny_gpt2, tmp_path / loss, "--loss", loss, "--lr", "1e-2", *text_task) == 0
-        assert len({row["log_z"] for row in read_log(tmp_path / loss)}) == 1
+        assert run(tiny_gpt2, tmp_path / loss, "--loss", loss, "--lr", "1e-2", *text_task, "--eval-every", "2",
+                   "--eval-n", "8", "--eval-n-final", "8") == 0
+        rows = read_log(tmp_path / loss)
+        assert not [r for r in rows if "log_z" in r or "log_z_learned" in r] and "kl_q_target" in rows[-1]
+        out, err = capsys.readouterr()
+        assert "learned logZ" not in out and "logZ=" not in err
 
 
 def test_grpo_inner_epochs_take_more_steps(tiny_gpt2, tmp_path, text_task):
@@ -437,7 +443,7 @@ def test_grpo_inner_epochs_take_more_steps(tiny_gpt2, tmp_path, text_task):
         out = tmp_path / f"e{epochs}"
         assert run(tiny_gpt2, out, "--loss", "grpo", "--grpo-epochs", str(epochs), "--lr", "1e-2", "--steps", "1",
                    "--weight-decay", "0", *text_task) == 0  # no decay: only gradient steps can move the weights
-        with open(os.path.join(train.find_checkpoint(str(out)), "model.safetensors"), "rb") as f:
+        with open(os.path.join(checkpoint.find_checkpoint(str(out)), "model.safetensors"), "rb") as f:
             weights[epochs] = f.read()
         first_epoch = read_log(out)[0]
         assert first_epoch["grpo_clip_frac"] == 0 and first_epoch["grpo_adv_abs"] > 0  # the normal step: rho = 1
@@ -453,6 +459,6 @@ def test_kill_and_resume_is_bit_identical(tiny_gpt2, tmp_path, ctrl_c_after_step
     disarm()
     assert train.main(["--resume", "--out", str(tmp_path / "killed"), "--steps", "4", *text_task]) == 0
     assert read_log(tmp_path / "killed") == read_log(tmp_path / "straight")
-    paths = [os.path.join(train.find_checkpoint(str(tmp_path / d)), "model.safetensors") for d in ("straight", "killed")]
+    paths = [os.path.join(checkpoint.find_checkpoint(str(tmp_path / d)), "model.safetensors") for d in ("straight", "killed")]
     with open(paths[0], "rb") as a, open(paths[1], "rb") as b:
         assert a.read() == b.read()

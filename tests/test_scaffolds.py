@@ -9,6 +9,7 @@ from tasks.smiles.task import PAPER_SCAFFOLD, SmilesTask
 import sample
 from tasks.smiles import scaffolds
 import tracking
+import checkpoint
 import train
 
 FAST = ["--steps", "3", "--batch-size", "6", "--grad-accum", "2", "--max-len", "5", "--min-len", "1",
@@ -26,7 +27,7 @@ def test_one_scaffold_in_a_file_is_the_single_scaffold_task(tiny_gpt2, tmp_path)
     assert train.main(["--model", tiny_gpt2, "--out", str(tmp_path / "b"), *FAST,
                        "--scaffolds", str(tmp_path / "one.tsv")]) == 0
     assert read_log(tmp_path / "a") == read_log(tmp_path / "b")
-    a, b = (open(os.path.join(train.find_checkpoint(str(tmp_path / d)), "model.safetensors"), "rb").read()
+    a, b = (open(os.path.join(checkpoint.find_checkpoint(str(tmp_path / d)), "model.safetensors"), "rb").read()
             for d in "ab")
     assert a == b
 

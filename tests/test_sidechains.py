@@ -1,7 +1,5 @@
 """Side-chain corpus and prior (tasks/smiles/sidechains.py): derivation by hand and by determinism, the shipped
 prior_sidechain."""
-import os
-import sys
 
 import torch
 from rdkit import Chem

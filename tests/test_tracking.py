@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import tracking
+import checkpoint
 import train
 
 
@@ -85,7 +86,7 @@ def test_wandb_offline_logs_the_scalars_and_a_resume_continues_its_run(tiny_gpt2
     def ctrl_c_after_step_2(log_file, metrics):  # what the SIGINT handler does, at a known moment
         real_log_step(log_file, metrics)
         if metrics["step"] == 2:
-            train.STOP["requested"] = True
+            checkpoint.STOP["requested"] = True
 
     out = tmp_path / "run"
     monkeypatch.setattr(train, "log_step", ctrl_c_after_step_2)
@@ -98,5 +99,5 @@ def test_wandb_offline_logs_the_scalars_and_a_resume_continues_its_run(tiny_gpt2
     assert all(values == tracking.scalars(row) for (_, values), row in zip(logged, log))
     runs = glob.glob(str(out / "wandb" / "offline-run-*"))
     ids = {os.path.basename(r).rsplit("-", 1)[1] for r in runs}
-    state = train.load_state(train.find_checkpoint(str(out)))
+    state = checkpoint.load_state(checkpoint.find_checkpoint(str(out)))
     assert len(runs) == 2 and ids == {state["args"]["wandb_id"]}  # the resumed process continued the same run

@@ -13,6 +13,7 @@ import losses
 import rl_losses
 import sample
 import tracking
+import checkpoint
 import train
 
 FAST = ["--steps", "3", "--batch-size", "6", "--grad-accum", "2", "--max-len", "5", "--min-len", "1",
@@ -35,7 +36,8 @@ def test_every_loss_trains(loss, arch, request, tmp_path):
     assert run(model, tmp_path, "--loss", loss, *replay) == 0
     log = read_log(tmp_path)
     assert [m["step"] for m in log] == [1, 2, 3]
-    assert all(torch.isfinite(torch.tensor([m["loss"], m["log_z"], m["grad_norm"]])).all() for m in log)
+    assert all(torch.isfinite(torch.tensor([m["loss"], m.get("log_z", 0.0), m["grad_norm"]])).all() for m in log)
+    assert all(("log_z" in m) == (loss not in rl_losses.NO_LOG_Z) for m in log)  # RLOO, GRPO: none to log
     assert os.path.isfile(os.path.join(tmp_path, "ckpt-000003", "state.pt"))
 
 
@@ -46,11 +48,13 @@ def test_periodic_fidelity_is_logged_and_printed(tiny_gpt2, tmp_path, capsys):
     assert all(math.isfinite(m["kl_q_target"]) and math.isfinite(m["log_z_estimate"]) for m in rows)
     out = capsys.readouterr().out
     assert "start (step 0): distance to the target" in out and "end (step 3)" in out and "missed mass" in out
+    assert out.count("start (step 0): distance to the target") == 1  # printed when measured, not again at the end
+    assert f"KL(q||p*) from {rows[0]['kl_q_target']:.3f} at step 0 to {rows[-1]['kl_q_target']:.3f} at step 3" in out
 
 
 def test_training_moves_the_weights_and_logz(tiny_gpt2, tmp_path):
     assert run(tiny_gpt2, tmp_path, "--lr", "1e-2") == 0
-    trained = train.find_checkpoint(str(tmp_path))
+    trained = checkpoint.find_checkpoint(str(tmp_path))
     before = torch.nn.utils.parameters_to_vector(
         __import__("transformers").AutoModelForCausalLM.from_pretrained(tiny_gpt2).parameters())
     after = torch.nn.utils.parameters_to_vector(
@@ -71,11 +75,11 @@ def test_kill_and_resume_is_bit_identical(tiny_llama, tmp_path, ctrl_c_after_ste
     assert train.main(["--resume", "--out", str(tmp_path / "killed"), "--steps", "4"]) == 0
 
     assert read_log(tmp_path / "killed") == read_log(tmp_path / "straight")
-    a = torch.load(os.path.join(train.find_checkpoint(str(tmp_path / "straight")), "state.pt"), weights_only=True)
-    b = torch.load(os.path.join(train.find_checkpoint(str(tmp_path / "killed")), "state.pt"), weights_only=True)
+    a = torch.load(os.path.join(checkpoint.find_checkpoint(str(tmp_path / "straight")), "state.pt"), weights_only=True)
+    b = torch.load(os.path.join(checkpoint.find_checkpoint(str(tmp_path / "killed")), "state.pt"), weights_only=True)
     assert torch.equal(a["log_z"], b["log_z"])
     for name in ("adapter_model.safetensors", "model.safetensors"):
-        pa = os.path.join(train.find_checkpoint(str(tmp_path / "straight")), name)
+        pa = os.path.join(checkpoint.find_checkpoint(str(tmp_path / "straight")), name)
         if os.path.exists(pa):
             with open(pa, "rb") as fa, open(pa.replace("straight", "killed"), "rb") as fb:
                 assert fa.read() == fb.read()
@@ -119,7 +123,7 @@ def test_missing_checkpoint(tmp_path, capsys):
 def test_corrupt_checkpoint(tiny_gpt2, tmp_path, capsys):
     assert run(tiny_gpt2, tmp_path, "--replay", "none") == 0
     capsys.readouterr()
-    ckpt = train.find_checkpoint(str(tmp_path))
+    ckpt = checkpoint.find_checkpoint(str(tmp_path))
     state_path = os.path.join(ckpt, "state.pt")
     good = open(state_path, "rb").read()
     with open(state_path, "wb") as f:
@@ -143,7 +147,7 @@ def test_checkpoint_of_another_model(tiny_gpt2, tiny_llama, tmp_path, capsys):
 def test_lora_adapter_on_another_model(tiny_gpt2, tiny_llama, tmp_path, capsys):
     assert run(tiny_llama, tmp_path, "--lora", "--replay", "none") == 0
     capsys.readouterr()
-    state_path = os.path.join(train.find_checkpoint(str(tmp_path)), "state.pt")
+    state_path = os.path.join(checkpoint.find_checkpoint(str(tmp_path)), "state.pt")
     state = torch.load(state_path, weights_only=True)
     state["args"]["model"] = tiny_gpt2  # as if the base model had been swapped under the adapter
     torch.save(state, state_path)

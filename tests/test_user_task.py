@@ -93,11 +93,18 @@ def test_a_module_on_the_path(tiny_gpt2, tmp_path, monkeypatch):
     ("return [2.0] * len(texts)", "must be numbers in [0, 1]"),
     ("return [0.5]", "values for"),
     ("return ['high'] * len(texts)", "not a number"),
+    ("return ['0.5'] * len(texts)", "returned '0.5' (str) for"),  # a number's text is still not a number
+    ("return 'hello'", "returned 'hello' (str) for"),  # not 5 values of which the first is 'h'
+    ("return None", "returned None (NoneType) for"),  # not "raised TypeError"
+    ("return 0.5", "returned 0.5 (float) for"),
+    ("import sys; sys.exit(3)", "called sys.exit(3) on texts such as"),
+    ("import time; time.sleep(3)", "did not return within 0.2 s on"),  # the limit: --score-timeout 0.2
 ])
 def test_a_misbehaving_score_function_is_one_line(tiny_gpt2, tmp_path, capsys, body, message):
     path = write(tmp_path / "bad.py", f"def score(texts):\n    {body}\n")
     out = tmp_path / "run"
-    err = error_of(capsys, train.main(["--task", f"{path}:score", "--model", tiny_gpt2, "--out", str(out), *FAST]))
+    err = error_of(capsys, train.main(["--task", f"{path}:score", "--model", tiny_gpt2, "--out", str(out), *FAST,
+                                       "--score-timeout", "0.2"]))
     assert message in err and f"{path}:score" in err
     assert not os.path.exists(out / "latest") and not os.path.exists(out / "metrics.jsonl")  # nothing half-written
 

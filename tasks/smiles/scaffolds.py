@@ -57,10 +57,12 @@ def read_scaffolds(path):
         if not os.path.exists(path) and os.path.isfile(os.path.join(base, path)):  # data/scaffolds.tsv of old runs
             path = os.path.join(base, path)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             lines = [line.rstrip("\r\n").split("\t") for line in f if line.strip() and not line.startswith("#")]
     except OSError as e:
         raise rewards.TaskError(f"cannot read scaffolds file {path!r}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise rewards.TaskError(f"scaffolds file {path!r} is not UTF-8 text (offset {e.start})") from None
     bad = [cols for cols in lines if len(cols) > 2 or (len(cols) == 2 and cols[1] not in ("train", "heldout"))]
     if bad:
         raise rewards.TaskError(f"scaffolds file {path!r}: a line is 'SMILES' or 'SMILES<TAB>heldout' (got {bad[0]})")
