@@ -63,7 +63,7 @@ def score_rows(args, task, policy, tokens, lengths, items=None, conditions=None)
         log_ref, scores = cached
     else:
         scores = prefix_scores(task, policy, tokens, lengths, conditions).to(policy.device)
-        log_ref = policy.log_ref_stop(tokens, lengths, raw=getattr(args, "log_probs", "masked") == "raw",
+        log_ref = policy.log_ref_stop(tokens, lengths, raw=args.log_probs == "raw",
                                       **by_row(conditions))
     task_reward = getattr(task, "prefix_log_reward", None)  # a task with its own form of log R (METHOD.md §10)
     log_r, u = (task_reward(log_ref.double(), scores, lengths, args.kappa, args.lam, args.max_len) if task_reward
@@ -93,7 +93,7 @@ def cached_rows(args, policy, items):
     T = args.max_len + 1
     ok = bool(items) and all(it.log_ref is not None and it.prefix_scores is not None and len(it.log_ref) == T
                              and len(it.prefix_scores) == T for it in items)
-    if getattr(args, "fsdp", False):
+    if args.fsdp:
         ok = average_across_ranks([torch.tensor([float(ok)])])[0].item() == 1.0
     if not ok:
         return None

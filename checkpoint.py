@@ -172,6 +172,12 @@ def before_flags(saved):
     return dict(eta_end=saved.get("eta", 0.25), absorb_end=1.0, eta_anneal=1.0, lr_schedule="constant", no_smiles_mask=True)
 
 
+def saved_settings(saved, defaults):
+    """A checkpoint's settings as this version reads them, the one place old checkpoints are made whole: a flag newer
+    than the checkpoint gets the value that reproduces how it was trained (before_flags), else today's default."""
+    return argparse.Namespace(**{**defaults, **before_flags(saved), **saved})
+
+
 def resume_args(args, get_args, explicit=None):
     """Settings come from the checkpoint, every one of them (--steps, --ckpt-every, ... included): only the flags in
     RUN_ONLY and MEASURE_ONLY that the command line gives (`explicit`; None: those that differ from the defaults)
@@ -194,8 +200,7 @@ def resume_args(args, get_args, explicit=None):
     before = {k: saved.get(k, defaults.get(k)) for k in given}
     changed = {k: v for k, v in given.items() if k in RUN_ONLY + MEASURE_ONLY and k not in FROM_NOW and v != before[k]}
     now = {k: getattr(args, k) for k in FROM_NOW} | changed
-    older = before_flags(saved)
-    resumed = argparse.Namespace(**{**defaults, **older, **saved, **now})  # defaults: flags newer than the checkpoint
+    resumed = saved_settings({**saved, **now}, defaults)
     resumed.changed = {k: (before[k], v) for k, v in changed.items()}
     from flags import device_problem  # the saved --device on this machine
     if device_problem(resumed.device):

@@ -118,7 +118,7 @@ def with_prompt_files(task, train=None, heldout=None):
 
 
 def runs_conditional(args, task):
-    return is_conditional(task) or getattr(args, "log_z_mode", None) in ("head", "batch")  # None: older runs
+    return is_conditional(task) or args.log_z_mode in ("head", "batch")
 
 
 def flag_problem(args, task):
@@ -308,7 +308,7 @@ def make_log_z(args, policy):
     """The learned part of logZ and its parameters (logZ's own optimiser group): the head, or for --log-z batch
     the unused scalar that keeps the optimiser's and the checkpoint's layout."""
     if args.log_z_mode == "head":
-        dtype = torch.bfloat16 if getattr(args, "log_z_dtype", "float32") == "bfloat16" else torch.float32
+        dtype = torch.bfloat16 if args.log_z_dtype == "bfloat16" else torch.float32
         head = LogZHead(hidden_size(policy), dtype=dtype).to(policy.device)
         return head, list(head.parameters())
     log_z = torch.nn.Parameter(torch.zeros((), device=policy.device))

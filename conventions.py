@@ -137,7 +137,7 @@ def describe(args):
 
 def task_for(args, task):
     """The task these conventions train on: Expr24 with the authors' digits and reward under --expr24-target."""
-    if getattr(args, "expr24_target", "ours") == "authors":
+    if args.expr24_target == "authors":
         from tasks.expr24.task import Expr24AuthorsTask
         return Expr24AuthorsTask()
     return task

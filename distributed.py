@@ -102,7 +102,7 @@ def shared_coin(args, step, i):
 def replay_ready(args, buffer):
     """The buffer holds enough items to replay (--replay-min-items, at least one); under FSDP, on every rank
     (buffers differ between ranks)."""
-    ready = buffer is not None and len(buffer) >= max(1, getattr(args, "replay_min_items", 1))
+    ready = buffer is not None and len(buffer) >= max(1, args.replay_min_items)
     if args.fsdp and buffer is not None:
         ready = on_every_rank(ready)
     return ready

@@ -174,6 +174,7 @@ def not_a_model_problem(path):
 def run_settings(args):
     """The training run's settings from a checkpoint, or train.py's defaults around a bare model."""
     import checkpoint
+    import flags
     import train
     from model import ModelError
     from rl_losses import NO_LOG_Z
@@ -189,7 +190,8 @@ def run_settings(args):
         log_z = state["log_z"] if isinstance(state["log_z"], dict) else float(state["log_z"])  # a dict: a logZ head
         if state["args"].get("loss") in NO_LOG_Z:  # RLOO and GRPO learn none: no "learned logZ" to compare
             log_z = None
-        settings = argparse.Namespace(**{**state["args"], "task": args.task or saved}, log_z=log_z)
+        defaults = vars(flags.make_parser().parse_args([]))  # no task is loaded: a checkpoint never runs task code
+        settings = checkpoint.saved_settings({**state["args"], "task": args.task or saved, "log_z": log_z}, defaults)
     else:
         argv = ["--model", args.ckpt, "--task", args.task or "smiles", "--out", "."]  # train.py checks them all
         for name in ("scaffold", "min_len", "max_len", "prompt", "prompts"):

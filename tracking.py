@@ -43,7 +43,7 @@ def evaluate(args, task, policy, log_z, step):
         return condition_fidelity.evaluate(args, task, policy, log_z, step,
                                            lambda c: conditions.learned_log_z(args, log_z, policy, c))
     start = time.perf_counter()
-    n = args.eval_n if step != args.steps else max(args.eval_n, getattr(args, "eval_n_final", args.eval_n))
+    n = args.eval_n if step != args.steps else max(args.eval_n, args.eval_n_final)
     learned = None if args.loss in rl_losses.NO_LOG_Z else log_z.item()  # RLOO and GRPO have none
     f = fidelity.measure(policy, task, args.kappa, args.lam, n, learned, seed=args.seed + step,
                          exact=step == args.steps)  # Expr24: exact at the end; before, Z exact and the rest estimated
@@ -134,7 +134,7 @@ class Trackers:
         if problem:
             raise ModelError(problem)
         self.wandb = self.tensorboard = None
-        if getattr(args, "wandb", None):
+        if args.wandb:
             import wandb
             args.wandb_id = getattr(args, "wandb_id", None) or secrets.token_hex(6)
             try:
@@ -143,7 +143,7 @@ class Trackers:
             except Exception as e:  # not logged in, no network: one line, and the offline mode that needs neither
                 raise ModelError(f"--wandb could not start ({type(e).__name__}: {str(e).splitlines()[0]}); run "
                                  f"`wandb login`, or set WANDB_MODE=offline and `wandb sync` later") from None
-        if getattr(args, "tensorboard", False):
+        if args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(os.path.join(args.out, "tensorboard"), purge_step=step or None)
 

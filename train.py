@@ -62,18 +62,16 @@ def check_args(p, args, explicit=()):
 
 
 def build_task(args):
-    if getattr(args, "scaffolds", None):
+    if args.scaffolds:
         if args.task != "smiles":
             raise rewards.TaskError(f"--scaffolds is for --task smiles, not {args.task!r}")
         from tasks.smiles import scaffolds
-        task = scaffolds.scaffold_task(args.scaffolds, getattr(args, "attach", "graph"))
-        return conditions.with_prompt_files(task, getattr(args, "prompts", None), getattr(args, "heldout_prompts", None))
-    task = rewards.load_task(args.task, scaffold=args.scaffold, attach=getattr(args, "attach", "graph"),
-                             charset=getattr(args, "charset", None),  # getattr: checkpoints older than the flags,
-                             smiles_mask=not getattr(args, "no_smiles_mask", True),  # which had no SMILES mask
-                             score_timeout=getattr(args, "score_timeout", 300.0))
+        task = scaffolds.scaffold_task(args.scaffolds, args.attach)
+        return conditions.with_prompt_files(task, args.prompts, args.heldout_prompts)
+    task = rewards.load_task(args.task, scaffold=args.scaffold, attach=args.attach, charset=args.charset,
+                             smiles_mask=not args.no_smiles_mask, score_timeout=args.score_timeout)
     task = conventions.task_for(args, task)  # --expr24-target authors: their digits and reward
-    return conditions.with_prompt_files(task, getattr(args, "prompts", None), getattr(args, "heldout_prompts", None))
+    return conditions.with_prompt_files(task, args.prompts, args.heldout_prompts)
 
 
 def build_policy(args, task, ckpt=None, with_reference=True):
@@ -119,7 +117,7 @@ def loss_knobs(args, frac):
                 gamma=args.gamma, alpha=args.alpha, beta=args.beta, rho=args.rho,
                 k_min=round(linear(args.k_min_start, args.k_min_end, frac)), lam=args.subtb_lam,
                 eps_absorb=args.eps_absorb, horizon=args.horizon, detach_pterm=not args.no_detach, min_len=args.min_len,
-                root=getattr(args, "prefix_root", "lmin"), grpo_clip=args.grpo_clip, grpo_beta=args.grpo_beta,
+                root=args.prefix_root, grpo_clip=args.grpo_clip, grpo_beta=args.grpo_beta,
                 grpo_std_norm=args.grpo_std_norm)
 
 
@@ -246,7 +244,7 @@ def optimizer_step(args, optimizer, log_z):
 def run(args):
     rank, world = setup_distributed(args)  # first: under torchrun, rank 0 may still be saving the checkpoint
     if args.resume:
-        args, ckpt, state = resume_args(args, get_args, getattr(args, "explicit", None))
+        args, ckpt, state = resume_args(args, get_args, args.explicit)
     else:
         args, ckpt, state = start_afresh(args), None, None
     if args.resume and not resume_due(ckpt, state, args, rank, world):  # a finished run: nothing to do

@@ -140,7 +140,7 @@ def test_raptb_is_tb_here():
 
 
 def argparse_like():
-    return type("Args", (), dict(kappa=1.0, lam=50.0, max_len=7, fsdp=False))()
+    return train.get_args(["--task", "game24"])
 
 
 def read_log(out):

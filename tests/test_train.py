@@ -173,3 +173,21 @@ def test_cli_prints_one_line_not_a_traceback(tmp_path):
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error:")
+
+
+NEWER_FLAGS = ("eta_end", "absorb_end", "eta_anneal", "lr_schedule", "log_probs", "prefix_root",
+               "log_z_mode", "log_z_dtype", "epsilon", "score_timeout", "replay_min_items", "anneal_span")
+
+
+def test_a_checkpoint_older_than_the_flags_resumes_and_samples(tiny_gpt2, tmp_path, capsys):
+    """checkpoint.saved_settings makes an old checkpoint whole (before_flags, then today's defaults): train.py
+    resumes it and sample.py samples it, though its settings name none of the newer flags."""
+    assert run(tiny_gpt2, tmp_path, "--steps", "2", "--ckpt-every", "1") == 0
+    ckpt = checkpoint.find_checkpoint(str(tmp_path))
+    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
+    state["args"] = {k: v for k, v in state["args"].items() if k not in NEWER_FLAGS}
+    torch.save(state, os.path.join(ckpt, "state.pt"))
+    resumed = checkpoint.saved_settings(state["args"], vars(train.make_parser().parse_args([])))
+    assert (resumed.lr_schedule, resumed.eta_end, resumed.log_probs, resumed.epsilon) == ("constant", 0.25, "masked", 0.0)
+    assert sample.main([str(tmp_path), "--n", "4", "--fidelity-n", "0"]) == 0
+    assert train.main(["--resume", "--out", str(tmp_path), "--steps", "3"]) == 0
