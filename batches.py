@@ -179,7 +179,32 @@ def get_batch(args, task, policy, buffer, rng, frac, coin=None):
     conditions = draw_conditions(args, task, rng) if conditional else None
     tokens, lengths, _ = policy.sample(args.batch_size if conditions is None else conditions, temperature,
                                        epsilon=args.epsilon)
-    return Batch(tokens, lengths, "policy", None, conditions)
+    batch = Batch(tokens, lengths, "policy", None, conditions)
+    return local_search(args, task, policy, batch, temperature) if args.local_search else batch
+
+
+def local_search(args, task, policy, batch, temperature):
+    """One round of local search in the prefix tree (Kim et al., ICLR 2024): each row backs up --local-search
+    tokens, the policy (at the batch's temperature and --epsilon) regrows the rest, and the regrown object replaces
+    the row where its log R is at least as high (their deterministic filter)."""
+    tokens, lengths, conds = batch.tokens, batch.lengths, batch.conditions
+    cut = (lengths - args.local_search).clamp(min=0)
+    new_tokens, new_lengths = tokens.clone(), lengths.clone()
+    for c in cut.unique().tolist():
+        rows = (cut == c).nonzero().squeeze(1)
+        who = len(rows) if conds is None else [conds[i] for i in rows.tolist()]
+        t, l, _ = policy.sample(who, temperature, epsilon=args.epsilon, prefix=tokens[rows, :c])
+        new_tokens[rows], new_lengths[rows] = t, l
+    better = final_log_r(args, task, policy, new_tokens, new_lengths, conds) >= \
+        final_log_r(args, task, policy, tokens, lengths, conds)
+    return batch._replace(tokens=torch.where(better[:, None], new_tokens, tokens),
+                          lengths=torch.where(better, new_lengths, lengths))
+
+
+def final_log_r(args, task, policy, tokens, lengths, conditions):
+    """log R(x) of each row's finished object."""
+    log_r = score_rows(args, task, policy, tokens, lengths, None, conditions)[0]
+    return log_r.gather(1, lengths[:, None]).squeeze(1)
 
 
 def draw_conditions(args, task, rng):

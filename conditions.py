@@ -210,14 +210,15 @@ class ConditionalPolicy:
             by_length.setdefault(len(self.prompt_ids(c)), []).append(i)
         return [torch.tensor(rows) for rows in by_length.values()]
 
-    def sample(self, conditions, temperature=1.0, reference=False, epsilon=0.0):
+    def sample(self, conditions, temperature=1.0, reference=False, epsilon=0.0, prefix=None):
         """One sample per entry of `conditions`: tokens [n, L_max], lengths [n], log_q [n, T] (Policy.sample)."""
         n, T = len(conditions), self.policy.max_len + 1
         tokens = torch.full((n, self.policy.max_len), self.policy.eos, device=self.policy.device)
         lengths = torch.zeros(n, dtype=torch.long, device=self.policy.device)
         log_q = torch.zeros(n, T, device=self.policy.device)
         for rows in self.groups(conditions):
-            t, l, q = self.view([conditions[i] for i in rows]).sample(len(rows), temperature, reference, epsilon)
+            t, l, q = self.view([conditions[i] for i in rows]).sample(len(rows), temperature, reference, epsilon,
+                                                                       None if prefix is None else prefix[rows])
             rows = rows.to(tokens.device)
             tokens[rows], lengths[rows], log_q[rows] = t, l, q
         return tokens, lengths, log_q

@@ -116,6 +116,10 @@ def make_parser():
     a("--epsilon", type=float, default=0.0, help="exploration: at each step of an on-policy batch, a uniformly random "
       "allowed action with this probability instead of the policy's (torchgfn's epsilon); off-policy, the "
       "GFlowNet objectives keep R/Z as their fixed point (every object can still be drawn)")
+    a("--local-search", type=int, default=0, metavar="K", help="exploration (Kim et al., ICLR 2024): each on-policy "
+      "sample backs up K tokens, the policy regrows them, and the regrown object replaces it where its log R is at "
+      "least as high; off-policy, so the GFlowNet objectives keep R/Z as their fixed point (a second sampling pass "
+      "and two more reward passes per on-policy batch); 0: off")
     a("--t-lo-start", type=float, default=0.8, help="a tempered batch's temperature is uniform in [lo, hi]: lo at the "
       "start ...")
     a("--t-lo-end", type=float, default=1.0, help="... lo at the end (linear in between)")
@@ -223,7 +227,7 @@ def number_problem(args):
     if args.max_len < args.min_len or args.min_len < 0 or args.max_len < 1:
         return f"need 0 <= --min-len <= --max-len and --max-len >= 1 (got {args.min_len} and {args.max_len})"
     for name in ("kappa", "eps_absorb", "k_min_start", "k_min_end", "seed", "eta", "eta_end", "rho", "weight_decay",
-                 "eval_every"):
+                 "eval_every", "local_search"):
         if (getattr(args, name) or 0) < 0:  # eval_every None: the default schedule
             return f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})"
     if args.horizon is not None and args.horizon < 1:

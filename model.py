@@ -217,21 +217,22 @@ class Policy:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     @torch.no_grad()
-    def sample(self, n, temperature=1.0, reference=False, epsilon=0.0):
+    def sample(self, n, temperature=1.0, reference=False, epsilon=0.0, prefix=None):
         """Sample n sequences with a KV cache at `temperature` (masked logits / temperature); from the reference
         P_ref instead of the policy with `reference` (the fidelity meter's second proposal). With `epsilon`, each
         step takes a uniformly random allowed action with that probability (exploration: the sampler is then
-        (1 - epsilon) q + epsilon U at every state, full support under the mask).
+        (1 - epsilon) q + epsilon U at every state, full support under the mask). With `prefix` ([n, c] action
+        token ids), each row continues that prefix instead of starting empty (local search's regrowth).
         Returns tokens [n, L_max] (EOS past tau), lengths [n], and log_q [n, T]: the log-prob of each chosen
         action under the temperature-1 sampler (for checks and for the CSV's log-prob column)."""
         if reference:
             with self._adapters_off() if self.reference is None else contextlib.nullcontext():
-                return self._sample(self.reference or self.model, n, temperature, epsilon)
-        return self._sample(self.model, n, temperature, epsilon)
+                return self._sample(self.reference or self.model, n, temperature, epsilon, prefix)
+        return self._sample(self.model, n, temperature, epsilon, prefix)
 
     fast_sampling = True  # False: every sampling step runs the network's own (Hugging Face) forward
 
-    def _sample(self, net, n, temperature, epsilon=0.0):
+    def _sample(self, net, n, temperature, epsilon=0.0, prefix=None):
         was_training = self.model.training
         self.model.eval()
         T = self.max_len + 1
@@ -248,7 +249,11 @@ class Policy:
             bias = torch.zeros(T, len(self.actions), device=self.device).masked_fill_(
                 self.action_log_probs(probe, torch.arange(T, device=self.device)).isneginf(), float("-inf"))
         ids, past, cache_name = self.prompt.expand(n, -1), None, cache_argument(net)
-        for k in range(T):
+        start = 0 if prefix is None else prefix.shape[1]
+        if start:  # the prefix is read in the first forward, then sampling goes on from state s_start
+            tokens[:, :start] = prefix
+            ids = torch.cat([ids, prefix.to(ids.device)], 1)
+        for k in range(start, T):
             if k == self.max_len:  # the stop is forced whatever the logits (METHOD.md §1): q(T | s_Lmax) = 1, so the
                 break  # rows still going end here with what they hold (tau = L_max, log q = 0), and no forward runs
             allowed = None

@@ -186,8 +186,9 @@ def problem(args):
         return f"--replay {args.replay} cannot be used with {why}; leave --replay unset (none)"
     if args.temp_prob != 0:
         return f"--temp-prob {args.temp_prob} cannot be used with {why}, which samples at temperature 1; leave it unset"
-    if args.epsilon != 0:
-        return f"--epsilon {args.epsilon} cannot be used with {why}, which samples from the policy itself"
+    if args.epsilon != 0 or args.local_search:
+        flag = f"--epsilon {args.epsilon}" if args.epsilon else f"--local-search {args.local_search}"
+        return f"{flag} cannot be used with {why}, which samples from the policy itself"
     if args.loss != "dpg" and args.batch_size < 2:
         return f"--loss {args.loss} needs --batch-size >= 2: the group's other samples are its baseline"
     if args.loss == "grpo" and args.grpo_beta is None:
