@@ -30,6 +30,7 @@ from metrics import expr24_metrics, sequence_metrics, smiles_metrics
 PRIOR_TRAIN_SMILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks", "smiles", "data",
                                   "moses_train_subset.smi.gz")
 CSV_COLUMNS = ["generated", "molecule", "valid", "score", "length", "log_prob"]
+PER_PROMPT_N = 100  # --n with conditions: samples per prompt
 
 # -----------------------------------------------------------------------------
 # output
@@ -299,9 +300,6 @@ def load_smiles(path):
 
 
 # ----------------------------------------------------------------------------- with conditions
-
-PER_PROMPT_N = 100  # sample.py --n with conditions: samples per prompt
-
 
 def chosen_conditions(args, task):
     """(split, prompt) pairs: the prompts of --prompts, or every condition of --split ('all': both splits)."""
