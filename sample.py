@@ -11,9 +11,14 @@ import gzip
 import json
 import math
 import os
+import signal
 import sys
 
-from tqdm import tqdm
+if __name__ == "__main__":  # Ctrl-C while torch and transformers import: one line, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted (Ctrl-C) while starting; nothing was written",
+                                                   file=sys.stderr), os._exit(130)))
+
+from tqdm import tqdm  # noqa: E402 (after the handler above)
 
 import fidelity
 from metrics import expr24_metrics, sequence_metrics, smiles_metrics
@@ -290,4 +295,9 @@ def load_smiles(path):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # samples and metrics are written at the end: an interrupted sampling wrote nothing
+        print("\ninterrupted (Ctrl-C); nothing was written", file=sys.stderr)
+        sys.exit(130)
