@@ -350,7 +350,6 @@ def run(args, explicit=None):
     args, ckpt, state = resume_or_start(args, get_args, explicit)
     if args.resume and not resume_due(ckpt, state, args, rank, world):  # a finished run: nothing to do
         return 0
-    os.makedirs(args.out, exist_ok=True)
     task = build_task(args)
     if args.model is None:  # a task without a pretrained model (Expr24): a tiny one, built and saved once
         args.model = os.path.abspath(os.path.join(args.out, "init"))
@@ -379,6 +378,7 @@ def run(args, explicit=None):
         with torch.no_grad():
             log_z.fill_(args.log_z_init if args.log_z_init is not None else estimate_log_z(args, task, policy))
     started = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)  # only now: a model that fails to load leaves no empty run folder behind
     log_path = os.path.join(args.out, "metrics.jsonl")
     if rank == 0 and step:
         drop_lines_after(log_path, step)

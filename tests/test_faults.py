@@ -556,6 +556,8 @@ BAD_INPUTS = [
     (TRAIN, ["--task", "{tmp}/task_syntax.py:score"], "cannot import"),
     (TRAIN, ["--task", "{tmp}/task_classes.py:Raises"], "Raises() raised ValueError: no config"),
     (TRAIN, ["--task", "{tmp}/task_classes.py:NoScore"], "has no score(text) method"),
+    (TRAIN, ["--model", "{tmp}/emptydir"], "is a folder without config.json: not a model folder"),
+    (TRAIN, ["--model", "{tmp}/damaged", "--max-len", "5"], "its files are incomplete or damaged"),
     # train.py --resume: the run in --out is left as it was
     (TRAIN, ["--resume", "--out", "{tmp}/emptydir"], "no checkpoint at"),
     (TRAIN, ["--resume", "--out", "{tmp}/run", "--loss", "tb"], "was trained with --loss 'raptb', not 'tb'"),
