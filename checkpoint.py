@@ -169,9 +169,9 @@ def failure(error, args):
 # ----------------------------------------------------------------------------- resume and Ctrl-C
 
 RUN_ONLY = ("out", "steps", "device", "ckpt_every", "resume", "grad_ckpt", "score_timeout",  # what --resume may
-            "trust_remote_code", "overwrite")  # change; the last two never come from a checkpoint: running a model's
-# code is the user's choice each time, and --overwrite is a fresh run's
-FROM_NOW = ("out", "resume", "trust_remote_code", "overwrite")  # always this command's, never the checkpoint's
+            "trust_remote_code", "overwrite")  # change: the saved value unless the command line gives one
+FROM_NOW = ("out", "resume", "trust_remote_code", "overwrite")  # always this command's, never the checkpoint's:
+# running a model's code is the user's choice each time, and --overwrite is for a fresh run
 MEASURE_ONLY = ("eval_every", "eval_n", "eval_n_final", "wandb", "tensorboard")  # never change training
 
 

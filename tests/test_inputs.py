@@ -53,6 +53,6 @@ def test_another_built_in_task_than_the_checkpoints_needs_any_task(tiny_gpt2, tm
 
     assert sample.main([str(run), "--task", "smiles", "--n", "8", "--fidelity-n", "0"]) == 0  # its own task: fine
     assert "norm_cov" not in json.load(open(run / "samples_metrics.json"))
-    assert sample.main([str(run), "--task", "expr24", "--any-task", "--n", "8", "--fidelity-n", "0"]) == 0
+    assert sample.main([str(run), "--task", "expr24", "--any-task", "--n", "8", "--fidelity-n", "0", "--overwrite"]) == 0
     metrics = json.load(open(run / "samples_metrics.json"))  # the user meant it: Expr24's grammar and metrics
     assert "norm_cov" in metrics and os.path.isfile(run / "samples.csv")
