@@ -87,7 +87,9 @@ def save_checkpoint(args, policy, buffer, log_z, optimizer, rng, step):
         # the previous checkpoint and `latest` are untouched
         shutil.rmtree(tmp, ignore_errors=True)
         why = e.strerror if isinstance(e, OSError) and e.strerror else modellib.first_line(e)
-        raise modellib.ModelError(f"cannot write checkpoint {final}: {why}; the previous one is kept") from None
+        free = shutil.disk_usage(args.out).free // 2 ** 20  # torch's zip writer does not say "disk full"
+        raise modellib.ModelError(f"cannot write checkpoint {final}: {why} ({free} MiB free there); the previous "
+                                  f"one is kept") from None
     for old in os.listdir(args.out):  # keep only the newest checkpoint; drop what a killed save left behind
         if (old.startswith("ckpt-") and old != name) or (old.startswith(".ckpt-") and old.endswith(".tmp")):
             shutil.rmtree(os.path.join(args.out, old), ignore_errors=True)
