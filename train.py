@@ -151,8 +151,8 @@ def make_parser():
       "--ckpt-every, ... included); a run-only or measuring flag given again replaces the saved one, said in one line")
     a("--overwrite", action="store_true", help="start afresh in an --out that already holds a run: its metrics.jsonl, "
       "checkpoints, curves.png and init/ are deleted first (without it such an --out is refused)")
-    a("--score-timeout", type=float, default=300.0, help="your own score function: seconds one call may take before "
-      "the run stops with one line (a hang otherwise prints nothing)")
+    a("--score-timeout", type=float, default=300.0, help="your own task (function or class): seconds one scoring "
+      "call may take before the run stops with one line (a hang otherwise prints nothing)")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     a("--eval-every", type=int, default=None, help="measure the distance to the target every N steps, at the start "
       "and at the end (METHOD.md §8; default: 4 times per run; 0: never)")
