@@ -1,5 +1,7 @@
 """Faults and bad input: every flag is checked before any work, a tampered state.pt is refused without running, and
-a kill (even mid-save), a full disk or a non-finite loss leaves the last checkpoint intact and resumable exactly."""
+a kill (even mid-save), a full disk or a non-finite loss leaves the last checkpoint intact and resumable exactly.
+No run is lost or relabelled: --resume keeps every saved setting, a fresh run never lands on an old one, sample.py
+never replaces samples; and a table of bad inputs to train.py, sample.py, plot.py and task files, each one line."""
 import errno
 import json
 import os
