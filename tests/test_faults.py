@@ -613,3 +613,35 @@ def test_the_fault_suite_counts_sixty_bad_inputs():
               test_user_task.test_a_misbehaving_score_function_is_one_line, test_user_task.test_a_bad_task_name_is_one_line]
     count = len(BAD_INPUTS) + sum(len(t.pytestmark[0].args[1]) for t in others)
     assert count >= 60, count
+
+
+INTERRUPT_AT_IMPORT = """
+import importlib.abc, os, runpy, signal, sys
+class CtrlC(importlib.abc.MetaPathFinder):  # Ctrl-C the moment the script imports {module}, deterministically
+    def find_spec(self, name, path, target=None):
+        if name == {module!r}:
+            os.kill(os.getpid(), signal.SIGINT)
+sys.meta_path.insert(0, CtrlC())
+sys.argv = [{script!r}, *{argv!r}]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script, module, argv", [("train.py", "numpy", ["--out", "{out}"]),
+                                                   ("sample.py", "tqdm", ["prior", "--out", "{out}/s.csv"])])
+def test_ctrl_c_while_importing_is_one_line(tmp_path, script, module, argv):
+    import subprocess
+    import sys
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), script)
+    code = INTERRUPT_AT_IMPORT.format(module=module, script=path, argv=[a.format(out=tmp_path) for a in argv])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130 and done.stderr.strip() == "interrupted (Ctrl-C) while starting; nothing was written"
+    assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_while_checking_flags_is_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "get_args", interrupted)
+    assert train.main(["--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted (Ctrl-C) before the run started; nothing was written"
