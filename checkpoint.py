@@ -19,7 +19,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 
 import model as modellib
-from distributed import fsdp_full_states
+from distributed import fsdp_full_states, load_optimizer
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -28,6 +28,14 @@ def rank_state(buffer, rng):
     return dict(buffer=buffer.state_dict() if buffer is not None else None, numpy=rng.bit_generator.state,
                 torch=torch.get_rng_state(), python=random.getstate(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def restore(args, state, rank, policy, log_z, optimizer, buffer, rng):
+    """A resumed run's logZ, optimiser, this rank's random streams and replay buffer, as the checkpoint holds them."""
+    with torch.no_grad():
+        log_z.load_state_dict(state["log_z"]) if isinstance(log_z, torch.nn.Module) else log_z.copy_(state["log_z"])
+    load_optimizer(args, policy, log_z, optimizer, state["optimizer"])
+    load_rank_state(state["ranks"][rank], buffer, rng)
 
 
 def load_rank_state(s, buffer, rng):
@@ -40,7 +48,7 @@ def load_rank_state(s, buffer, rng):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-NOT_SAVED = ("explicit", "changed")  # what this command line said, not the run's settings
+NOT_SAVED = ("changed",)  # what this command line replaced, not a setting of the run
 
 
 def save_checkpoint(args, policy, buffer, log_z, optimizer, rng, step):
@@ -79,7 +87,9 @@ def save_checkpoint(args, policy, buffer, log_z, optimizer, rng, step):
         # the previous checkpoint and `latest` are untouched
         shutil.rmtree(tmp, ignore_errors=True)
         why = e.strerror if isinstance(e, OSError) and e.strerror else modellib.first_line(e)
-        raise modellib.ModelError(f"cannot write checkpoint {final}: {why}; the previous one is kept") from None
+        free = shutil.disk_usage(args.out).free // 2 ** 20  # torch's zip writer does not say "disk full"
+        raise modellib.ModelError(f"cannot write checkpoint {final}: {why} ({free} MiB free there); the previous "
+                                  f"one is kept") from None
     for old in os.listdir(args.out):  # keep only the newest checkpoint; drop what a killed save left behind
         if (old.startswith("ckpt-") and old != name) or (old.startswith(".ckpt-") and old.endswith(".tmp")):
             shutil.rmtree(os.path.join(args.out, old), ignore_errors=True)
@@ -153,7 +163,7 @@ def failure(error, args):
         if not (isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text
                 or "out of memory" in text.lower()):
             return None, None
-        return 2, (f"error: out of memory ({modellib.first_line(error)[:100]}); lower --batch-size "
+        return 2, (f"error: out of memory ({modellib.one_line(error, 200)}); lower --batch-size "
                    f"({args.batch_size}) or --max-len ({args.max_len}), or raise --grad-accum to keep the batch")
     return 2, f"error: {error}"
 
@@ -161,15 +171,24 @@ def failure(error, args):
 # ----------------------------------------------------------------------------- resume and Ctrl-C
 
 RUN_ONLY = ("out", "steps", "device", "ckpt_every", "resume", "grad_ckpt", "score_timeout",  # what --resume may
-            "trust_remote_code", "overwrite")  # change; the last two never come from a checkpoint: running a model's
-# code is the user's choice each time, and --overwrite is a fresh run's
-FROM_NOW = ("out", "resume", "trust_remote_code", "overwrite")  # always this command's, never the checkpoint's
+            "trust_remote_code", "overwrite")  # change: the saved value unless the command line gives one
+FROM_NOW = ("out", "resume", "trust_remote_code", "overwrite")  # always this command's, never the checkpoint's:
+# running a model's code is the user's choice each time, and --overwrite is for a fresh run
 MEASURE_ONLY = ("eval_every", "eval_n", "eval_n_final", "wandb", "tensorboard")  # never change training
+
+
+def resume_or_start(args, get_args, explicit=None):
+    """(settings, checkpoint, state): --resume's from the checkpoint in --out, or a fresh run's (None, None) once
+    --out is known to hold no run, or --overwrite has cleared it."""
+    if args.resume:
+        return resume_args(args, get_args, explicit)
+    return start_afresh(args), None, None
 
 
 def before_flags(saved):
     """A checkpoint written before these flags existed was trained without them: resume it that way."""
-    return dict(eta_end=saved.get("eta", 0.25), absorb_end=1.0, eta_anneal=1.0, lr_schedule="constant", no_smiles_mask=True)
+    return dict(eta_end=saved.get("eta", 0.25), absorb_end=1.0, eta_anneal=1.0, lr_schedule="constant",
+                no_smiles_mask=True)
 
 
 def saved_settings(saved, defaults):
@@ -188,8 +207,8 @@ def resume_args(args, get_args, explicit=None):
     state = load_state(ckpt, args.task)
     saved, defaults = state["args"], vars(get_args(["--task", args.task, "--out", args.out]))
     if explicit is None:
-        explicit = getattr(args, "explicit", None) or {k for k, v in vars(args).items() if v != defaults.get(k)}
-    given = {k: getattr(args, k) for k in explicit if hasattr(args, k) and k not in NOT_SAVED}
+        explicit = {k for k, v in vars(args).items() if v != defaults.get(k)}
+    given = {k: getattr(args, k) for k in explicit if k in vars(args) and k not in NOT_SAVED}
     for key, value in given.items():
         if key not in RUN_ONLY + MEASURE_ONLY and value != saved.get(key, defaults.get(key)):
             raise modellib.ModelError(f"checkpoint {ckpt!r} was trained with --{key.replace('_', '-')} "

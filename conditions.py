@@ -102,7 +102,7 @@ class PromptSet:
             elif isinstance(task, rewards.ScoreFunctionTask) and prompt_parameter(task.fn):
                 fn = task.fn
                 task = rewards.ScoreFunctionTask(lambda texts: fn(texts, prompts=[prompt] * len(texts)), task.name,
-                                                 task.charset)
+                                                 task.charset, task.timeout)
             self._given[prompt] = task
         return self._given[prompt]
 

@@ -214,7 +214,7 @@ def first_problem(args, task, *found):
     """The first problem with the settings (the numbers, then `found`: the other modules' own checks, then the
     device, --out and the model's context), or None."""
     for problem in (number_problem(args), *found, device_problem(args.device), out_problem(args.out),
-                    context_problem(args, task)):
+                    model_problem(args.model), context_problem(args, task)):
         if problem:
             return problem
 
@@ -275,6 +275,12 @@ def out_problem(out):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         return f"--out {out!r} cannot be created or written ({parent!r} is not a writable folder)"
+
+
+def model_problem(model):
+    """Why a local folder given as --model holds no model (None if it may: hub names are checked when loaded)."""
+    if model and os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
+        return f"--model {model!r} is a folder without config.json: not a model folder (nor a ckpt-* folder of a run)"
 
 
 def context_problem(args, task=None):

@@ -8,6 +8,7 @@ import copy
 import inspect
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -54,7 +55,8 @@ def load_model(name, *, lora=False, adapter=None, dtype=torch.float32, trust_rem
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      use_safetensors=True)  # weights never from a pickle
     except Exception as e:  # OSError, ValueError, safetensors errors, ...: all mean "this is not a usable model"
-        where = "its files are incomplete or damaged" if os.path.isdir(name) else \
+        where = ("not a model folder: no config.json" if not os.path.isfile(os.path.join(name, "config.json")) else
+                 "its files are incomplete or damaged") if os.path.isdir(name) else \
             "not a model folder, or not in the local Hugging Face cache while offline"
         raise ModelError(f"cannot load model {name!r} ({where}): {one_line(e)}") from None
     if tokenizer.eos_token_id is None:
@@ -412,6 +414,16 @@ def fit_texts(model, tokenizer, texts, steps=600, batch_size=32, lr=3e-3):
     return model.eval()
 
 
+def scratch_model_once(path, task, seed, min_len, max_len):
+    """A task without a pretrained model (Expr24): a tiny one at `path`, built once (a resumed or repeated run finds
+    it there), warm-started on random valid objects, since a random model is no prior."""
+    if os.path.isdir(path):
+        return path
+    torch.manual_seed(seed)
+    texts = task.random_objects(20000, np.random.default_rng(seed), min_len, max_len)
+    return build_scratch_model(path, sorted(task.charset), warmup_texts=texts)
+
+
 def build_scratch_model(path, alphabet, warmup_texts=None, warmup_steps=600, n_layer=3, n_embd=64, n_head=4,
                         n_positions=32, seed=None):
     """A tiny character-level GPT-2 for a task with a small alphabet (Expr24), saved with save_pretrained into
@@ -440,6 +452,8 @@ def build_scratch_model(path, alphabet, warmup_texts=None, warmup_steps=600, n_l
         model = GPT2LMHeadModel(config)
         if warmup_texts is not None:
             fit_texts(model, tokenizer, warmup_texts, steps=warmup_steps)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    tmp = path + ".tmp"  # renamed into place once whole: a run stopped while writing it leaves no half a model
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, path)
     return path

@@ -93,8 +93,15 @@ class ScoreFunctionTask(Task):
         return [self._cache[t] for t in texts]
 
     def _call(self, texts):
-        values = call_with_time_limit(self.fn, list(texts), self.timeout, f"score function {self.name}")
-        return checked_scores(values, texts, f"score function {self.name}")
+        return limited(self.fn, f"score function {self.name}", self.timeout)(texts)
+
+
+def limited(score_batch, who, timeout):
+    """`score_batch` (a user's code) under the time limit, its scores checked: misbehaviour is one named line."""
+    def checked(texts):
+        texts = list(texts)
+        return checked_scores(call_with_time_limit(score_batch, texts, timeout, who), texts, who)
+    return checked
 
 
 def call_with_time_limit(fn, texts, timeout, who):
@@ -195,6 +202,8 @@ def _instantiate(cls, spec, attr, options):
             setattr(task, name, value.__get__(task) if callable(value) else value)
     if task.name == Task.name:
         task.name = spec
+    if spec not in BUILTIN.values():  # a user's class: time-limited and checked like a score function
+        task.score_batch = limited(task.score_batch, f"task {spec}", options.get("score_timeout", 300.0))
     return task
 
 

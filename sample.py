@@ -15,11 +15,16 @@ import gzip
 import json
 import math
 import os
+import signal
 import sys
 
-import numpy as np
-import torch
-from tqdm import tqdm
+if __name__ == "__main__":  # Ctrl-C while torch and transformers import: one line, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted (Ctrl-C) while starting; nothing was written",
+                                                   file=sys.stderr), os._exit(130)))
+
+import numpy as np  # noqa: E402 (after the handler above)
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 import condition_fidelity
 import conditions
@@ -163,12 +168,10 @@ def number_problem(args):
         return f"--target-lams {args.target_lams!r}: need finite numbers"
 
 
-def output_problem(args, ckpt):
-    """Sets args.out (the default beside the checkpoint) and says why it cannot be written without losing earlier
-    samples, or None."""
-    args.out = args.out or os.path.join(os.path.dirname(ckpt) if ckpt else ".", "samples.csv")
-    found = [p for p in (args.out, os.path.splitext(args.out)[0] + "_metrics.json") if os.path.exists(p)]
-    if found and not args.overwrite:
+def output_problem(out, overwrite):
+    """Why writing the CSV `out` and its _metrics.json would replace earlier samples unasked, or None."""
+    found = [p for p in (out, os.path.splitext(out)[0] + "_metrics.json") if os.path.exists(p)]
+    if found and not overwrite:
         return (f"{found[0]} already exists (earlier samples): add --overwrite to replace it, or --out NEW.csv to "
                 f"keep it")
 
@@ -222,8 +225,9 @@ def main(argv=None):
         if args.prompts:  # read now, not after the model loads
             conditions.read_prompts(args.prompts)
         ckpt, settings = run_settings(args)  # a bare model's flags go through train.py's checks
-        if output_problem(args, ckpt):
-            raise ModelError(output_problem(args, ckpt))
+        args.out = args.out or os.path.join(os.path.dirname(ckpt) if ckpt else ".", "samples.csv")  # beside it
+        if output_problem(args.out, args.overwrite):  # before any sampling: nothing is replaced unasked
+            raise ModelError(output_problem(args.out, args.overwrite))
         task = train.build_task(settings)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: the prompts are shared out (run_conditions)
             train.setup_distributed(settings)
@@ -250,7 +254,7 @@ def main(argv=None):
                 samples.append(dict(tokens=row[:tau], length=tau, generated=text, molecule=task.full(text),
                                     valid=task.is_valid(text), score=task.score(text), log_prob=lp))
             bar.update(len(tokens))
-    out = args.out
+    out = args.out  # set above: the default beside the checkpoint, checked before sampling
     write_csv(out, samples)
     metrics = task_metrics(task, samples, settings, args.train_smiles)
     if args.fidelity_n > 0:
@@ -399,4 +403,9 @@ def format_conditions_summary(summary):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # samples and metrics are written at the end: an interrupted sampling wrote nothing
+        print("\ninterrupted (Ctrl-C); nothing was written", file=sys.stderr)
+        sys.exit(130)

@@ -40,8 +40,8 @@ def evaluate(args, task, policy, log_z, step):
     """The distance to the target after `step` steps (fidelity.measure), with what it cost. Its samples come from
     a forked RNG, so a run with evaluations trains exactly as one without."""
     if isinstance(policy, conditions.ConditionalPolicy):  # per condition, averaged over each split (METHOD.md §11.4)
-        return condition_fidelity.evaluate(args, task, policy, log_z, step,
-                                           lambda c: conditions.learned_log_z(args, log_z, policy, c))
+        return condition_fidelity.evaluate(args, task, policy, log_z, step, lambda c: None if args.loss in
+                                           rl_losses.NO_LOG_Z else conditions.learned_log_z(args, log_z, policy, c))
     start = time.perf_counter()
     n = args.eval_n if step != args.steps else max(args.eval_n, args.eval_n_final)
     learned = None if args.loss in rl_losses.NO_LOG_Z else log_z.item()  # RLOO and GRPO have none

@@ -18,6 +18,11 @@ import random
 import sys
 import time
 
+if __name__ == "__main__":  # Ctrl-C while torch and transformers import: one line, not a traceback
+    import signal
+    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted (Ctrl-C) while starting; nothing was written",
+                                                   file=sys.stderr), os._exit(130)))
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -31,11 +36,10 @@ import rewards
 import rl_losses
 from batches import (buffer_items, by_row, estimate_log_z, get_batch, linear, loss_log_probs, row_tasks, score_rows,
                      scored, to_items)
-from checkpoint import (drop_lines_after, failure, load_rank_state, non_finite_loss, resume_args, resume_due,
-                        save_checkpoint, start_afresh, stop_on_ctrl_c, stop_requested)
+from checkpoint import (drop_lines_after, failure, non_finite_loss, restore, resume_due, resume_or_start, save_checkpoint,
+                        stop_on_ctrl_c, stop_requested)
 from flags import fill_defaults, first_problem, make_parser
-from distributed import (average_across_ranks, enable_grad_ckpt, fsdp_average_and_clip, load_optimizer,
-                         setup_distributed, shard, shared_coin)
+from distributed import average_across_ranks, enable_grad_ckpt, fsdp_average_and_clip, setup_distributed, shard, shared_coin
 from replay import buffer_options, make_buffer
 from tracking import (eval_due, evaluate, progress, format_fidelity, log_step, report_fidelity, save_curves, trackers,
                       tracking_problem)
@@ -44,8 +48,7 @@ def get_args(argv=None):
     p = make_parser()
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line, not argparse's screenful of usage
     args = p.parse_args(argv)
-    args.explicit = conventions.explicit_flags(make_parser, argv, vars(args))  # what --resume may replace
-    check_args(p, args, args.explicit)
+    check_args(p, args, conventions.explicit_flags(make_parser, argv, vars(args)))
     return args
 
 
@@ -241,22 +244,17 @@ def optimizer_step(args, optimizer, log_z):
 
 # ----------------------------------------------------------------------------- main
 
-def run(args):
-    rank, world = setup_distributed(args)  # first: under torchrun, rank 0 may still be saving the checkpoint
-    if args.resume:
-        args, ckpt, state = resume_args(args, get_args, args.explicit)
-    else:
-        args, ckpt, state = start_afresh(args), None, None
+def run(args, explicit=None):
+    """Train; `explicit`: the flags the command line gave, which --resume takes over the saved ones."""
+    rank, world = setup_distributed(args)  # first: a rank reads the checkpoint once all have finished the last run
+    args, ckpt, state = resume_or_start(args, get_args, explicit)
     if args.resume and not resume_due(ckpt, state, args, rank, world):  # a finished run: nothing to do
         return 0
-    os.makedirs(args.out, exist_ok=True)
     task = build_task(args)
     if args.model is None:  # a task without a pretrained model (Expr24): a tiny one, built and saved once
         args.model = os.path.abspath(os.path.join(args.out, "init"))
-        if rank == 0 and not os.path.isdir(args.model):
-            torch.manual_seed(args.seed)  # warm-started on random valid objects: a random model is no prior
-            texts = task.random_objects(20000, np.random.default_rng(args.seed), args.min_len, args.max_len)
-            modellib.build_scratch_model(args.model, sorted(task.charset), warmup_texts=texts)
+        if rank == 0:
+            modellib.scratch_model_once(args.model, task, args.seed, args.min_len, args.max_len)
         if world > 1:
             dist.barrier()
     torch.manual_seed(args.seed)  # the same starting weights (and LoRA init) on every rank ...
@@ -271,13 +269,9 @@ def run(args):
         log_z = make_log_z(args, policy.device)
         z_params = [log_z]
     optimizer = make_optimizer(args, [p for p in policy.model.parameters() if p.requires_grad], z_params)
-    step = 0
+    step = state["step"] if state is not None else 0
     if state is not None:
-        step = state["step"]
-        with torch.no_grad():
-            log_z.load_state_dict(state["log_z"]) if isinstance(log_z, torch.nn.Module) else log_z.copy_(state["log_z"])
-        load_optimizer(args, policy, log_z, optimizer, state["optimizer"])
-        load_rank_state(state["ranks"][rank], buffer, rng)
+        restore(args, state, rank, policy, log_z, optimizer, buffer, rng)
     elif conditional:
         conditions.init_log_z(args, log_z, task, policy)
     else:
@@ -285,6 +279,7 @@ def run(args):
             log_z.fill_(args.log_z_init if args.log_z_init is not None else estimate_log_z(args, task, policy))
     training = Training(args, task, policy, buffer, log_z, optimizer, rng)
     started = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)  # only now: a model that fails to load leaves no empty run folder behind
     log_path = os.path.join(args.out, "metrics.jsonl")
     if rank == 0 and step:
         drop_lines_after(log_path, step)
@@ -339,7 +334,7 @@ def main(argv=None):
         print("\ninterrupted (Ctrl-C) before the run started; nothing was written", file=sys.stderr)
         return 130
     try:
-        return run(args)
+        return run(args, conventions.explicit_flags(make_parser, argv, vars(args)))
     except (modellib.ModelError, rewards.TaskError, KeyboardInterrupt, MemoryError, RuntimeError) as e:
         code, line = failure(e, args)  # one line; an unforeseen error is a bug, shown whole
         if code is None:
@@ -352,4 +347,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # imported: Ctrl-C is KeyboardInterrupt again
     sys.exit(main())

@@ -273,7 +273,8 @@ def bench_gpu(peak_tflops=989.0):
     torch.cuda.empty_cache()
     out = "/tmp/bench-qwen2-run"
     subprocess.run([sys.executable, "train.py", "--model", path, "--lora", "--steps", "30", "--grad-accum", "1",
-                    "--replay", "subm", "--out", out, "--ckpt-every", "1000"], check=True, capture_output=True)
+                    "--replay", "subm", "--out", out, "--ckpt-every", "1000", "--overwrite"],  # the bench's own folder
+                   check=True, capture_output=True)
     log = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     print(f"trainer, LoRA + bf16, batch 32, SubM: see the step breakdown below ({len(log)} steps ran)")
     bench_step(path, ["--lora"])

@@ -1,5 +1,7 @@
 """Faults and bad input: every flag is checked before any work, a tampered state.pt is refused without running, and
-a kill (even mid-save), a full disk or a non-finite loss leaves the last checkpoint intact and resumable exactly."""
+a kill (even mid-save), a full disk or a non-finite loss leaves the last checkpoint intact and resumable exactly.
+No run is lost or relabelled: --resume keeps every saved setting, a fresh run never lands on an old one, sample.py
+never replaces samples; and a table of bad inputs to train.py, sample.py, plot.py and task files, each one line."""
 import errno
 import json
 import os
@@ -383,7 +385,7 @@ def test_resume_continues_with_every_saved_setting(tiny_gpt2, tmp_path, ctrl_c_a
     assert [r["step"] for r in tracking.read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
     saved = checkpoint.load_state(checkpoint.find_checkpoint(str(tmp_path)))
     assert saved["step"] == 5 and saved["args"]["ckpt_every"] == 3 and saved["args"]["grad_ckpt"] is True
-    assert "explicit" not in saved["args"] and "changed" not in saved["args"]  # the command line is not a setting
+    assert "changed" not in saved["args"]  # what a command line replaced is not a setting
 
 
 def test_resume_says_which_saved_setting_a_flag_replaces(finished, tmp_path, capsys):
@@ -556,6 +558,8 @@ BAD_INPUTS = [
     (TRAIN, ["--task", "{tmp}/task_syntax.py:score"], "cannot import"),
     (TRAIN, ["--task", "{tmp}/task_classes.py:Raises"], "Raises() raised ValueError: no config"),
     (TRAIN, ["--task", "{tmp}/task_classes.py:NoScore"], "has no score(text) method"),
+    (TRAIN, ["--model", "{tmp}/emptydir"], "is a folder without config.json: not a model folder"),
+    (TRAIN, ["--model", "{tmp}/damaged", "--max-len", "5"], "its files are incomplete or damaged"),
     # train.py --resume: the run in --out is left as it was
     (TRAIN, ["--resume", "--out", "{tmp}/emptydir"], "no checkpoint at"),
     (TRAIN, ["--resume", "--out", "{tmp}/run", "--loss", "tb"], "was trained with --loss 'raptb', not 'tb'"),
@@ -609,3 +613,35 @@ def test_the_fault_suite_counts_sixty_bad_inputs():
               test_user_task.test_a_misbehaving_score_function_is_one_line, test_user_task.test_a_bad_task_name_is_one_line]
     count = len(BAD_INPUTS) + sum(len(t.pytestmark[0].args[1]) for t in others)
     assert count >= 60, count
+
+
+INTERRUPT_AT_IMPORT = """
+import importlib.abc, os, runpy, signal, sys
+class CtrlC(importlib.abc.MetaPathFinder):  # Ctrl-C the moment the script imports {module}, deterministically
+    def find_spec(self, name, path, target=None):
+        if name == {module!r}:
+            os.kill(os.getpid(), signal.SIGINT)
+sys.meta_path.insert(0, CtrlC())
+sys.argv = [{script!r}, *{argv!r}]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script, module, argv", [("train.py", "numpy", ["--out", "{out}"]),
+                                                   ("sample.py", "tqdm", ["prior", "--out", "{out}/s.csv"])])
+def test_ctrl_c_while_importing_is_one_line(tmp_path, script, module, argv):
+    import subprocess
+    import sys
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), script)
+    code = INTERRUPT_AT_IMPORT.format(module=module, script=path, argv=[a.format(out=tmp_path) for a in argv])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130 and done.stderr.strip() == "interrupted (Ctrl-C) while starting; nothing was written"
+    assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_while_checking_flags_is_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "get_args", interrupted)
+    assert train.main(["--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted (Ctrl-C) before the run started; nothing was written"

@@ -116,3 +116,26 @@ def test_a_misbehaving_score_function_is_one_line(tiny_gpt2, tmp_path, capsys, b
 def test_a_bad_task_name_is_one_line(tmp_path, capsys, spec, message):
     write(tmp_path / "ok.py", "VALUE = 3\ndef score(texts):\n    return [0.0] * len(texts)\n")
     assert message in error_of(capsys, train.main(["--task", spec.format(tmp=tmp_path), "--out", str(tmp_path / "o")]))
+
+
+def test_a_score_function_that_takes_prompts_has_the_same_time_limit(tiny_gpt2, tmp_path, capsys):
+    path = write(tmp_path / "slow.py", "import time\ndef score(texts, prompts):\n    time.sleep(3)\n")
+    (tmp_path / "train.txt").write_text("C\nO\n")
+    err = error_of(capsys, train.main(["--task", f"{path}:score", "--model", tiny_gpt2, "--charset", "CON",
+                                       "--prompts", str(tmp_path / "train.txt"), "--samples-per-prompt", "2",
+                                       "--out", str(tmp_path / "run"), *FAST, "--batch-size", "4",
+                                       "--score-timeout", "0.2"]))
+    assert "did not return within 0.2 s" in err and f"{path}:score" in err
+
+
+@pytest.mark.parametrize("body, message", [
+    ("return 'hello'", "returned 'hello' (str) for"),
+    ("return [1.5] * len(texts)", "must be numbers in [0, 1]"),
+    ("import time; time.sleep(3)", "did not return within 0.2 s on"),
+])
+def test_a_task_class_is_checked_like_a_score_function(tiny_gpt2, tmp_path, capsys, body, message):
+    path = write(tmp_path / "cls.py", f"from rewards import Task\nclass Bad(Task):\n    def score_batch(self, texts):\n"
+                                      f"        {body}\n")
+    err = error_of(capsys, train.main(["--task", f"{path}:Bad", "--model", tiny_gpt2, "--out", str(tmp_path / "run"),
+                                       *FAST, "--score-timeout", "0.2"]))
+    assert message in err and f"task {path}:Bad" in err
