@@ -100,8 +100,8 @@ def make_parser():
       "(S - mean and a constant normaliser: no length or difficulty weighting, Liu et al. 2025)")
     a("--grpo-clip", type=float, default=0.2, help="grpo: the ratio is clipped to [1 - eps, 1 + eps] (PPO's 0.2)")
     a("--grpo-beta", type=float, default=None, help="grpo: weight of the per-action k3 KL penalty to the reference "
-      "(default kappa / lambda = 0.02, the weight of KL(q || P_ref) in the target's objective; TRL 0.14's default "
-      "0.04, TRL 1.16's 0)")
+      "(default kappa / lambda = 0.02, the weight of KL(q || P_ref) in the target's objective; TRL's default: 0.04 "
+      "before v0.19, 0 since)")
     a("--grpo-epochs", type=int, default=1, help="grpo: optimiser steps on each sampled batch (q_old fixed); "
       "more reuse each reward call, 1 is on-policy and leaves the clip inert")
     # exploration and replay
