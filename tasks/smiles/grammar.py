@@ -132,12 +132,25 @@ def complete(state):
     return state.depth == 0 and not state.rings and not state.pending and state.last in ATOMISH
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def still_needed(state):
     """The fewest single-lexeme tokens that complete the string, by breadth-first search over the only tokens a
     shortest completion uses: an atom, ')', ']' in a bracket atom, and a label that closes an open ring. So from every
     incomplete state some action lowers it by exactly one, a state within budget can always be completed, and no
     complete string within budget is cut."""
+    return _fewest_tokens(_completion_class(state))
+
+
+def _completion_class(state):
+    """A state with the same fewest completing tokens, shared by many: the search treats every atom-like `last` alike
+    (each allows ')', a label and the stop, and is overwritten by the next token) and ring labels only as names."""
+    openers = sorted(opener for _, opener in state.rings)
+    return state._replace(last="atom" if state.last in ("C", "B", "ring") else state.last,
+                          rings=frozenset((str(i + 1), opener) for i, opener in enumerate(openers)))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _fewest_tokens(state):
+    """still_needed's search from this very state (the tests' reference calls it on unclassed states)."""
     frontier, seen = [state], {state}
     for tokens in range(1 << 10):
         if any(map(complete, frontier)):
@@ -149,41 +162,72 @@ def still_needed(state):
     return 1 << 10
 
 
+NEVER, ALWAYS = 2 ** 31 - 1, -2 ** 31  # entries of SmilesMask's table: above / below every budget
+
+
 class SmilesMask:
     """The task mask of Policy (METHOD.md §1): called with the action columns chosen so far, prev [B, k], and k, it
-    returns the allowed actions [B, A] (the last column is the stop). States are cached by prefix, and each state's
-    allowed row is computed once, so a batch costs a few dictionary look-ups per row."""
+    returns the allowed actions [B, A] (the last column is the stop).
+
+    Every syntax state met is interned once as a number and expanded once: row s of `_needs` holds, per action, the
+    tokens still needed after it (NEVER where it breaks the syntax; for the stop ALWAYS where s is complete, else
+    NEVER), and row s of `_successor` the state it leads to. An action is allowed when its need fits the tokens left,
+    so a state's row serves every k, and a step over the batch is two table look-ups. State 0 is dead (past a stop
+    or a forbidden action): everything allowed, and it stays dead. The states of the last call's rows are kept, so
+    the next call, one column longer (sampling, or Policy.allowed_actions over k = 0..depth), takes one step."""
+
+    DEAD, START = 0, 1
 
     def __init__(self, action_texts, max_len, side_chain=True):
         self.texts, self.max_len, self.side_chain = list(action_texts), max_len, side_chain
-        self._state = {(): Syntax()}  # prefix (tuple of action columns) -> syntax state
-        self._rows = {}  # (state, tokens left after this one) -> (allowed row, next states)
-        self._next = {}  # state -> the state each action leads to, and the tokens each then still needs
+        self._states, self._ids = [None], {}  # id -> syntax state (None: dead), and back
+        self._needs = torch.full((64, len(self.texts)), ALWAYS, dtype=torch.int32)
+        self._successor = torch.zeros(64, len(self.texts), dtype=torch.int32)
+        self._expanded = torch.zeros(64, dtype=torch.bool)
+        self._expanded[self.DEAD] = True
+        self._intern(Syntax())
+        self._last = (torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long))  # (prev, state ids)
 
     def __call__(self, prev, k):
-        everything = torch.ones(len(self.texts), dtype=torch.bool)  # past a row's end (a stop among prev): ignored
-        rows = [everything if s is None else self._entry(s, k)[0] for s in map(self._state_of, map(tuple, prev.tolist()))]
-        return (torch.stack(rows) if rows else torch.zeros(0, len(self.texts), dtype=torch.bool)).to(prev.device)
+        ids = self._walk(prev.cpu())
+        budget = min(max(self.max_len - k - 1, -1), 1 << 30)  # tokens left after the next one
+        return (self._needs.index_select(0, ids) <= budget).to(prev.device)
 
-    def _state_of(self, prefix):
-        """The syntax state after a prefix of action columns; None past a stop (or an action the mask forbids)."""
-        if prefix in self._state:
-            return self._state[prefix]
-        parent = self._state_of(prefix[:-1])
-        state = None if parent is None else self._entry(parent, len(prefix) - 1)[1][prefix[-1]]
-        if len(self._state) > 1 << 20:  # a long run sees many prefixes: keep the cache bounded
-            self._state = {(): Syntax()}
-        self._state[prefix] = state
-        return state
+    def _walk(self, prev):
+        """The state id of each row after its prefix of action columns, from the last call's states when that call's
+        prefix starts this one."""
+        done, ids = self._last
+        j = done.shape[1]
+        if not (done.shape[0] == len(prev) and j <= prev.shape[1] and torch.equal(prev[:, :j], done)):
+            j, ids = 0, torch.full((len(prev),), self.START, dtype=torch.long)
+        for column in prev[:, j:].t():
+            self._expand(ids)
+            ids = torch.take(self._successor, ids * len(self.texts) + column)
+        self._expand(ids)
+        self._last = (prev.clone(), ids)
+        return ids
 
-    def _entry(self, state, k):
-        """For a state with k tokens: which actions are allowed, and the state each action leads to (None: stop)."""
-        key = (state, self.max_len - k - 1)
-        entry = self._rows.get(key)
-        if entry is None:
-            if state not in self._next:
-                nxt = [advance(state, t, self.side_chain) for t in self.texts[:-1]]
-                self._next[state] = (nxt + [None], torch.tensor([1 << 30 if s is None else still_needed(s) for s in nxt]))
-            nxt, needs = self._next[state]
-            entry = self._rows[key] = (torch.cat([needs <= key[1], torch.tensor([complete(state)])]), nxt)
-        return entry
+    def _expand(self, ids):
+        """Fill the table rows of the states among ids seen for the first time."""
+        if bool(self._expanded.index_select(0, ids).all()):
+            return
+        for i in ids[~self._expanded.index_select(0, ids)].unique().tolist():
+            state = self._states[i]
+            after = [advance(state, t, self.side_chain) for t in self.texts[:-1]]
+            self._needs[i] = torch.tensor([NEVER if s is None else still_needed(s) for s in after]
+                                          + [ALWAYS if complete(state) else NEVER], dtype=torch.int32)
+            self._successor[i] = torch.tensor([self.DEAD if s is None else self._intern(s) for s in after]
+                                              + [self.DEAD], dtype=torch.int32)
+            self._expanded[i] = True
+
+    def _intern(self, state):
+        """The id of a syntax state, new ones appended (the tables double when full)."""
+        i = self._ids.get(state)
+        if i is None:
+            i = self._ids[state] = len(self._states)
+            self._states.append(state)
+            if i == len(self._expanded):
+                self._needs = torch.cat([self._needs, torch.full_like(self._needs, ALWAYS)])
+                self._successor = torch.cat([self._successor, torch.zeros_like(self._successor)])
+                self._expanded = torch.cat([self._expanded, torch.zeros_like(self._expanded)])
+        return i
