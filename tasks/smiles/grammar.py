@@ -119,12 +119,13 @@ def _atoms(state):
 
 
 def _renumbered(state):
-    openers = {opener for _, opener in state.rings}
-    state = state._replace(near=frozenset(a for a in state.near if a == state.atom or a in openers))  # the rest: moot
-    number = {a: i for i, a in enumerate(sorted(_atoms(state)))}
+    rings, last, pending, atom, near, roots = state
+    openers = {opener for _, opener in rings}
+    near = [a for a in near if a == atom or a in openers]  # the rest: moot
+    number = {a: i for i, a in enumerate(sorted({atom, *near, *roots, *openers} - {-1}))}
     number[-1] = -1
-    return state._replace(rings=frozenset((label, number[a]) for label, a in state.rings), atom=number[state.atom],
-                          near=frozenset(number[a] for a in state.near), roots=tuple(number[a] for a in state.roots))
+    return Syntax(frozenset((label, number[a]) for label, a in rings), last, pending, number[atom],
+                  frozenset(number[a] for a in near), tuple(number[a] for a in roots))
 
 
 def complete(state):
@@ -169,29 +170,30 @@ class SmilesMask:
     """The task mask of Policy (METHOD.md §1): called with the action columns chosen so far, prev [B, k], and k, it
     returns the allowed actions [B, A] (the last column is the stop).
 
-    Every syntax state met is interned once as a number and expanded once: row s of `_needs` holds, per action, the
-    tokens still needed after it (NEVER where it breaks the syntax; for the stop ALWAYS where s is complete, else
-    NEVER), and row s of `_successor` the state it leads to. An action is allowed when its need fits the tokens left,
-    so a state's row serves every k, and a step over the batch is two table look-ups. State 0 is dead (past a stop
-    or a forbidden action): everything allowed, and it stays dead. The states of the last call's rows are kept, so
-    the next call, one column longer (sampling, or Policy.allowed_actions over k = 0..depth), takes one step."""
+    Every syntax state met is interned once as a number, and the first time a walk reaches it, it is expanded into a
+    row of two tables: `_needs` holds, per action, the tokens still needed after it (NEVER where it breaks the
+    syntax; for the stop ALWAYS where the state is complete, else NEVER), and `_successor` the state it leads to.
+    An action is allowed when its need fits the tokens left, so a row serves every k, and a step over the batch is a
+    few table look-ups. State 0 is dead (past a stop or a forbidden action): everything allowed, and it stays dead.
+    The states of the last call's rows are kept, so the next call, one column longer (sampling, or
+    Policy.allowed_actions over k = 0..depth), takes one step."""
 
     DEAD, START = 0, 1
 
     def __init__(self, action_texts, max_len, side_chain=True):
         self.texts, self.max_len, self.side_chain = list(action_texts), max_len, side_chain
         self._states, self._ids = [None], {}  # id -> syntax state (None: dead), and back
+        self._row = torch.full((64,), -1, dtype=torch.int32)  # id -> its row of the tables (-1: not expanded yet)
         self._needs = torch.full((64, len(self.texts)), ALWAYS, dtype=torch.int32)
         self._successor = torch.zeros(64, len(self.texts), dtype=torch.int32)
-        self._expanded = torch.zeros(64, dtype=torch.bool)
-        self._expanded[self.DEAD] = True
+        self._row[self.DEAD], self._filled = 0, 1  # rows in use; the dead state's: everything allowed, back to itself
         self._intern(Syntax())
         self._last = (torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long))  # (prev, state ids)
 
     def __call__(self, prev, k):
-        ids = self._walk(prev.cpu())
+        rows = self._rows_of(self._walk(prev.cpu()))
         budget = min(max(self.max_len - k - 1, -1), 1 << 30)  # tokens left after the next one
-        return (self._needs.index_select(0, ids) <= budget).to(prev.device)
+        return (self._needs.index_select(0, rows) <= budget).to(prev.device)
 
     def _walk(self, prev):
         """The state id of each row after its prefix of action columns, from the last call's states when that call's
@@ -201,33 +203,38 @@ class SmilesMask:
         if not (done.shape[0] == len(prev) and j <= prev.shape[1] and torch.equal(prev[:, :j], done)):
             j, ids = 0, torch.full((len(prev),), self.START, dtype=torch.long)
         for column in prev[:, j:].t():
-            self._expand(ids)
-            ids = torch.take(self._successor, ids * len(self.texts) + column)
-        self._expand(ids)
+            ids = torch.take(self._successor, self._rows_of(ids) * len(self.texts) + column)
         self._last = (prev.clone(), ids)
         return ids
 
-    def _expand(self, ids):
-        """Fill the table rows of the states among ids seen for the first time."""
-        if bool(self._expanded.index_select(0, ids).all()):
-            return
-        for i in ids[~self._expanded.index_select(0, ids)].unique().tolist():
-            state = self._states[i]
-            after = [advance(state, t, self.side_chain) for t in self.texts[:-1]]
-            self._needs[i] = torch.tensor([NEVER if s is None else still_needed(s) for s in after]
-                                          + [ALWAYS if complete(state) else NEVER], dtype=torch.int32)
-            self._successor[i] = torch.tensor([self.DEAD if s is None else self._intern(s) for s in after]
-                                              + [self.DEAD], dtype=torch.int32)
-            self._expanded[i] = True
+    def _rows_of(self, ids):
+        """The table rows of these states, expanding those reached for the first time."""
+        rows = self._row.index_select(0, ids)
+        if bool((rows < 0).any()):
+            for i in ids[rows < 0].unique().tolist():
+                self._expand(i)
+            rows = self._row.index_select(0, ids)
+        return rows
+
+    def _expand(self, i):
+        state = self._states[i]
+        after = [advance(state, t, self.side_chain) for t in self.texts[:-1]]
+        row = self._filled
+        if row == len(self._needs):  # full: double the tables
+            self._needs = torch.cat([self._needs, torch.full_like(self._needs, ALWAYS)])
+            self._successor = torch.cat([self._successor, torch.zeros_like(self._successor)])
+        self._needs[row] = torch.tensor([NEVER if s is None else still_needed(s) for s in after]
+                                        + [ALWAYS if complete(state) else NEVER], dtype=torch.int32)
+        self._successor[row] = torch.tensor([self.DEAD if s is None else self._intern(s) for s in after]
+                                            + [self.DEAD], dtype=torch.int32)
+        self._row[i], self._filled = row, row + 1
 
     def _intern(self, state):
-        """The id of a syntax state, new ones appended (the tables double when full)."""
+        """The id of a syntax state, new ones appended."""
         i = self._ids.get(state)
         if i is None:
             i = self._ids[state] = len(self._states)
             self._states.append(state)
-            if i == len(self._expanded):
-                self._needs = torch.cat([self._needs, torch.full_like(self._needs, ALWAYS)])
-                self._successor = torch.cat([self._successor, torch.zeros_like(self._successor)])
-                self._expanded = torch.cat([self._expanded, torch.zeros_like(self._expanded)])
+            if i == len(self._row):
+                self._row = torch.cat([self._row, torch.full_like(self._row, -1)])
         return i
