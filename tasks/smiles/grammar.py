@@ -170,53 +170,55 @@ class SmilesMask:
     """The task mask of Policy (METHOD.md §1): called with the action columns chosen so far, prev [B, k], and k, it
     returns the allowed actions [B, A] (the last column is the stop).
 
-    Every syntax state met is interned once as a number, and the first time a walk reaches it, it is expanded into a
-    row of two tables: `_needs` holds, per action, the tokens still needed after it (NEVER where it breaks the
-    syntax; for the stop ALWAYS where the state is complete, else NEVER), and `_successor` the state it leads to.
-    An action is allowed when its need fits the tokens left, so a row serves every k, and a step over the batch is a
-    few table look-ups. State 0 is dead (past a stop or a forbidden action): everything allowed, and it stays dead.
-    The states of the last call's rows are kept, so the next call, one column longer (sampling, or
-    Policy.allowed_actions over k = 0..depth), takes one step."""
+    Every syntax state a walk reaches is expanded once into a row of two tables: `_needs` holds, per action, the
+    tokens still needed after it (NEVER where it breaks the syntax; for the stop ALWAYS where the state is complete,
+    else NEVER), and `_successor` the row of the state it leads to, or -1 - its id while that state is only interned
+    (met as a successor, not reached yet). An action is allowed when its need fits the tokens left, so a row serves
+    every k, and a step over the batch is one look-up. Row 0 is the dead state (past a stop or a forbidden action):
+    everything allowed, and it stays dead. The rows of the last call's prefixes are kept, so the next call, one
+    column longer (sampling, or Policy.allowed_actions over k = 0..depth), takes one step."""
 
-    DEAD, START = 0, 1
+    DEAD = 0
 
     def __init__(self, action_texts, max_len, side_chain=True):
         self.texts, self.max_len, self.side_chain = list(action_texts), max_len, side_chain
-        self._states, self._ids = [None], {}  # id -> syntax state (None: dead), and back
-        self._row = torch.full((64,), -1, dtype=torch.int32)  # id -> its row of the tables (-1: not expanded yet)
+        self._states, self._ids, self._row = [None], {}, {0: self.DEAD}  # id -> state -> id; id -> row, once expanded
         self._needs = torch.full((64, len(self.texts)), ALWAYS, dtype=torch.int32)
         self._successor = torch.zeros(64, len(self.texts), dtype=torch.int32)
-        self._row[self.DEAD], self._filled = 0, 1  # rows in use; the dead state's: everything allowed, back to itself
-        self._intern(Syntax())
-        self._last = (torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long))  # (prev, state ids)
+        self._filled = 1  # rows in use
+        self._start = self._expand(self._intern(Syntax()))
+        self._last = (torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, dtype=torch.int32))  # (prev, their rows)
 
     def __call__(self, prev, k):
-        rows = self._rows_of(self._walk(prev.cpu()))
+        rows = self._walk(prev.cpu())
         budget = min(max(self.max_len - k - 1, -1), 1 << 30)  # tokens left after the next one
         return (self._needs.index_select(0, rows) <= budget).to(prev.device)
 
     def _walk(self, prev):
-        """The state id of each row after its prefix of action columns, from the last call's states when that call's
-        prefix starts this one."""
-        done, ids = self._last
+        """The table row of each row's state after its prefix of action columns, from the last call's rows when that
+        call's prefix starts this one."""
+        done, rows = self._last
         j = done.shape[1]
         if not (done.shape[0] == len(prev) and j <= prev.shape[1] and torch.equal(prev[:, :j], done)):
-            j, ids = 0, torch.full((len(prev),), self.START, dtype=torch.long)
+            j, rows = 0, torch.full((len(prev),), self._start, dtype=torch.int32)
         for column in prev[:, j:].t():
-            ids = torch.take(self._successor, self._rows_of(ids) * len(self.texts) + column)
-        self._last = (prev.clone(), ids)
-        return ids
+            entries = rows * len(self.texts) + column
+            rows = torch.take(self._successor, entries)
+            if bool(rows.min() < 0):
+                rows = self._reach(rows, entries)
+        self._last = (prev.clone(), rows)
+        return rows
 
-    def _rows_of(self, ids):
-        """The table rows of these states, expanding those reached for the first time."""
-        rows = self._row.index_select(0, ids)
-        if bool((rows < 0).any()):
-            for i in ids[rows < 0].unique().tolist():
-                self._expand(i)
-            rows = self._row.index_select(0, ids)
+    def _reach(self, rows, entries):
+        """Expand the states first reached (negative entries), and point their table entries at their rows."""
+        new = rows < 0
+        ids = (-1 - rows[new]).tolist()
+        rows[new] = torch.tensor([self._row[i] if i in self._row else self._expand(i) for i in ids], dtype=torch.int32)
+        self._successor.view(-1)[entries[new]] = rows[new]
         return rows
 
     def _expand(self, i):
+        """Fill a table row for state i; returns the row."""
         state = self._states[i]
         after = [advance(state, t, self.side_chain) for t in self.texts[:-1]]
         row = self._filled
@@ -225,9 +227,15 @@ class SmilesMask:
             self._successor = torch.cat([self._successor, torch.zeros_like(self._successor)])
         self._needs[row] = torch.tensor([NEVER if s is None else still_needed(s) for s in after]
                                         + [ALWAYS if complete(state) else NEVER], dtype=torch.int32)
-        self._successor[row] = torch.tensor([self.DEAD if s is None else self._intern(s) for s in after]
+        self._successor[row] = torch.tensor([self.DEAD if s is None else self._pointer(s) for s in after]
                                             + [self.DEAD], dtype=torch.int32)
         self._row[i], self._filled = row, row + 1
+        return row
+
+    def _pointer(self, state):
+        """A successor entry: the state's row when it has one, else -1 - its id."""
+        i = self._intern(state)
+        return self._row.get(i, -1 - i)
 
     def _intern(self, state):
         """The id of a syntax state, new ones appended."""
@@ -235,6 +243,4 @@ class SmilesMask:
         if i is None:
             i = self._ids[state] = len(self._states)
             self._states.append(state)
-            if i == len(self._row):
-                self._row = torch.cat([self._row, torch.full_like(self._row, -1)])
         return i
