@@ -183,6 +183,7 @@ class SmilesMask:
     def __init__(self, action_texts, max_len, side_chain=True):
         self.texts, self.max_len, self.side_chain = list(action_texts), max_len, side_chain
         self._states, self._ids, self._row = [None], {}, {0: self.DEAD}  # id -> state -> id; id -> row, once expanded
+        self._still_needed = [0]  # id -> still_needed(state)
         self._needs = torch.full((64, len(self.texts)), ALWAYS, dtype=torch.int32)
         self._successor = torch.zeros(64, len(self.texts), dtype=torch.int32)
         self._filled = 1  # rows in use
@@ -190,9 +191,10 @@ class SmilesMask:
         self._last = (torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, dtype=torch.int32))  # (prev, their rows)
 
     def __call__(self, prev, k):
-        rows = self._walk(prev.cpu())
+        rows = self._walk(prev if prev.device.type == "cpu" else prev.cpu())
         budget = min(max(self.max_len - k - 1, -1), 1 << 30)  # tokens left after the next one
-        return (self._needs.index_select(0, rows) <= budget).to(prev.device)
+        allowed = self._needs.index_select(0, rows) <= budget
+        return allowed if prev.device.type == "cpu" else allowed.to(prev.device)
 
     def _walk(self, prev):
         """The table row of each row's state after its prefix of action columns, from the last call's rows when that
@@ -201,10 +203,10 @@ class SmilesMask:
         j = done.shape[1]
         if not (done.shape[0] == len(prev) and j <= prev.shape[1] and torch.equal(prev[:, :j], done)):
             j, rows = 0, torch.full((len(prev),), self._start, dtype=torch.int32)
-        for column in prev[:, j:].t():
-            entries = rows * len(self.texts) + column
+        for column in range(j, prev.shape[1]):
+            entries = prev[:, column].add(rows, alpha=len(self.texts))
             rows = torch.take(self._successor, entries)
-            if bool(rows.min() < 0):
+            if len(rows) and int(rows.min()) < 0:
                 rows = self._reach(rows, entries)
         self._last = (prev.clone(), rows)
         return rows
@@ -220,27 +222,24 @@ class SmilesMask:
     def _expand(self, i):
         """Fill a table row for state i; returns the row."""
         state = self._states[i]
-        after = [advance(state, t, self.side_chain) for t in self.texts[:-1]]
+        after = [None if s is None else self._intern(s) for s in (advance(state, t, self.side_chain)
+                                                                   for t in self.texts[:-1])]
         row = self._filled
         if row == len(self._needs):  # full: double the tables
             self._needs = torch.cat([self._needs, torch.full_like(self._needs, ALWAYS)])
             self._successor = torch.cat([self._successor, torch.zeros_like(self._successor)])
-        self._needs[row] = torch.tensor([NEVER if s is None else still_needed(s) for s in after]
+        self._needs[row] = torch.tensor([NEVER if j is None else self._still_needed[j] for j in after]
                                         + [ALWAYS if complete(state) else NEVER], dtype=torch.int32)
-        self._successor[row] = torch.tensor([self.DEAD if s is None else self._pointer(s) for s in after]
+        self._successor[row] = torch.tensor([self.DEAD if j is None else self._row.get(j, -1 - j) for j in after]
                                             + [self.DEAD], dtype=torch.int32)
         self._row[i], self._filled = row, row + 1
         return row
 
-    def _pointer(self, state):
-        """A successor entry: the state's row when it has one, else -1 - its id."""
-        i = self._intern(state)
-        return self._row.get(i, -1 - i)
-
     def _intern(self, state):
-        """The id of a syntax state, new ones appended."""
+        """The id of a syntax state, new ones appended with the tokens they still need."""
         i = self._ids.get(state)
         if i is None:
             i = self._ids[state] = len(self._states)
             self._states.append(state)
+            self._still_needed.append(still_needed(state))
         return i
