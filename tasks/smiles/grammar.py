@@ -164,6 +164,11 @@ def _fewest_tokens(state):
 
 
 NEVER, ALWAYS = 2 ** 31 - 1, -2 ** 31  # entries of SmilesMask's table: above / below every budget
+# characters that `advance` treats alike in every state: the organic atoms other than C and B (no 'l' / 'r' may
+# follow them), the bond symbols, and H @ + (only a bracket atom may hold them); a text read with these merged
+# leads where the text itself does
+ALIKE = str.maketrans({**dict.fromkeys(ORGANIC - set("CB"), "N"), **dict.fromkeys(BONDS, "-"),
+                       **dict.fromkeys("H@+", "H")})
 
 
 class SmilesMask:
@@ -184,6 +189,9 @@ class SmilesMask:
         self.texts, self.max_len, self.side_chain = list(action_texts), max_len, side_chain
         self._states, self._ids, self._row = [None], {}, {0: self.DEAD}  # id -> state -> id; id -> row, once expanded
         self._still_needed = [0]  # id -> still_needed(state)
+        alike = [t.translate(ALIKE) for t in self.texts[:-1]]
+        self._kinds = list(dict.fromkeys(alike))  # the texts read when expanding: one of each kind
+        self._kind_of = [self._kinds.index(t) for t in alike]
         self._needs = torch.full((64, len(self.texts)), ALWAYS, dtype=torch.int32)
         self._successor = torch.zeros(64, len(self.texts), dtype=torch.int32)
         self._filled = 1  # rows in use
@@ -222,8 +230,9 @@ class SmilesMask:
     def _expand(self, i):
         """Fill a table row for state i; returns the row."""
         state = self._states[i]
-        after = [None if s is None else self._intern(s) for s in (advance(state, t, self.side_chain)
-                                                                   for t in self.texts[:-1])]
+        kinds = [None if s is None else self._intern(s) for s in (advance(state, t, self.side_chain)
+                                                                   for t in self._kinds)]
+        after = [kinds[j] for j in self._kind_of]
         row = self._filled
         if row == len(self._needs):  # full: double the tables
             self._needs = torch.cat([self._needs, torch.full_like(self._needs, ALWAYS)])
