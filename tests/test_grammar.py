@@ -65,9 +65,9 @@ class ReferenceMask:
         return torch.tensor([self._row(row, k) for row in prev.tolist()], dtype=torch.bool).reshape(len(prev), -1)
 
     def _row(self, columns, k):
-        state = Syntax()
+        state, stop = Syntax(), len(self.texts) - 1
         for c in columns:
-            state = None if state is None or c == len(self.texts) - 1 else advance(state, self.texts[c], self.side_chain)
+            state = None if state is None or c == stop else advance(state, self.texts[c], self.side_chain)
         if state is None:
             return [True] * len(self.texts)
         if state not in self._after:
@@ -100,6 +100,11 @@ def test_the_table_mask_gives_the_reference_rows_on_random_walks(vocab, max_len,
             assert torch.equal(mask(prev[:, :k], k), reference(prev[:, :k], k)), k
         for k, row in enumerate(rows):
             assert torch.equal(row, reference(prev[:, :k], k)), k
+
+
+def test_an_empty_batch_has_no_rows(vocab):
+    _, texts = vocab
+    assert SmilesMask(texts, 5)(torch.zeros(0, 2, dtype=torch.long), 2).shape == (0, len(texts))
 
 
 def test_the_table_mask_gives_the_reference_rows_on_real_side_chains(vocab):
