@@ -246,8 +246,8 @@ class Policy:
         # anything else (LoRA, FSDP, other architectures, GPU) runs the network's forward with HF's cache
         decoder = GPT2Decoder.for_model(net, n, self.prompt.shape[-1] + self.max_len, self.actions) \
             if self.fast_sampling else None
-        if decoder is not None and self.task_mask is None:  # the length bounds alone: 0 / -inf per state k, read
-            probe = torch.zeros(T, len(self.action_of), device=self.device)  # off action_log_probs itself
+        if decoder is not None:  # the length bounds: 0 / -inf per state k, read off action_log_probs itself
+            probe = torch.zeros(T, len(self.action_of), device=self.device)
             bias = torch.zeros(T, len(self.actions), device=self.device).masked_fill_(
                 self.action_log_probs(probe, torch.arange(T, device=self.device)).isneginf(), float("-inf"))
         ids, past, cache_name = self.prompt.expand(n, -1), None, cache_argument(net)
@@ -261,17 +261,16 @@ class Policy:
             allowed = None
             if decoder is not None:  # [n, A] logits of the action columns
                 logits = decoder(ids)
-                if self.task_mask is None:  # what action_log_probs computes: x + 0 is x, x + -inf is masked
-                    logp = torch.log_softmax(logits + bias[k], -1)
-                else:  # placed where action_log_probs reads them (it reads nothing else)
-                    logits = logits.new_empty(n, len(self.action_of)).index_copy_(1, self.actions, logits)
             else:
                 with self._autocast():
                     out = net(input_ids=ids, **{cache_name: past}, use_cache=True)
                 past, logits = getattr(out, cache_name), out.logits[:, -1]
             if self.task_mask is not None:  # finished rows allow everything: what they draw is ignored
                 allowed = self.task_mask(self.action_of[tokens[:, :k]], k) | done[:, None]
-            if decoder is None or allowed is not None:
+            if decoder is not None:  # what action_log_probs computes for k < L_max: x + 0 is x, x + -inf is masked,
+                logp = logits + bias[k]  # and so is what the task mask forbids
+                logp = torch.log_softmax(logp if allowed is None else logp.masked_fill_(~allowed, float("-inf")), -1)
+            else:
                 logp = self.action_log_probs(logits, k, allowed)
             if allowed is not None and bool(logp.isneginf().all(-1).any()):
                 raise ValueError(f"the task's state mask and L_min leave no action at a state with {k} tokens")

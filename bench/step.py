@@ -1,7 +1,8 @@
 """
 Benchmarks of the training step (not tests): `python -m bench step` (sampler, fidelity, gpu, expr24).
 
-step: one training micro-batch phase by phase (on-policy and replayed), CPU time of each phase.
+step: one training micro-batch phase by phase (on-policy and replayed), CPU time of each phase; for SMILES with
+and without its syntax mask in the same run, with total / (forward + backward) and the mask's sampling ratio.
 sampler: Policy.sample's cost per token step against the GEMMs of that step and a teacher-forced forward.
 fidelity, fidelity-expr24: the fidelity meter's share of a default run. gpu: MFU and the step on a GPU.
 expr24: the grammar mask's cost.
@@ -46,23 +47,53 @@ def bench_step(model="prior", extra=(), steps=12, warmup=3, seed=0):
     """Where one training micro-batch's time goes (SMILES task, batch 32, one thread, the embedded prior by
     default). Each micro-batch is timed twice: on-policy (sample, score, loss, refresh the buffer) and replayed
     (fetch 32 items, their cached reference pass and scores, loss). Times are CPU time of this thread (robust to
-    other processes sharing the cores) and wall time."""
-    import batches
-    import train
+    other processes sharing the cores) and wall time. For SMILES with its syntax mask, the same run is made again
+    with --no-smiles-mask, micro-batch by micro-batch in turn (so both see the same load), to price the mask."""
     torch.set_num_threads(1)
-    args = train.get_args(["--model", model, "--replay", "subm", "--out", "/tmp/bench-step", *extra])
-    task = train.build_task(args)
-    torch.manual_seed(seed)
-    policy = train.build_policy(args, task)
-    log_z = torch.nn.Parameter(torch.zeros((), device=policy.device))
-    rng = np.random.default_rng(seed)
-    buffer = train.build_buffer(args, task)
-    sources = ("policy", "replay")
-    cpu = {s: dict.fromkeys(STEP_PHASES, 0.0) for s in sources}
-    wall = dict.fromkeys(sources, 0.0)
-    sync = torch.cuda.synchronize if policy.device.type == "cuda" else (lambda: None)
+    runs = {"mask": StepRun(model, extra, seed)}
+    if runs["mask"].policy.task_mask is not None and runs["mask"].args.task == "smiles":
+        runs["no mask"] = StepRun(model, [*extra, "--no-smiles-mask"], seed)
+    for i in range(warmup + steps):
+        for run in runs.values():
+            run.micro_batches(record=i >= warmup)
+    for name, run in runs.items():
+        run.report(f"{model}, {name}" if len(runs) > 1 else model, steps)
+    for name, run in runs.items():
+        print(f"{name:>8}: on-policy total / (forward + backward) = {run.ratio():.2f}")
+    if len(runs) > 1:
+        sample = {name: run.cpu["policy"]["sample"] for name, run in runs.items()}
+        print(f"sampling with the SMILES mask / without: {sample['mask'] / sample['no mask']:.2f}")
+    return {name: dict(cpu=run.cpu, wall=run.wall, steps=steps, ratio=run.ratio()) for name, run in runs.items()}
 
-    def micro_batch(source, record):
+
+class StepRun:
+    """One configuration of bench_step: its policy, buffer and accumulated CPU / wall time per phase."""
+
+    SOURCES = ("policy", "replay")
+
+    def __init__(self, model, extra, seed):
+        import train
+        self.args = train.get_args(["--model", model, "--replay", "subm", "--out", "/tmp/bench-step", *extra])
+        self.task = train.build_task(self.args)
+        torch.manual_seed(seed)
+        self.policy = train.build_policy(self.args, self.task)
+        self.log_z = torch.nn.Parameter(torch.zeros((), device=self.policy.device))
+        self.rng = np.random.default_rng(seed)
+        self.buffer = train.build_buffer(self.args, self.task)
+        self.cpu = {s: dict.fromkeys(STEP_PHASES, 0.0) for s in self.SOURCES}
+        self.wall = dict.fromkeys(self.SOURCES, 0.0)
+
+    def micro_batches(self, record):
+        """One on-policy micro-batch, then a replayed one once the buffer holds a batch."""
+        self.micro_batch("policy", record)
+        if len(self.buffer) >= self.args.batch_size:
+            self.micro_batch("replay", record)
+
+    def micro_batch(self, source, record):
+        import batches
+        import train
+        args, task, policy, buffer = self.args, self.task, self.policy, self.buffer
+        sync = torch.cuda.synchronize if policy.device.type == "cuda" else (lambda: None)
         times = dict.fromkeys(STEP_PHASES, 0.0)
 
         def timed(name, fn):
@@ -75,10 +106,10 @@ def bench_step(model="prior", extra=(), steps=12, warmup=3, seed=0):
         start = time.perf_counter()
         items = None
         if source == "policy":
-            temperature = 1.0 if rng.random() >= args.temp_prob else float(rng.uniform(0.8, 1.5))
+            temperature = 1.0 if self.rng.random() >= args.temp_prob else float(self.rng.uniform(0.8, 1.5))
             tokens, lengths, _ = timed("sample", lambda: policy.sample(args.batch_size, temperature))
         else:
-            items = timed("fetch", lambda: buffer.sample(args.batch_size, rng))
+            items = timed("fetch", lambda: buffer.sample(args.batch_size, self.rng))
             tokens, lengths = timed("fetch", lambda: batches.from_items(policy, items))
         cached = timed("fetch", lambda: batches.cached_rows(args, policy, items))
         if cached is None:
@@ -90,7 +121,7 @@ def bench_step(model="prior", extra=(), steps=12, warmup=3, seed=0):
         log_r, u = train.rewards.log_reward(log_ref.double(), scores, args.kappa, args.lam)
         log_pf, log_pterm = timed("forward", lambda: policy.log_probs(tokens, lengths))
         loss, _ = timed("loss", lambda: losses.compute_loss("raptb", log_pf, log_pterm, log_r.float(), u.float(),
-                                                            lengths, log_z, **train.loss_knobs(args, 0.0)))
+                                                            lengths, self.log_z, **train.loss_knobs(args, 0.0)))
         timed("backward", lambda: loss.backward())
         if source == "policy":
             texts = policy.texts(tokens, lengths)
@@ -98,31 +129,32 @@ def bench_step(model="prior", extra=(), steps=12, warmup=3, seed=0):
             timed("refresh", lambda: buffer.add(batches.to_items(task, tokens, lengths, texts, final, log_ref, scores)))
         elapsed = time.perf_counter() - start
         policy.model.zero_grad(set_to_none=True)
-        log_z.grad = None
+        self.log_z.grad = None
         if record:
             for name, t in times.items():
-                cpu[source][name] += t
-            wall[source] += elapsed
+                self.cpu[source][name] += t
+            self.wall[source] += elapsed
 
-    for i in range(warmup + steps):
-        micro_batch("policy", i >= warmup)
-        if len(buffer) >= args.batch_size:
-            micro_batch("replay", i >= warmup)
+    def ratio(self):
+        """On-policy total over forward + backward: what a step costs beyond the gradient itself."""
+        phases = self.cpu["policy"]
+        return sum(phases.values()) / (phases["forward"] + phases["backward"])
 
-    p = (args.p_replay_start + args.p_replay_end) / 2  # the mean replay probability over a run (linear schedule)
-    print(f"\n== one training micro-batch, phase by phase ({model}, {args.task}, B={args.batch_size}, SubM buffer "
-          f"{args.buffer_size}, {policy.device}, {torch.get_num_threads()} thread, {steps} micro-batches each; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores) ==")
-    print(f"CPU ms of this thread per micro-batch\n{'phase':>10} {'on-policy':>10} {'replayed':>10}")
-    for name in STEP_PHASES + ("total",):
-        vals = [(sum(cpu[s].values()) if name == "total" else cpu[s][name]) / steps * 1e3 for s in sources]
-        print(f"{name:>10}" + "".join(f" {v:10.1f}" for v in vals))
-    print(f"{'wall':>10}" + "".join(f" {wall[s] / steps * 1e3:10.1f}" for s in sources))
-    total = {s: sum(cpu[s].values()) / steps for s in sources}
-    mixed = (1 - p) * total["policy"] + p * total["replay"]
-    print(f"{mixed * 1e3:.1f} CPU ms per micro-batch at the run's mean replay share {p:.3f}, "
-          f"{mixed * args.grad_accum * 1e3:.0f} ms per optimiser step of {args.grad_accum} (before AdamW)")
-    return dict(cpu=cpu, wall=wall, steps=steps, mixed=mixed)
+    def report(self, title, steps):
+        args, cpu = self.args, self.cpu
+        p = (args.p_replay_start + args.p_replay_end) / 2  # the mean replay probability over a run (linear schedule)
+        print(f"\n== one training micro-batch, phase by phase ({title}, {args.task}, B={args.batch_size}, SubM buffer "
+              f"{args.buffer_size}, {self.policy.device}, {torch.get_num_threads()} thread, {steps} micro-batches "
+              f"each; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores) ==")
+        print(f"CPU ms of this thread per micro-batch\n{'phase':>10} {'on-policy':>10} {'replayed':>10}")
+        for name in STEP_PHASES + ("total",):
+            vals = [(sum(cpu[s].values()) if name == "total" else cpu[s][name]) / steps * 1e3 for s in self.SOURCES]
+            print(f"{name:>10}" + "".join(f" {v:10.1f}" for v in vals))
+        print(f"{'wall':>10}" + "".join(f" {self.wall[s] / steps * 1e3:10.1f}" for s in self.SOURCES))
+        total = {s: sum(cpu[s].values()) / steps for s in self.SOURCES}
+        mixed = (1 - p) * total["policy"] + p * total["replay"]
+        print(f"{mixed * 1e3:.1f} CPU ms per micro-batch at the run's mean replay share {p:.3f}, "
+              f"{mixed * args.grad_accum * 1e3:.0f} ms per optimiser step of {args.grad_accum} (before AdamW)")
 
 
 def bench_sampler(model="prior", n=32, max_len=10, repeats=15):

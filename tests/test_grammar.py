@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 import model as modellib
 import rewards
 from tasks.smiles.task import SmilesTask
-from tasks.smiles.grammar import SmilesMask, Syntax, advance, complete, still_needed
+from tasks.smiles.grammar import SmilesMask, Syntax, _fewest_tokens, advance, complete, still_needed
 
 SMILES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "smiles")
 
@@ -50,6 +50,90 @@ def test_every_held_out_side_chain_is_allowed_even_at_its_exact_length(vocab):
         assert walk(masks.setdefault(len(ids), SmilesMask(texts, len(ids))), columns), smiles
         checked += 1
     assert checked > 1000
+
+
+class ReferenceMask:
+    """The mask the straightforward way, row by row: fold the texts into a syntax state (none past a stop or a
+    forbidden action: everything allowed there), then allow each action whose state exists and whose fewest
+    completing tokens (the plain search on that very state) fit the tokens left, and the stop where complete."""
+
+    def __init__(self, texts, max_len, side_chain=True):
+        self.texts, self.max_len, self.side_chain = texts, max_len, side_chain
+        self._after = {}  # state -> [(state after each token, its fewest completing tokens)]: speed only
+
+    def __call__(self, prev, k):
+        return torch.tensor([self._row(row, k) for row in prev.tolist()], dtype=torch.bool).reshape(len(prev), -1)
+
+    def _row(self, columns, k):
+        state, stop = Syntax(), len(self.texts) - 1
+        for c in columns:
+            state = None if state is None or c == stop else advance(state, self.texts[c], self.side_chain)
+        if state is None:
+            return [True] * len(self.texts)
+        if state not in self._after:
+            after = [advance(state, t, self.side_chain) for t in self.texts[:-1]]
+            self._after[state] = [(s, None if s is None else _fewest_tokens(s)) for s in after]
+        left = self.max_len - k - 1
+        return [s is not None and need <= left for s, need in self._after[state]] + [complete(state)]
+
+
+def random_walks(mask, n, max_len, generator):
+    """n walks of max_len + 1 steps that mostly take allowed actions (uniformly) and now and then any action (a stop
+    or a forbidden one), and the mask's rows at each step."""
+    prev, rows = torch.zeros(n, 0, dtype=torch.long), []
+    for k in range(max_len + 1):
+        rows.append(mask(prev, k))
+        prev = torch.cat([prev, torch.multinomial(rows[-1].float() + 0.02, 1, generator=generator)], 1)
+    return prev, rows
+
+
+@pytest.mark.parametrize("max_len, side_chain", [(3, True), (6, False), (8, True)])
+def test_the_table_mask_gives_the_reference_rows_on_random_walks(vocab, max_len, side_chain):
+    """Bit-identical allowed rows: the same walks through both masks (the table mask then also answers, in a shuffled
+    order, prefixes that do not extend its previous call, and a reused mask answers like a fresh one)."""
+    _, texts = vocab
+    g = torch.Generator().manual_seed(max_len)
+    mask, reference = SmilesMask(texts, max_len, side_chain), ReferenceMask(texts, max_len, side_chain)
+    for _ in range(2):
+        prev, rows = random_walks(mask, 32, max_len, g)
+        for k in torch.randperm(max_len + 1, generator=g).tolist() + list(range(max_len + 1)):
+            assert torch.equal(mask(prev[:, :k], k), reference(prev[:, :k], k)), k
+        for k, row in enumerate(rows):
+            assert torch.equal(row, reference(prev[:, :k], k)), k
+
+
+def test_an_empty_batch_has_no_rows(vocab):
+    _, texts = vocab
+    assert SmilesMask(texts, 5)(torch.zeros(0, 2, dtype=torch.long), 2).shape == (0, len(texts))
+
+
+def test_the_table_mask_gives_the_reference_rows_on_real_side_chains(vocab):
+    """Held-out side chains, padded with the stop, at every step and with L_max at their length and above."""
+    tok, texts = vocab
+    column = {t: i for i, t in enumerate(texts)}
+    with gzip.open(os.path.join(SMILES, "data", "sidechains_heldout.tsv.gz"), "rt") as f:
+        chains = [line.rstrip("\n").split("\t")[1] for line, _ in zip(f, range(300))]
+    rows = [[column[tok.decode([i])] for i in tok(s, add_special_tokens=False).input_ids] for s in chains]
+    rows = [r for r in rows if len(r) <= 10]
+    prev = torch.tensor([r + [len(texts) - 1] * (11 - len(r)) for r in rows])
+    for max_len in (6, 10, 14):
+        mask, reference = SmilesMask(texts, max_len), ReferenceMask(texts, max_len)
+        for k in range(11):
+            assert torch.equal(mask(prev[:, :k], k), reference(prev[:, :k], k)), (max_len, k)
+
+
+def test_the_sampler_draws_the_same_with_the_table_and_the_reference_mask(tiny_gpt2):
+    """The same seed, the same samples and log-probs, bit for bit, and the same teacher-forced log-probs."""
+    net, tokenizer = modellib.load_model(tiny_gpt2)
+    allowed = rewards.allowed_token_ids(tokenizer, SmilesTask.charset)
+    runs = []
+    for mask in (SmilesMask, ReferenceMask):
+        policy = modellib.Policy(net, tokenizer, allowed, 1, 8, state_mask=lambda texts, max_len: mask(texts, max_len))
+        torch.manual_seed(1)
+        tokens, lengths, log_q = policy.sample(64, temperature=1.5)
+        runs.append((tokens, lengths, log_q, *policy.log_probs(tokens, lengths)))
+    for new, old in zip(*runs):
+        assert torch.equal(new, old)
 
 
 @pytest.mark.parametrize("text, ok, done", [

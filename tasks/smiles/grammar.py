@@ -119,12 +119,13 @@ def _atoms(state):
 
 
 def _renumbered(state):
-    openers = {opener for _, opener in state.rings}
-    state = state._replace(near=frozenset(a for a in state.near if a == state.atom or a in openers))  # the rest: moot
-    number = {a: i for i, a in enumerate(sorted(_atoms(state)))}
+    rings, last, pending, atom, near, roots = state
+    openers = {opener for _, opener in rings}
+    near = [a for a in near if a == atom or a in openers]  # the rest: moot
+    number = {a: i for i, a in enumerate(sorted({atom, *near, *roots, *openers} - {-1}))}
     number[-1] = -1
-    return state._replace(rings=frozenset((label, number[a]) for label, a in state.rings), atom=number[state.atom],
-                          near=frozenset(number[a] for a in state.near), roots=tuple(number[a] for a in state.roots))
+    return Syntax(frozenset((label, number[a]) for label, a in rings), last, pending, number[atom],
+                  frozenset(number[a] for a in near), tuple(number[a] for a in roots))
 
 
 def complete(state):
@@ -132,12 +133,25 @@ def complete(state):
     return state.depth == 0 and not state.rings and not state.pending and state.last in ATOMISH
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def still_needed(state):
     """The fewest single-lexeme tokens that complete the string, by breadth-first search over the only tokens a
     shortest completion uses: an atom, ')', ']' in a bracket atom, and a label that closes an open ring. So from every
     incomplete state some action lowers it by exactly one, a state within budget can always be completed, and no
     complete string within budget is cut."""
+    return _fewest_tokens(_completion_class(state))
+
+
+def _completion_class(state):
+    """A state with the same fewest completing tokens, shared by many: the search treats every atom-like `last` alike
+    (each allows ')', a label and the stop, and is overwritten by the next token) and ring labels only as names."""
+    openers = sorted(opener for _, opener in state.rings)
+    return state._replace(last="atom" if state.last in ("C", "B", "ring") else state.last,
+                          rings=frozenset((str(i + 1), opener) for i, opener in enumerate(openers)))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _fewest_tokens(state):
+    """still_needed's search from this very state (the tests' reference calls it on unclassed states)."""
     frontier, seen = [state], {state}
     for tokens in range(1 << 10):
         if any(map(complete, frontier)):
@@ -149,41 +163,92 @@ def still_needed(state):
     return 1 << 10
 
 
+NEVER, ALWAYS = 2 ** 31 - 1, -2 ** 31  # entries of SmilesMask's table: above / below every budget
+# characters that `advance` treats alike in every state: the organic atoms other than C and B (no 'l' / 'r' may
+# follow them), the bond symbols, and H @ + (only a bracket atom may hold them); a text read with these merged
+# leads where the text itself does
+ALIKE = str.maketrans({**dict.fromkeys(ORGANIC - set("CB"), "N"), **dict.fromkeys(BONDS, "-"),
+                       **dict.fromkeys("H@+", "H")})
+
+
 class SmilesMask:
     """The task mask of Policy (METHOD.md §1): called with the action columns chosen so far, prev [B, k], and k, it
-    returns the allowed actions [B, A] (the last column is the stop). States are cached by prefix, and each state's
-    allowed row is computed once, so a batch costs a few dictionary look-ups per row."""
+    returns the allowed actions [B, A] (the last column is the stop).
+
+    Every syntax state a walk reaches is expanded once into a row of two tables: `_needs` holds, per action, the
+    tokens still needed after it (NEVER where it breaks the syntax; for the stop ALWAYS where the state is complete,
+    else NEVER), and `_successor` the row of the state it leads to, or -1 - its id while that state is only interned
+    (met as a successor, not reached yet). An action is allowed when its need fits the tokens left, so a row serves
+    every k, and a step over the batch is one look-up. Row 0 is the dead state (past a stop or a forbidden action):
+    everything allowed, and it stays dead. The rows of the last call's prefixes are kept, so the next call, one
+    column longer (sampling, or Policy.allowed_actions over k = 0..depth), takes one step."""
+
+    DEAD = 0
 
     def __init__(self, action_texts, max_len, side_chain=True):
         self.texts, self.max_len, self.side_chain = list(action_texts), max_len, side_chain
-        self._state = {(): Syntax()}  # prefix (tuple of action columns) -> syntax state
-        self._rows = {}  # (state, tokens left after this one) -> (allowed row, next states)
-        self._next = {}  # state -> the state each action leads to, and the tokens each then still needs
+        self._states, self._ids, self._row = [None], {}, {0: self.DEAD}  # id -> state -> id; id -> row, once expanded
+        self._still_needed = [0]  # id -> still_needed(state)
+        alike = [t.translate(ALIKE) for t in self.texts[:-1]]
+        self._kinds = list(dict.fromkeys(alike))  # the texts read when expanding: one of each kind
+        self._kind_of = [self._kinds.index(t) for t in alike]
+        self._needs = torch.full((64, len(self.texts)), ALWAYS, dtype=torch.int32)
+        self._successor = torch.zeros(64, len(self.texts), dtype=torch.int32)
+        self._filled = 1  # rows in use
+        self._start = self._expand(self._intern(Syntax()))
+        self._last = (torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, dtype=torch.int32))  # (prev, their rows)
 
     def __call__(self, prev, k):
-        everything = torch.ones(len(self.texts), dtype=torch.bool)  # past a row's end (a stop among prev): ignored
-        rows = [everything if s is None else self._entry(s, k)[0] for s in map(self._state_of, map(tuple, prev.tolist()))]
-        return (torch.stack(rows) if rows else torch.zeros(0, len(self.texts), dtype=torch.bool)).to(prev.device)
+        rows = self._walk(prev if prev.device.type == "cpu" else prev.cpu())
+        budget = min(max(self.max_len - k - 1, -1), 1 << 30)  # tokens left after the next one
+        allowed = self._needs.index_select(0, rows) <= budget
+        return allowed if prev.device.type == "cpu" else allowed.to(prev.device)
 
-    def _state_of(self, prefix):
-        """The syntax state after a prefix of action columns; None past a stop (or an action the mask forbids)."""
-        if prefix in self._state:
-            return self._state[prefix]
-        parent = self._state_of(prefix[:-1])
-        state = None if parent is None else self._entry(parent, len(prefix) - 1)[1][prefix[-1]]
-        if len(self._state) > 1 << 20:  # a long run sees many prefixes: keep the cache bounded
-            self._state = {(): Syntax()}
-        self._state[prefix] = state
-        return state
+    def _walk(self, prev):
+        """The table row of each row's state after its prefix of action columns, from the last call's rows when that
+        call's prefix starts this one."""
+        done, rows = self._last
+        j = done.shape[1]
+        if not (done.shape[0] == len(prev) and j <= prev.shape[1] and torch.equal(prev[:, :j], done)):
+            j, rows = 0, torch.full((len(prev),), self._start, dtype=torch.int32)
+        for column in range(j, prev.shape[1]):
+            entries = prev[:, column].add(rows, alpha=len(self.texts))
+            rows = torch.take(self._successor, entries)
+            if len(rows) and int(rows.min()) < 0:
+                rows = self._reach(rows, entries)
+        self._last = (prev.clone(), rows)
+        return rows
 
-    def _entry(self, state, k):
-        """For a state with k tokens: which actions are allowed, and the state each action leads to (None: stop)."""
-        key = (state, self.max_len - k - 1)
-        entry = self._rows.get(key)
-        if entry is None:
-            if state not in self._next:
-                nxt = [advance(state, t, self.side_chain) for t in self.texts[:-1]]
-                self._next[state] = (nxt + [None], torch.tensor([1 << 30 if s is None else still_needed(s) for s in nxt]))
-            nxt, needs = self._next[state]
-            entry = self._rows[key] = (torch.cat([needs <= key[1], torch.tensor([complete(state)])]), nxt)
-        return entry
+    def _reach(self, rows, entries):
+        """Expand the states first reached (negative entries), and point their table entries at their rows."""
+        new = rows < 0
+        ids = (-1 - rows[new]).tolist()
+        rows[new] = torch.tensor([self._row[i] if i in self._row else self._expand(i) for i in ids], dtype=torch.int32)
+        self._successor.view(-1)[entries[new]] = rows[new]
+        return rows
+
+    def _expand(self, i):
+        """Fill a table row for state i; returns the row."""
+        state = self._states[i]
+        kinds = [None if s is None else self._intern(s) for s in (advance(state, t, self.side_chain)
+                                                                   for t in self._kinds)]
+        after = [kinds[j] for j in self._kind_of]
+        row = self._filled
+        if row == len(self._needs):  # full: double the tables
+            self._needs = torch.cat([self._needs, torch.full_like(self._needs, ALWAYS)])
+            self._successor = torch.cat([self._successor, torch.zeros_like(self._successor)])
+        self._needs[row] = torch.tensor([NEVER if j is None else self._still_needed[j] for j in after]
+                                        + [ALWAYS if complete(state) else NEVER], dtype=torch.int32)
+        self._successor[row] = torch.tensor([self.DEAD if j is None else self._row.get(j, -1 - j) for j in after]
+                                            + [self.DEAD], dtype=torch.int32)
+        self._row[i], self._filled = row, row + 1
+        return row
+
+    def _intern(self, state):
+        """The id of a syntax state, new ones appended with the tokens they still need."""
+        i = self._ids.get(state)
+        if i is None:
+            i = self._ids[state] = len(self._states)
+            self._states.append(state)
+            self._still_needed.append(still_needed(state))
+        return i
