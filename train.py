@@ -201,7 +201,9 @@ def micro_batch(training, frac, coin, knobs, kept):
     log_z = training.log_z if conds is None else conditions.row_log_z(args, training.log_z, policy, conds, log_pf, log_pterm,
                                                                   log_r, lengths)
     # the loss, through the one entry point of every objective
-    rl = rl_losses.batch_knobs(args.loss, policy, tokens, lengths, final, conds)  # {} for the GFlowNet losses
+    rl = {}  # what an RL baseline takes beyond the batch (GRPO's reference pass, each row's group)
+    if args.loss in rl_losses.LOSSES:
+        rl = rl_losses.batch_knobs(args.loss, policy, tokens, lengths, final, conds)
     loss, stats = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, log_z, **knobs, **rl)
     (loss / args.grad_accum).backward()
     if args.loss == "grpo" and args.grpo_epochs > 1:
