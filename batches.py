@@ -9,6 +9,7 @@ import math
 import numpy as np
 import torch
 
+import oracle
 import rewards
 from distributed import average_across_ranks, replay_ready
 from replay import Item
@@ -86,9 +87,11 @@ def from_items(policy, items):
 
 
 def get_batch(args, task, policy, buffer, rng, frac, coin=None):
-    """METHOD.md §5's mixture: replay with probability p_replay, else on-policy (tempered with prob temp_prob).
-    `coin` makes these two choices (default: `rng`); under FSDP it is the same on every rank (shared_coin)."""
+    """METHOD.md §5's mixture: replay with probability p_replay, else on-policy (tempered with prob temp_prob); for
+    --loss oracle, exact samples of p*. `coin` makes these two choices (default: `rng`); under FSDP it is the same on every rank (shared_coin)."""
     coin = rng if coin is None else coin
+    if args.loss == "oracle":  # exact samples of the target itself, from the task's enumeration (oracle.py)
+        return (*oracle.sample(args, task, policy, args.batch_size, rng), "oracle", None)
     if replay_ready(args, buffer) and coin.random() < linear(args.p_replay_start, args.p_replay_end, frac):
         items = buffer.sample(args.batch_size, rng)
         tokens, lengths = from_items(policy, items)

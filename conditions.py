@@ -20,6 +20,7 @@ import torch
 
 import losses
 import model as modellib
+import oracle
 import rewards
 import rl_losses
 from batches import cached_rows, from_items, linear, scored, to_items
@@ -348,6 +349,9 @@ def get_batch(args, task, policy, buffer, rng, frac, coin=None):
     """batches.get_batch with conditions: the same replay / temperature choices; a replayed batch is m conditions
     of the buffer x k of their own items, an on-policy one m drawn training conditions x k samples."""
     coin = rng if coin is None else coin
+    if args.loss == "oracle":  # exact samples of each condition's target (oracle.py)
+        conditions = draw_conditions(args, task, rng)
+        return (*oracle.sample_conditions(args, task, policy, conditions, rng), "oracle", None, conditions)
     if replay_ready(args, buffer) and coin.random() < linear(args.p_replay_start, args.p_replay_end, frac):
         items, conditions = buffer.sample(args.batch_size // args.samples_per_prompt, args.samples_per_prompt, rng)
         tokens, lengths = from_items(policy, items)

@@ -170,23 +170,28 @@ def update_running_log_z(log_z, weight_mean, n_before):
 
 
 def check_args(args):
-    """train.py's settings for the RL baselines: fills the defaults that depend on the loss (--replay, --temp-prob,
-    --grpo-beta) and returns why a setting cannot work (None if all can). Their gradients are on-policy estimators
-    at temperature 1: a replayed or tempered batch would bias them, so asking for one is an error."""
+    """train.py's settings for the RL baselines and the oracle: fills the defaults that depend on the loss (--replay,
+    --temp-prob, --grpo-beta) and returns why a setting cannot work (None if all can). Their gradients are on-policy
+    estimators at temperature 1, and the oracle's batches are exact samples of p*: a replayed or tempered batch would
+    bias them, so asking for one is an error."""
     rl = args.loss in LOSSES
+    exact = args.loss == "oracle"  # its batches are exact samples of p* (oracle.py): nothing to replay or temper
     if args.replay is None:
-        args.replay = "none" if rl else "subm"
+        args.replay = "none" if rl or exact else "subm"
     if args.temp_prob is None:
-        args.temp_prob = 0.0 if rl else 0.666
+        args.temp_prob = 0.0 if rl or exact else 0.666
     if args.grpo_beta is None and args.lam > 0:
         args.grpo_beta = args.kappa / args.lam
-    if not rl:
+    if not rl and not exact:
         return None
-    why = f"--loss {args.loss}, an on-policy estimator (METHOD.md §9)"
+    why = (f"--loss {args.loss}, an on-policy estimator (METHOD.md §9), which samples at temperature 1" if rl else
+           "--loss oracle, which trains on exact samples of the target")
     if args.replay != "none":
         return f"--replay {args.replay} cannot be used with {why}; leave --replay unset (none)"
     if args.temp_prob != 0:
-        return f"--temp-prob {args.temp_prob} cannot be used with {why}, which samples at temperature 1; leave it unset"
+        return f"--temp-prob {args.temp_prob} cannot be used with {why}; leave it unset"
+    if exact:
+        return None
     if args.loss != "dpg" and args.batch_size < 2:
         return f"--loss {args.loss} needs --batch-size >= 2: the group's other samples are its baseline"
     if args.loss == "grpo" and args.grpo_beta is None:

@@ -43,8 +43,9 @@ def evaluate(args, task, policy, log_z, step):
                                            lambda c: conditions.learned_log_z(args, log_z, policy, c))
     start = time.perf_counter()
     n = args.eval_n if step != args.steps else max(args.eval_n, getattr(args, "eval_n_final", args.eval_n))
-    f = fidelity.measure(policy, task, args.kappa, args.lam, n, log_z.item(), seed=args.seed + step,
-                         exact=step == args.steps)  # Expr24: exact at the end; before, Z exact and the rest estimated
+    exact = step == args.steps or getattr(args, "eval_exact", False)  # Expr24: exact at the end (or every time, with
+    # --eval-exact); before, Z exact and the rest estimated
+    f = fidelity.measure(policy, task, args.kappa, args.lam, n, log_z.item(), seed=args.seed + step, exact=exact)
     return dict(f, eval_seconds=time.perf_counter() - start)
 
 

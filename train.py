@@ -28,6 +28,7 @@ import conditions
 import conventions
 import losses
 import model as modellib
+import oracle
 import rewards
 import rl_losses
 from batches import estimate_log_z, get_batch, linear, score_rows, scored, to_items
@@ -80,7 +81,8 @@ def make_parser():
     a("--kappa", type=float, default=1.0, help="weight of log P_ref in log R")
     a("--lam", type=float, default=50.0, help="lambda_r: weight of the task score S in log R")
     # objective
-    a("--loss", default="raptb", choices=sorted(losses.LOSSES))
+    a("--loss", default="raptb", choices=sorted(losses.LOSSES), help="the objective; oracle: maximum likelihood on "
+      "exact samples of p* (a task that enumerates its target), the ceiling every method is measured against")
     a("--eta", type=float, default=0.25, help="weight of RapTB's rooted prefix term (the paper's 0.25) at the start")
     a("--eta-end", type=float, default=None, help="eta at the end of --eta-anneal (default 0: absorbed targets bias "
       "RapTB's fixed point away from R/Z, METHOD.md §3.3; --paper: eta throughout)")
@@ -152,6 +154,8 @@ def make_parser():
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     a("--eval-every", type=int, default=None, help="measure the distance to the target every N steps, at the start "
       "and at the end (METHOD.md §8; default: 4 times per run; 0: never)")
+    a("--eval-exact", action="store_true", help="measure exactly at every evaluation, not only the last (Expr24: "
+      "one pass of the policy over every solution, about a minute of training's time on a CPU; for a KL curve)")
     a("--eval-n", type=int, default=256, help="policy samples (and as many reference samples) per measurement")
     a("--eval-n-final", type=int, default=1000, help="samples for the measurement at the end: at 256 + 256 a few "
       "invalid samples decide the estimate and its interval covers the truth about half the time (RESULTS.md)")
@@ -194,7 +198,7 @@ def check_args(p, args, explicit=()):
     if args.eta_end is None:  # --paper: eta throughout
         args.eta_end = args.eta
     problem = checks.first_problem(args, task, conditions.flag_problem(args, task), conventions.problem(args),
-                                   tracking_problem(args))
+                                   tracking_problem(args), oracle.problem(args, task))
     if problem:
         p.error(problem)
 
@@ -352,7 +356,8 @@ def run(args):
         if rank == 0 and not os.path.isdir(args.model):
             torch.manual_seed(args.seed)  # warm-started on random valid objects: a random model is no prior
             texts = task.random_objects(20000, np.random.default_rng(args.seed), args.min_len, args.max_len)
-            modellib.build_scratch_model(args.model, sorted(task.charset), warmup_texts=texts)
+            modellib.build_scratch_model(args.model, sorted(task.charset), warmup_texts=texts,
+                                         **getattr(task, "scratch_model", {}))  # e.g. Expr24's width and depth
         if world > 1:
             dist.barrier()
     torch.manual_seed(args.seed)  # the same starting weights (and LoRA init) on every rank ...

@@ -1,0 +1,17 @@
+"""One line per run of the oracle experiments: its final exact q(Sol) and KL(p*||q), the training's CPU seconds (the
+sum of metrics.jsonl's per-step cpu_seconds; evaluations excluded) and the KL-against-step curve.
+
+    python results/oracle/summarise.py results/oracle/runs/*/metrics.jsonl
+"""
+import json
+import sys
+
+for path in sys.argv[1:]:
+    rows = [json.loads(line) for line in open(path)]
+    cpu = sum(r.get("cpu_seconds", 0.0) for r in rows)
+    evals = [r for r in rows if "kl_target_q" in r]
+    steps = max((r["step"] for r in rows), default=0)
+    curve = "  ".join(f"{r['step']}:{r['q_solution_mass']:.3f}/{r['kl_target_q']:.2f}" for r in evals)
+    last = evals[-1] if evals else {}
+    print(f"{path}: steps {steps}, train CPU {cpu:.0f} s, q(Sol) {last.get('q_solution_mass', float('nan')):.3f}, "
+          f"KL(p*||q) {last.get('kl_target_q', float('nan')):.3f}\n    curve (step:q(Sol)/KL(p*||q)) {curve}")
