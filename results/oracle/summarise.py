@@ -1,13 +1,14 @@
 """One line per run of the oracle experiments: its final exact q(Sol) and KL(p*||q), the training's CPU seconds (the
-sum of metrics.jsonl's per-step cpu_seconds; evaluations excluded) and the KL-against-step curve.
+sum of metrics.jsonl's per-step cpu_seconds; evaluations excluded; the committed copies are gzipped) and the KL-against-step curve.
 
-    python results/oracle/summarise.py results/oracle/runs/*/metrics.jsonl
+    python results/oracle/summarise.py results/oracle/runs/*/metrics.jsonl.gz
 """
+import gzip
 import json
 import sys
 
 for path in sys.argv[1:]:
-    rows = [json.loads(line) for line in open(path)]
+    rows = [json.loads(line) for line in (gzip.open(path, "rt") if path.endswith(".gz") else open(path))]
     cpu = sum(r.get("cpu_seconds", 0.0) for r in rows)
     evals = [r for r in rows if "kl_target_q" in r]
     steps = max((r["step"] for r in rows), default=0)
