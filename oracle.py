@@ -25,6 +25,8 @@ def problem(args, task):
     """Why --loss oracle cannot run on this task (None if it can, or for any other loss): one line."""
     if args.loss != "oracle":
         return None
+    if args.fsdp:  # each rank would draw its own number of reference batches, and each is a collective under FSDP
+        return "--loss oracle runs without --fsdp (its rejection sampling differs between ranks)"
     if getattr(task, "conditions", None) is not None:
         if all(hasattr(task.given(c), "objects") for c in task.conditions["train"]):
             return None

@@ -194,6 +194,8 @@ def test_a_task_without_its_target_enumerated_is_refused(capsys, tmp_path):
     assert "exact samples" in one_line_error(capsys, ["--task", "expr24", "--loss", "oracle", "--temp-prob", "0.5"])
     args = train.get_args(["--task", "expr24", "--loss", "oracle"])
     assert args.replay == "none" and args.temp_prob == 0
+    args.fsdp = True  # (--fsdp itself needs torchrun to parse)
+    assert "--fsdp" in oracle.problem(args, train.build_task(args))
 
 
 def test_a_user_task_with_solutions_is_served(tmp_path):
