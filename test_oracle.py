@@ -206,3 +206,17 @@ def test_a_user_task_with_solutions_is_served(tmp_path):
                     "    def solutions(self, min_len=0, max_len=None):\n        return ('ab',)\n")
     args = train.get_args(["--task", f"{user}:Mine", "--loss", "oracle"])
     assert oracle.problem(args, train.build_task(args)) is None
+
+
+def test_an_oracle_run_resumes_bit_identically(tmp_path, quick_warm_start, ctrl_c_after_step):
+    """The draws come from the run's own generators, which every checkpoint saves: kill and resume repeat them."""
+    import tracking
+    args = ["--task", "expr24", "--loss", "oracle", "--max-len", "5", "--steps", "4", "--batch-size", "8",
+            "--eval-every", "0", "--lam", "3"]  # lam 3: non-solutions too, from the reference's sampler
+    assert train.main([*args, "--out", str(tmp_path / "straight")]) == 0
+    undo = ctrl_c_after_step(2)
+    assert train.main([*args, "--out", str(tmp_path / "killed")]) == 130
+    undo()
+    assert train.main(["--resume", "--out", str(tmp_path / "killed"), "--steps", "4"]) == 0
+    straight, killed = (tracking.read_metrics(str(tmp_path / d), timings=False) for d in ("straight", "killed"))
+    assert straight == killed and len(straight) == 4
