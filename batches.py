@@ -88,7 +88,8 @@ def from_items(policy, items):
 
 def get_batch(args, task, policy, buffer, rng, frac, coin=None):
     """METHOD.md §5's mixture: replay with probability p_replay, else on-policy (tempered with prob temp_prob); for
-    --loss oracle, exact samples of p*. `coin` makes these two choices (default: `rng`); under FSDP it is the same on every rank (shared_coin)."""
+    --loss oracle, exact samples of p*. `coin` makes these two choices (default: `rng`); under FSDP it is the same
+    on every rank (shared_coin)."""
     coin = rng if coin is None else coin
     if args.loss == "oracle":  # exact samples of the target itself, from the task's enumeration (oracle.py)
         return (*oracle.sample(args, task, policy, args.batch_size, rng), "oracle", None)

@@ -298,7 +298,7 @@ def encode_texts(policy, texts):
     action_id = {text: i for i, text in policy.token_texts.items() if len(text) == 1}
     width = max(map(len, texts), default=0)
     if width > policy.max_len:
-        raise ValueError(f"a solution has {width} characters; the policy stops after {policy.max_len}")
+        raise ValueError(f"a text has {width} characters; the policy stops after {policy.max_len}")
     tokens = np.full((len(texts), policy.max_len), policy.eos, dtype=np.int64)
     for i, text in enumerate(texts):
         tokens[i, :len(text)] = [action_id[c] for c in text]

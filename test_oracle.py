@@ -154,7 +154,8 @@ def test_game24_sampler_draws_exactly_from_each_prompts_target():
 
 @pytest.fixture
 def quick_warm_start(monkeypatch):
-    monkeypatch.setattr(modellib, "build_scratch_model", functools.partial(modellib.build_scratch_model, warmup_steps=5))
+    quick = functools.partial(modellib.build_scratch_model, warmup_steps=5)  # a few warm-up steps exercise the path
+    monkeypatch.setattr(modellib, "build_scratch_model", quick)
 
 
 def test_train_py_runs_the_oracle_on_expr24(tmp_path, quick_warm_start):
@@ -201,7 +202,8 @@ def test_a_task_without_its_target_enumerated_is_refused(capsys, tmp_path):
 def test_a_user_task_with_solutions_is_served(tmp_path):
     """A user's task class with solutions(min_len, max_len) gets the oracle (its score 1 exactly on them)."""
     user = tmp_path / "mine.py"
-    user.write_text("class Mine:\n    charset = frozenset('ab')\n    defaults = dict(model=None, min_len=1, max_len=3)\n"
+    user.write_text("class Mine:\n    charset = frozenset('ab')\n"
+                    "    defaults = dict(model=None, min_len=1, max_len=3)\n"
                     "    def score(self, text):\n        return float(text == 'ab')\n"
                     "    def solutions(self, min_len=0, max_len=None):\n        return ('ab',)\n")
     args = train.get_args(["--task", f"{user}:Mine", "--loss", "oracle"])

@@ -1,5 +1,6 @@
 """One line per run of the oracle experiments: its final exact q(Sol) and KL(p*||q), the training's CPU seconds (the
-sum of metrics.jsonl's per-step cpu_seconds; evaluations excluded; the committed copies are gzipped) and the KL-against-step curve.
+sum of metrics.jsonl's per-step cpu_seconds; evaluations excluded; the committed copies are gzipped) and the
+KL-against-step curve.
 
     python results/oracle/summarise.py results/oracle/runs/*/metrics.jsonl.gz
 """
