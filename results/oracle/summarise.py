@@ -11,9 +11,11 @@ import sys
 for path in sys.argv[1:]:
     rows = [json.loads(line) for line in (gzip.open(path, "rt") if path.endswith(".gz") else open(path))]
     cpu = sum(r.get("cpu_seconds", 0.0) for r in rows)
-    evals = [r for r in rows if "kl_target_q" in r]
+    split = "train_" if any("train_kl_target_q" in r for r in rows) else ""  # the Game of 24: its train prompts
+    q_sol, kl = split + "q_solution_mass", split + "kl_target_q"
+    evals = [r for r in rows if kl in r]
     steps = max((r["step"] for r in rows), default=0)
-    curve = "  ".join(f"{r['step']}:{r['q_solution_mass']:.3f}/{r['kl_target_q']:.2f}" for r in evals)
+    curve = "  ".join(f"{r['step']}:{r[q_sol]:.3f}/{r[kl]:.2f}" for r in evals)
     last = evals[-1] if evals else {}
-    print(f"{path}: steps {steps}, train CPU {cpu:.0f} s, q(Sol) {last.get('q_solution_mass', float('nan')):.3f}, "
-          f"KL(p*||q) {last.get('kl_target_q', float('nan')):.3f}\n    curve (step:q(Sol)/KL(p*||q)) {curve}")
+    print(f"{path}: steps {steps}, train CPU {cpu:.0f} s, {split}q(Sol) {last.get(q_sol, float('nan')):.3f}, "
+          f"{split}KL(p*||q) {last.get(kl, float('nan')):.3f}\n    curve (step:q(Sol)/KL(p*||q)) {curve}")
