@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
+import oracle
 import rewards
 from distributed import average_across_ranks, replay_ready
 from replay import Item
@@ -169,6 +170,11 @@ def get_batch(args, task, policy, buffer, rng, frac, coin=None):
     or m conditions of the buffer x k of their own items."""
     coin, k = rng if coin is None else coin, args.samples_per_prompt
     conditional = getattr(task, "conditions", None) is not None
+    if args.loss == "oracle":  # exact samples of the target itself (oracle.py), each row's condition's with conditions
+        conditions = draw_conditions(args, task, rng) if conditional else None
+        tokens, lengths = oracle.sample(args, task, policy, args.batch_size, rng) if conditions is None else \
+            oracle.sample_conditions(args, task, policy, conditions, rng)
+        return Batch(tokens, lengths, "oracle", None, conditions)
     if replay_ready(args, buffer) and coin.random() < linear(args.p_replay_start, args.p_replay_end, frac):
         items, conditions = buffer.sample(args.batch_size // k, k, rng) if conditional else \
             (buffer.sample(args.batch_size, rng), None)

@@ -42,11 +42,17 @@ def exact_condition(policy, task, condition, kappa, lam):
     """enumerated_fidelity of one condition; the reference's pass is made once per condition and kept."""
     given = task.given(condition)
     objects = given.objects()
-    view = policy.view([condition])
+    log_q = fidelity.solution_log_probs(policy.view([condition]), objects)
+    return enumerated_fidelity(log_q, reference_log_probs(policy, condition, objects), given.score_batch(objects),
+                               kappa, lam)
+
+
+def reference_log_probs(policy, condition, objects):
+    """log P_ref(x | c) of every listed object of a condition, one teacher-forced pass per condition, kept (the meter
+    and the oracle's sampler share it)."""
     if condition not in policy.ref_cache:
-        policy.ref_cache[condition] = fidelity.solution_log_probs(view, objects, reference=True)
-    log_q = fidelity.solution_log_probs(view, objects)
-    return enumerated_fidelity(log_q, policy.ref_cache[condition], given.score_batch(objects), kappa, lam)
+        policy.ref_cache[condition] = fidelity.solution_log_probs(policy.view([condition]), objects, reference=True)
+    return policy.ref_cache[condition]
 
 
 def measure(policy, task, conditions, kappa, lam, n=256, learned=None, seed=0):

@@ -75,7 +75,9 @@ def make_parser():
     a("--kappa", type=float, default=1.0, help="weight of log P_ref in log R")
     a("--lam", type=float, default=50.0, help="lambda_r: weight of the task score S in log R")
     # objective
-    a("--loss", default="raptb", choices=sorted(losses.LOSSES), help="the objective (METHOD.md §3, §9)")
+    a("--loss", default="raptb", choices=sorted(losses.LOSSES), help="the objective (METHOD.md §3, §9); oracle: "
+      "maximum likelihood on exact samples of p* (a task that enumerates its target), the ceiling every method is "
+      "measured against")
     a("--eta", type=float, default=0.25, help="weight of RapTB's rooted prefix term (the paper's 0.25) at the start")
     a("--eta-end", type=float, default=None, help="eta at the end of --eta-anneal (default 0: absorbed targets bias "
       "RapTB's fixed point away from R/Z, METHOD.md §3.3; with --paper, --eta throughout)")
@@ -162,6 +164,8 @@ def make_parser():
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     a("--eval-every", type=int, default=None, help="measure the distance to the target every N steps, at the start "
       "and at the end (METHOD.md §8; default --steps / 4; 0: never)")
+    a("--eval-exact", action="store_true", help="measure exactly at every evaluation, not only the last (Expr24: "
+      "one pass of the policy over all 113,662 solutions, about 8 s on one CPU core; for a KL-against-step curve)")
     a("--eval-n", type=int, default=256, help="policy samples (and as many reference samples) per measurement")
     a("--eval-n-final", type=int, default=1000, help="samples for the measurement at the end: at 256 + 256 a few "
       "invalid samples decide the estimate and its interval covers the truth about half the time (RESULTS.md)")
@@ -188,12 +192,12 @@ def fill_defaults(args, task, explicit=()):
     for key, value in {**PAPER_DEFAULTS, **task.defaults}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    # the loss's: the RL baselines need their own samples at temperature 1
-    rl = args.loss in rl_losses.LOSSES
+    # the loss's: the RL baselines need their own samples at temperature 1, the oracle exact samples of p*
+    own_samples = args.loss in rl_losses.LOSSES or args.loss == "oracle"
     if args.replay is None:
-        args.replay = "none" if rl else "subm"
+        args.replay = "none" if own_samples else "subm"
     if args.temp_prob is None:
-        args.temp_prob = 0.0 if rl else 0.666
+        args.temp_prob = 0.0 if own_samples else 0.666
     if args.grpo_beta is None and args.lam > 0:
         args.grpo_beta = args.kappa / args.lam
     # conditions: logZ per prompt, k samples of each prompt per batch

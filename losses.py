@@ -23,7 +23,8 @@ states k >= min_len (SubTB windows start there, RapTB's rooted residuals are roo
 
 Every loss returns (loss, stats); loss is float32 (float64 for float64 inputs), stats a dict of
 detached 0-d tensors. `compute_loss(name, ...)` is the single entry point the trainer calls; it also reaches the
-RL baselines of rl_losses.py (RLOO, GRPO, DPG; METHOD.md §9).
+RL baselines of rl_losses.py (RLOO, GRPO, DPG; METHOD.md §9) and the oracle, maximum likelihood on exact samples of
+p* (oracle_loss; its batches come from oracle.py).
 """
 import inspect
 
@@ -260,8 +261,21 @@ def rootsubtb_loss(log_pf, log_pterm, log_r, lengths, log_z, lam=1.0, min_len=0)
     return loss, _tb_stats(d_tb, log_pterm, state, tau)
 
 
+def oracle_loss(log_pf, log_pterm, lengths, exact_p=None):
+    """The oracle (oracle.py): maximum likelihood on exact samples of p*, loss = -mean_b log q(x_b) with
+    log q(x) = sum_{k<tau} log_pf[k] + log_pterm[tau]. The batch is drawn from p*, which does not depend on q, so its
+    expected gradient is grad KL(p* || q), whose only zero is q = p*. No logZ, no reward: log_r and u are not read.
+    `exact_p` (tests): when the batch is every object, p*(x) of each row; the loss is then exactly the cross-entropy
+    -sum_x p*(x) log q(x)."""
+    log_pf, log_pterm = _prepare(log_pf, log_pterm)
+    k, tau, step, state = _positions(log_pf, lengths)
+    log_q = torch.where(step, log_pf, 0.0).sum(1) + _at(torch.where(state, log_pterm, 0.0), tau)
+    loss = -log_q.mean() if exact_p is None else -(exact_p.to(log_q.dtype) * log_q).sum()
+    return loss, {"oracle_log_q": log_q.detach().mean()}
+
+
 LOSSES = {"tb": tb_loss, "subtb": subtb_loss, "raptb": raptb_loss,
-          "avgprefixtb": avgprefixtb_loss, "rootsubtb": rootsubtb_loss,
+          "avgprefixtb": avgprefixtb_loss, "rootsubtb": rootsubtb_loss, "oracle": oracle_loss,
           **rl_losses.LOSSES}  # RLOO, GRPO, DPG: the RL baselines on the same target (METHOD.md §9)
 _TENSOR_ARGS = ("log_pf", "log_pterm", "log_r", "u", "lengths", "log_z")
 KNOBS = {name: [p for p in inspect.signature(fn).parameters if p not in _TENSOR_ARGS] for name, fn in LOSSES.items()}

@@ -420,7 +420,8 @@ def scratch_model_once(path, task, seed, min_len, max_len):
         return path
     torch.manual_seed(seed)
     texts = task.random_objects(20000, np.random.default_rng(seed), min_len, max_len)
-    return build_scratch_model(path, sorted(task.charset), warmup_texts=texts)
+    return build_scratch_model(path, sorted(task.charset), warmup_texts=texts,
+                               **getattr(task, "scratch_model", {}))  # e.g. Expr24's width and depth
 
 
 def build_scratch_model(path, alphabet, warmup_texts=None, warmup_steps=600, n_layer=3, n_embd=64, n_head=4,

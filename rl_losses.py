@@ -177,18 +177,23 @@ def update_running_log_z(log_z, weight_mean, n_before):
 
 
 def problem(args):
-    """Why train.py's settings cannot run an RL baseline (None if they can). Their gradients are on-policy estimators
-    at temperature 1: a replayed or tempered batch would bias them, so asking for one is an error."""
-    if args.loss not in LOSSES:
+    """Why train.py's settings cannot run an RL baseline or the oracle (None if they can). Their gradients are
+    on-policy estimators at temperature 1, and the oracle's batches are exact samples of p*: a replayed, tempered or
+    explored batch would bias them, so asking for one is an error."""
+    rl, exact = args.loss in LOSSES, args.loss == "oracle"
+    if not rl and not exact:
         return None
-    why = f"--loss {args.loss}, an on-policy estimator (METHOD.md §9)"
+    why = (f"--loss {args.loss}, an on-policy estimator (METHOD.md §9), which samples at temperature 1" if rl else
+           "--loss oracle, which trains on exact samples of the target")
     if args.replay != "none":
         return f"--replay {args.replay} cannot be used with {why}; leave --replay unset (none)"
     if args.temp_prob != 0:
-        return f"--temp-prob {args.temp_prob} cannot be used with {why}, which samples at temperature 1; leave it unset"
+        return f"--temp-prob {args.temp_prob} cannot be used with {why}; leave it unset"
     if args.epsilon != 0 or args.local_search:
         flag = f"--epsilon {args.epsilon}" if args.epsilon else f"--local-search {args.local_search}"
-        return f"{flag} cannot be used with {why}, which samples from the policy itself"
+        return f"{flag} cannot be used with {why}"
+    if exact:
+        return None
     if args.loss != "dpg" and args.batch_size < 2:
         return f"--loss {args.loss} needs --batch-size >= 2: the group's other samples are its baseline"
     if args.loss == "grpo" and args.grpo_beta is None:

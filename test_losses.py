@@ -252,7 +252,7 @@ def test_compute_loss_forwards_only_the_knobs_each_loss_takes():
     torch.testing.assert_close(call("subtb", batch, **knobs), subtb_loss(log_pf, log_pterm, log_r, lengths, lam=0.9)[0])
     torch.testing.assert_close(call("raptb", batch, **knobs),
                                raptb_loss(log_pf, log_pterm, log_r, u, lengths, log_z, **knobs)[0])
-    assert set(LOSSES) == {"tb", "subtb", "raptb", "avgprefixtb", "rootsubtb", "rloo", "grpo", "dpg"}
+    assert set(LOSSES) == {"tb", "subtb", "raptb", "avgprefixtb", "rootsubtb", "rloo", "grpo", "dpg", "oracle"}
     with pytest.raises(TypeError):
         call("raptb", batch, etta=0.5)
 

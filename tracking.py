@@ -45,8 +45,9 @@ def evaluate(args, task, policy, log_z, step):
     start = time.perf_counter()
     n = args.eval_n if step != args.steps else max(args.eval_n, args.eval_n_final)
     learned = None if args.loss in rl_losses.NO_LOG_Z else log_z.item()  # RLOO and GRPO have none
-    f = fidelity.measure(policy, task, args.kappa, args.lam, n, learned, seed=args.seed + step,
-                         exact=step == args.steps)  # Expr24: exact at the end; before, Z exact and the rest estimated
+    exact = step == args.steps or args.eval_exact  # Expr24: exact at the end (or every time, with --eval-exact);
+    # before, Z exact and the rest estimated
+    f = fidelity.measure(policy, task, args.kappa, args.lam, n, learned, seed=args.seed + step, exact=exact)
     return dict(f, eval_seconds=time.perf_counter() - start)
 
 

@@ -32,6 +32,7 @@ import conditions
 import conventions
 import losses
 import model as modellib
+import oracle
 import rewards
 import rl_losses
 from batches import (buffer_items, by_row, estimate_log_z, get_batch, linear, loss_log_probs, row_tasks, score_rows,
@@ -59,7 +60,7 @@ def check_args(p, args, explicit=()):
         p.exit(2, f"error: {e}\n")
     fill_defaults(args, task, explicit)
     problem = first_problem(args, task, rl_losses.problem(args), conditions.flag_problem(args, task),
-                            conventions.problem(args), tracking_problem(args))
+                            conventions.problem(args), tracking_problem(args), oracle.problem(args, task))
     if problem:
         p.error(problem)
 

@@ -78,7 +78,7 @@ PAPER = {"TB": (.998, .717, 2.50, .807, 3.06), "SubTB": (.328, .755, 2.13, .836,
 PAPER_KEYS = ("acc", "score", "tok_ent", "fp_div", "len_mean")
 T975 = [12.706204736, 4.302652730, 3.182446305, 2.776445105, 2.570581836,  # t_{0.975, df}, df = 1..10
         2.446911851, 2.364624252, 2.306004135, 2.262157163, 2.228138852]
-SMILES_STEPS = 500  # x batch 32 without accumulation; Expr24 runs its task's own budget (arithmetic.Expr24Task.defaults)
+SMILES_STEPS = 500  # x batch 32 without accumulation; Expr24 runs its task's own budget (Expr24Task.defaults, tasks/expr24/task.py)
 DEFAULT_ACCUM, QUICK = 1, dict(steps=10, grad_accum=2, n=200)  # quick: enough batches to fill the buffer
 
 

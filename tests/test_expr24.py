@@ -465,6 +465,16 @@ def test_losses_match_the_target_under_a_state_mask(name, knobs):
     assert torch.isfinite(logits.grad[tree.mask]).all() and tree.tv(logits) < 0.02
 
 
+def test_the_scratch_model_has_the_tasks_width_and_depth(tmp_path, monkeypatch, quick_warm_start):
+    import model
+    monkeypatch.setattr(Expr24Task, "scratch_model", dict(n_layer=2, n_embd=32, n_head=2))
+    out = tmp_path / "run"
+    assert train.main(["--task", "expr24", "--out", str(out), "--steps", "1", "--batch-size", "4", "--max-len", "5",
+                       "--eval-every", "0"]) == 0
+    config = json.load(open(out / "init" / "config.json"))
+    assert (config["n_layer"], config["n_embd"], config["n_head"]) == (2, 32, 2)
+
+
 def test_expr24_defaults_reach_train_py():
     for key, value in Expr24Task.defaults.items():
         assert getattr(train.get_args(["--task", "expr24"]), key) == value

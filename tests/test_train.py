@@ -28,8 +28,8 @@ def read_log(out):
     return tracking.read_metrics(out, timings=False)
 
 
-@pytest.mark.parametrize("loss", sorted(losses.LOSSES))
-@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("loss", sorted(set(losses.LOSSES) - {"oracle"}))  # the oracle needs a task that lists its
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])  # target, not SMILES: test_oracle.py
 def test_every_loss_trains(loss, arch, request, tmp_path):
     model = request.getfixturevalue(arch)
     replay = [] if loss in rl_losses.LOSSES else ["--replay", "rp"]  # the RL baselines run without (METHOD.md §9)

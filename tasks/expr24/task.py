@@ -83,6 +83,7 @@ class Expr24Task(Task):
     # themselves takes this model only to Acc 0.14 in that time. Paper settings: --lr 1e-4 --batch-size 32
     # --grad-accum 4 --steps 5000.
     defaults = dict(model=None, min_len=3, max_len=9, lr=1e-3, batch_size=64, grad_accum=1, steps=1500)
+    scratch_model = dict(n_layer=3, n_embd=64, n_head=4)  # train.py's scratch reference (model.build_scratch_model)
     digits = EXPR24_DIGITS
     charset = frozenset(EXPR24_DIGITS + EXPR24_OPS)
     max_token_chars = 1  # single digits: a BPE token like "24" or "*3" would leave the paper's grammar
