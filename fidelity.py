@@ -175,13 +175,6 @@ def kl_parts(log_z, log_r_q, log_q_q, score=None, top=5):
     return out
 
 
-def dominated(f):
-    """The printout's warning: a few samples supply most of a positive KL estimate (e.g. two invalid outputs at 40
-    nats each in 1000 samples), so the estimate and its interval move with how many such samples happened to fall."""
-    kl, top = f.get("kl_q_target"), f.get("kl_top")
-    return top is not None and kl is not None and kl > 0.02 and top > 0.5 * kl
-
-
 def exact_log_z(lam, log_ref_sol, log_r_sol=None):
     """log Z = log(1 + (e^lam - 1) P_ref(Sol)), with log P_ref(Sol) and 1 - P_ref(Sol) (computed accurately).
     With `log_r_sol`, the log R of each solution under another form of the reward (METHOD.md §10; non-solutions
@@ -349,27 +342,94 @@ def measure(policy, task, kappa, lam, n=256, log_z_learned=None, seed=0, exact=T
     return out
 
 
-def format_fidelity(f, explain=False):
-    """The printed block; with `explain`, one line on how to read it."""
-    ci = lambda c: f" [{c[0]:.2f}, {c[1]:.2f}]" if c else ""
-    kind = "exact" if f["exact"] else "estimated, Z exact" if f.get("exact_log_z") else "estimated"
-    bound = "" if f["exact"] else ">= "  # estimated: over the objects drawn only, so lower bounds
-    lines = [f"distance to the target ({kind}): "
-             f"KL(q||p*) {f['kl_q_target']:.3f}{ci(f.get('kl_q_target_ci'))} nats  TV {bound}{f['tv_target']:.3f}  "
-             f"missed mass {bound}{f['missed_mass']:.3f}  oversampled mass {bound}{f['oversampled_mass']:.3f}"
-             + ("" if f["exact"] or "seen_target_mass" not in f else f"  (lower bounds: the {f['n_objects']} objects "
-                f"drawn hold {f['seen_target_mass']:.3f} of the target)"),
-             f"  log Z {f['log_z_estimate']:.2f}{ci(f.get('log_z_ci'))}"
-             + (f"  learned logZ {f['log_z_learned']:.2f} (gap {f['log_z_gap']:+.2f})" if "log_z_learned" in f else "")
-             + (f"  ESS policy {f['ess']['q']:.1f} reference {f['ess']['ref']:.1f}" if "ess" in f else "")
-             + (f"  q(solutions) {f['q_solution_mass']:.3f}  KL(p*||q) {f['kl_target_q']:.3f}" if f["exact"] else "")]
-    if "kl_invalid_part" in f:
-        lines.append(f"  from score-0 samples (q = {f['q_invalid']:.4f}): {f['kl_invalid_part']:.3f} of the KL")
-    if dominated(f):
-        lines.append(f"  note: {f['kl_top_n']} samples supply {f['kl_top']:.3f} of the {f['kl_q_target']:.3f} nats: the estimate "
-                     "and its interval rest on them; measure with more samples (sample.py --fidelity-n)")
-    if explain:
-        lines.append("  read: KL 0 and missed mass 0 mean x is drawn in proportion to R(x); missed mass is the target's "
-                     "share drawn at under a tenth of its rate" + ("" if f["exact"] else
-                                                                 " (over the objects either sampler drew: a lower bound)"))
-    return "\n".join(lines)
+# ----------------------------------------------------------------------------- per condition (METHOD.md §11.4)
+# exact for a task whose every object of a condition can be listed (`given(c).objects()`, the Game of 24: at most
+# 1,536 strings per prompt): q and P_ref are teacher-forced on every object, so Z(c), p*(.|c), TV, KL(q || p*),
+# KL(p* || q) and q(Sol | c) are exact, for any kappa; estimated otherwise (the scaffolds), per condition. train.py
+# measures a fixed subset of each split (--eval-prompts), sample.py every condition it samples.
+
+SPLITS = ("train", "heldout")
+AVERAGED = ("kl_q_target", "kl_target_q", "tv_target", "log_z_gap_abs")  # over every measured condition
+
+
+def enumerated_fidelity(log_q, log_ref, scores, kappa=1.0, lam=50.0):
+    """Exact distance between q(.|c) and p*(x|c) = P_ref(x|c)^kappa exp(lam S(x, c)) / Z(c), given log q, log P_ref
+    and S of EVERY object of the condition (arrays in one order). q_mass and p_ref_mass are the total
+    probabilities of the listed objects: 1 when the list is the whole object space under the mask."""
+    log_q, log_ref, scores = (np.asarray(x, np.float64) for x in (log_q, log_ref, scores))
+    log_r = kappa * log_ref + lam * scores
+    log_z = float(np.logaddexp.reduce(log_r))
+    log_p = log_r - log_z
+    q, p = np.exp(log_q), np.exp(log_p)
+    solved = scores == 1
+    return dict(log_z_exact=log_z, tv_target=0.5 * float(np.abs(q - p).sum()),
+                kl_q_target=float(np.sum(np.where(q > 0, q * (log_q - log_p), 0.0))),
+                kl_target_q=float(np.sum(np.where(p > 0, p * (log_p - log_q), 0.0))),
+                q_solution_mass=float(q[solved].sum()), target_solution_mass=float(p[solved].sum()),
+                p_ref_solution_mass=float(np.exp(log_ref[solved]).sum()), n_solutions=int(solved.sum()),
+                n_objects=len(q), q_mass=float(q.sum()), p_ref_mass=float(np.exp(log_ref).sum()))
+
+
+def exact_condition(policy, task, condition, kappa, lam):
+    """enumerated_fidelity of one condition; the reference's pass is made once per condition and kept."""
+    given = task.given(condition)
+    objects = given.objects()
+    log_q = solution_log_probs(policy.view([condition]), objects)
+    return enumerated_fidelity(log_q, condition_reference_log_probs(policy, condition, objects), given.score_batch(objects),
+                               kappa, lam)
+
+
+def condition_reference_log_probs(policy, condition, objects):
+    """log P_ref(x | c) of every listed object of a condition, one teacher-forced pass per condition, kept (the meter
+    and the oracle's sampler share it)."""
+    if condition not in policy.ref_cache:
+        policy.ref_cache[condition] = solution_log_probs(policy.view([condition]), objects, reference=True)
+    return policy.ref_cache[condition]
+
+
+def measure_conditions(policy, task, conditions, kappa, lam, n=256, learned=None, seed=0):
+    """One dict per condition: exact when the task lists its objects, else measure's estimate from n policy
+    and n reference samples. `learned`: the learned logZ(c) of each condition (or None), compared with Z(c).
+    The policy is in eval mode meanwhile and torch's global RNG is left as it was."""
+    learned = learned or [None] * len(conditions)
+    exact = all(hasattr(task.given(c), "objects") for c in conditions)
+    was_training = policy.model.training
+    policy.model.eval()
+    rows = []
+    try:
+        with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
+            for i, (c, z) in enumerate(zip(conditions, learned)):
+                if exact:
+                    row = exact_condition(policy, task, c, kappa, lam)
+                    log_z = row["log_z_exact"]
+                else:
+                    row = measure(policy.view([c]), task.given(c), kappa, lam, n, seed=seed + i)
+                    log_z = row["log_z_estimate"]
+                if z is not None:
+                    row.update(log_z_learned=float(z), log_z_gap=float(z) - log_z, log_z_gap_abs=abs(float(z) - log_z))
+                rows.append(dict(prompt=c, **row))
+    finally:
+        policy.model.train(was_training)
+    return rows
+
+
+def summarise_split(rows, split):
+    """The split's averages: every AVERAGED key over all its conditions, q(Sol|c) over the solvable ones (0 by
+    definition elsewhere), and the number of conditions; keys are prefixed with the split's name."""
+    out = {f"{split}_n_conditions": len(rows)}
+    for key in AVERAGED:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if values:
+            out[f"{split}_{key}"] = float(np.mean(values))
+    solvable = [r["q_solution_mass"] for r in rows if r.get("n_solutions")]
+    if solvable:
+        out[f"{split}_q_solution_mass"] = float(np.mean(solvable))
+        out[f"{split}_n_solvable"] = len(solvable)
+    return out
+
+
+def subset(conditions, n):
+    """n conditions spread evenly over the (sorted) list, the same ones at every measurement; all when n is 0."""
+    if not n or n >= len(conditions):
+        return list(conditions)
+    return [conditions[i * len(conditions) // n] for i in range(n)]

@@ -15,7 +15,6 @@ The reference's log-probs of the listed strings come from one teacher-forced pas
 import numpy as np
 import torch
 
-import condition_fidelity
 import fidelity
 
 MAX_REJECTION_ROUNDS = 1000  # reference batches drawn for the non-solutions before giving up (P_ref(Sol) near 1)
@@ -100,7 +99,7 @@ class ConditionTarget:
     def __init__(self, policy, task, condition, lam, kappa):
         given = task.given(condition)
         objects = given.objects()
-        log_ref = condition_fidelity.reference_log_probs(policy, condition, objects)
+        log_ref = fidelity.condition_reference_log_probs(policy, condition, objects)
         self.cdf = categorical(kappa * np.asarray(log_ref, np.float64) + lam * np.asarray(given.score_batch(objects)))
         self.tokens, self.lengths = fidelity.encode_texts(policy, objects)
 

@@ -26,9 +26,9 @@ import numpy as np  # noqa: E402 (after the handler above)
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import condition_fidelity
 import conditions
 import fidelity
+import tracking
 from distributed import gather_to_first, my_share
 from metrics import expr24_metrics, sequence_metrics, smiles_metrics
 
@@ -269,7 +269,7 @@ def main(argv=None):
         json.dump(metrics, f, indent=1, default=str)
     print(format_report(metrics))
     if args.fidelity_n > 0:
-        print(fidelity.format_fidelity(metrics, explain=True))
+        print(tracking.format_distance(metrics, explain=True))
     for p in profiles:
         print(f"target at lam {p['lam']:g} (from these {p['n']} reference samples): ESS {p['ess']:.1f}, "
               f"{p['objects_50']} / {p['objects_90']} objects hold 50% / 90% of its mass, {p['at_max_len']:.3f} at "
@@ -309,7 +309,7 @@ def chosen_conditions(args, task):
     """(split, prompt) pairs: the prompts of --prompts, or every condition of --split ('all': both splits)."""
     if args.prompts:
         return [("prompts", p) for p in conditions.read_prompts(args.prompts)]
-    splits = condition_fidelity.SPLITS if args.split == "all" else (args.split,)
+    splits = fidelity.SPLITS if args.split == "all" else (args.split,)
     return [(s, c) for s in splits for c in task.conditions.get(s, [])]
 
 
@@ -345,7 +345,7 @@ def average_split(rows, split):
         values = [r["metrics"][key] for r in solvable if isinstance(r["metrics"].get(key), (int, float))]
         if values:
             out[f"{split}_{key}"] = float(np.mean(values))
-    out.update(condition_fidelity.summarise([r["fidelity"] for r in rows if r.get("fidelity")], split))
+    out.update(fidelity.summarise_split([r["fidelity"] for r in rows if r.get("fidelity")], split))
     out[f"{split}_n_conditions"] = len(rows)
     return out
 
@@ -367,7 +367,7 @@ def run_conditions(args, settings, task, policy, ckpt):
         if args.fidelity_n > 0:
             learned = [head(policy.prompt_states([prompt])).item()] if head is not None else None
             with torch.no_grad():
-                row["fidelity"] = condition_fidelity.measure(policy, task, [prompt], settings.kappa, settings.lam,
+                row["fidelity"] = fidelity.measure_conditions(policy, task, [prompt], settings.kappa, settings.lam,
                                                              args.fidelity_n, learned, seed=args.seed + i)[0]
         rows.append(row)
     gathered = gather_to_first(rows)
@@ -396,9 +396,9 @@ def format_conditions_summary(summary):
         lines.append(f"{split} ({summary[f'{split}_n_conditions']} prompts): Acc {g('acc')}  "
                      f"valid {g('valid_frac') if f'{split}_valid_frac' in summary else g('validity')}  "
                      f"score {g('score')}  NormCov {g('norm_cov')}  (task metrics: mean over the prompts)")
-    fid = {k: v for k, v in summary.items() if any(k.startswith(f"{s}_") for s in condition_fidelity.SPLITS)}
+    fid = {k: v for k, v in summary.items() if any(k.startswith(f"{s}_") for s in fidelity.SPLITS)}
     if any(k.endswith("_kl_q_target") for k in fid):
-        lines.append(condition_fidelity.format_fidelity(fid, explain=True))
+        lines.append(tracking.format_conditions(fid, explain=True))
     return "\n".join(lines)
 
 

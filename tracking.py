@@ -13,7 +13,6 @@ import secrets
 import sys
 import time
 
-import condition_fidelity
 import conditions
 import fidelity
 import rl_losses
@@ -40,8 +39,8 @@ def evaluate(args, task, policy, log_z, step):
     """The distance to the target after `step` steps (fidelity.measure), with what it cost. Its samples come from
     a forked RNG, so a run with evaluations trains exactly as one without."""
     if isinstance(policy, conditions.ConditionalPolicy):  # per condition, averaged over each split (METHOD.md §11.4)
-        return condition_fidelity.evaluate(args, task, policy, log_z, step, lambda c: None if args.loss in
-                                           rl_losses.NO_LOG_Z else conditions.learned_log_z(args, log_z, policy, c))
+        return evaluate_conditions(args, task, policy, step, lambda c: None if args.loss in rl_losses.NO_LOG_Z
+                                   else conditions.learned_log_z(args, log_z, policy, c))
     start = time.perf_counter()
     n = args.eval_n if step != args.steps else max(args.eval_n, args.eval_n_final)
     learned = None if args.loss in rl_losses.NO_LOG_Z else log_z.item()  # RLOO and GRPO have none
@@ -55,6 +54,20 @@ def progress(metrics, kl):
     """The progress bar's numbers: the step's loss, logZ (where the method has one), reward, validity, length, KL."""
     return dict(loss=f"{metrics['loss']:.3g}", **({"logZ": f"{metrics['log_z']:.2f}"} if "log_z" in metrics else {}),
                 R=f"{metrics['reward']:.3f}", valid=f"{metrics['validity']:.2f}", len=f"{metrics['length']:.1f}", **kl)
+
+
+def evaluate_conditions(args, task, policy, step, learned_log_z):
+    """train.py's periodic measurement: --eval-prompts conditions of each split. `learned_log_z(conditions)` gives
+    the learned logZ of each (None without a head)."""
+    start, out = time.perf_counter(), dict(conditional=True)
+    for split in fidelity.SPLITS:
+        conds = fidelity.subset(task.conditions.get(split, []), args.eval_prompts)
+        if conds:
+            rows = fidelity.measure_conditions(policy, task, conds, args.kappa, args.lam, args.eval_n, learned_log_z(conds),
+                           seed=args.seed + step)
+            out.update(fidelity.summarise_split(rows, split))
+    out["kl_q_target"] = out.get("train_kl_q_target", math.nan)  # the progress bar's KL: the training conditions
+    return dict(out, eval_seconds=time.perf_counter() - start)
 
 
 def eval_due(args, step):
@@ -74,7 +87,55 @@ def save_curves(out):
 
 
 def format_fidelity(f, explain=False):
-    return (condition_fidelity if f.get("conditional") else fidelity).format_fidelity(f, explain)
+    """The printed distance to the target: per split of prompts with conditions, else one block."""
+    return (format_conditions if f.get("conditional") else format_distance)(f, explain)
+
+
+def format_distance(f, explain=False):
+    """The printed block; with `explain`, one line on how to read it."""
+    ci = lambda c: f" [{c[0]:.2f}, {c[1]:.2f}]" if c else ""
+    kind = "exact" if f["exact"] else "estimated, Z exact" if f.get("exact_log_z") else "estimated"
+    bound = "" if f["exact"] else ">= "  # estimated: over the objects drawn only, so lower bounds
+    lines = [f"distance to the target ({kind}): "
+             f"KL(q||p*) {f['kl_q_target']:.3f}{ci(f.get('kl_q_target_ci'))} nats  TV {bound}{f['tv_target']:.3f}  "
+             f"missed mass {bound}{f['missed_mass']:.3f}  oversampled mass {bound}{f['oversampled_mass']:.3f}"
+             + ("" if f["exact"] or "seen_target_mass" not in f else f"  (lower bounds: the {f['n_objects']} objects "
+                f"drawn hold {f['seen_target_mass']:.3f} of the target)"),
+             f"  log Z {f['log_z_estimate']:.2f}{ci(f.get('log_z_ci'))}"
+             + (f"  learned logZ {f['log_z_learned']:.2f} (gap {f['log_z_gap']:+.2f})" if "log_z_learned" in f else "")
+             + (f"  ESS policy {f['ess']['q']:.1f} reference {f['ess']['ref']:.1f}" if "ess" in f else "")
+             + (f"  q(solutions) {f['q_solution_mass']:.3f}  KL(p*||q) {f['kl_target_q']:.3f}" if f["exact"] else "")]
+    if "kl_invalid_part" in f:
+        lines.append(f"  from score-0 samples (q = {f['q_invalid']:.4f}): {f['kl_invalid_part']:.3f} of the KL")
+    if dominated(f):
+        lines.append(f"  note: {f['kl_top_n']} samples supply {f['kl_top']:.3f} of the {f['kl_q_target']:.3f} nats: the estimate "
+                     "and its interval rest on them; measure with more samples (sample.py --fidelity-n)")
+    if explain:
+        lines.append("  read: KL 0 and missed mass 0 mean x is drawn in proportion to R(x); missed mass is the target's "
+                     "share drawn at under a tenth of its rate" + ("" if f["exact"] else
+                                                                 " (over the objects either sampler drew: a lower bound)"))
+    return "\n".join(lines)
+
+
+def dominated(f):
+    """The printout's warning: a few samples supply most of a positive KL estimate (e.g. two invalid outputs at 40
+    nats each in 1000 samples), so the estimate and its interval move with how many such samples happened to fall."""
+    kl, top = f.get("kl_q_target"), f.get("kl_top")
+    return top is not None and kl is not None and kl > 0.02 and top > 0.5 * kl
+
+
+def format_conditions(f, explain=False):
+    """The printed lines: one per split."""
+    lines = []
+    for split in [k[:-len("_n_conditions")] for k in f if k.endswith("_n_conditions")]:
+        g = lambda key, d=3: f"{f[f'{split}_{key}']:.{d}f}" if f.get(f"{split}_{key}") is not None else "-"
+        lines.append(f"{split:>8} ({f[f'{split}_n_conditions']} prompts): KL(q||p*) {g('kl_q_target')}  "
+                     f"KL(p*||q) {g('kl_target_q')}  TV {g('tv_target')}  q(Sol|c) {g('q_solution_mass')} "
+                     f"(solvable)  |logZ - log Z| {g('log_z_gap_abs', 2)}")
+    if explain:
+        lines.append("  read: the mean over a split's prompts of each prompt's distance to its own target p*(.|c); "
+                     "held-out prompts were never trained on")
+    return "distance to the target per prompt:\n" + "\n".join(lines)
 
 
 def report_fidelity(log_path, seconds, resumed_at=0):

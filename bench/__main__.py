@@ -8,10 +8,11 @@ replay (subm.py): SubM's lazy greedy against plain greedy, the similarity matrix
 step, sampler, fidelity, fidelity-expr24, gpu, expr24 (step.py): one training step phase by phase, the sampler's
 cost per token, the fidelity meter's share of a run, MFU and the step on a GPU, Expr24's grammar mask.
 """
+import argparse
 import sys
 
 from bench.objectives import bench_logprobs, bench_losses
-from bench.step import bench_expr24, bench_fidelity, bench_gpu, bench_sampler, bench_step
+from bench.step import bench_expr24, bench_fidelity, bench_gpu, bench_sampler, bench_step, bench_task_step
 from bench.subm import bench_replay
 
 SECTIONS = {"losses": bench_losses, "replay": bench_replay, "logprobs": bench_logprobs, "step": bench_step,
@@ -19,13 +20,27 @@ SECTIONS = {"losses": bench_losses, "replay": bench_replay, "logprobs": bench_lo
             "fidelity-expr24": lambda: bench_fidelity(task_name="expr24")}
 
 
-def main(argv=None):
-    names = (sys.argv[1:] if argv is None else argv) or list(SECTIONS)
-    unknown = [n for n in names if n not in SECTIONS]
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("sections", nargs="*", help=f"which to run (default: all): {', '.join(SECTIONS)}")
+    p.add_argument("--task", default=None, help="step only: a built-in task's whole step beside the oracle's "
+                   "(default: the SMILES step phase by phase)")
+    p.error = lambda message: p.exit(2, f"error: {message}\n")
+    args = p.parse_args(argv)
+    unknown = [n for n in args.sections if n not in SECTIONS]
     if unknown:
-        print(f"error: unknown section(s) {unknown}; available: {list(SECTIONS)}", file=sys.stderr)
-        return 2
-    for name in names:
+        p.error(f"unknown section(s) {unknown}; available: {list(SECTIONS)}")
+    if args.task and args.sections != ["step"]:
+        p.error("--task is for the step section alone: python -m bench step --task NAME")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.task:
+        bench_task_step(args.task)
+        return 0
+    for name in args.sections or list(SECTIONS):
         SECTIONS[name]()
     return 0
 

@@ -1,5 +1,7 @@
 """
-Benchmarks of the training step (not tests): `python -m bench step` (sampler, fidelity, gpu, expr24).
+Benchmarks of the training step (not tests): `python -m bench step [--task NAME]` (sampler, fidelity, gpu, expr24).
+
+step --task NAME: the task's whole step with its default method beside the oracle's, `step / oracle step: R`.
 
 step: one training micro-batch phase by phase (on-policy and replayed), CPU time of each phase; for SMILES with
 and without its syntax mask in the same run, with total / (forward + backward) and the mask's sampling ratio.
@@ -64,6 +66,51 @@ def bench_step(model="prior", extra=(), steps=12, warmup=3, seed=0):
         sample = {name: run.cpu["policy"]["sample"] for name, run in runs.items()}
         print(f"sampling with the SMILES mask / without: {sample['mask'] / sample['no mask']:.2f}")
     return {name: dict(cpu=run.cpu, wall=run.wall, steps=steps, ratio=run.ratio()) for name, run in runs.items()}
+
+
+def bench_task_step(task="expr24", steps=60, warmup=None):
+    """A task's whole training step with its default method against the oracle's (--loss oracle: the same model,
+    batch, masks and schedule; exact samples of p* instead of on-policy ones, no replay), each a short train.py run
+    with the same flags, CPU ms per optimiser step over `steps` steps after `warmup`; ends with the line
+    `step / oracle step: R`. With conditions the warm-up is 400 steps: the oracle's first draw from a prompt costs a
+    reference pass over all its strings (once per prompt and run, about 20 s over the Game of 24's 396), which the
+    steady step does not. A task that cannot enumerate its target (SMILES) has no oracle: its phases instead."""
+    import tempfile
+    import train
+    torch.set_num_threads(1)
+    if warmup is None:
+        warmup = 400 if getattr(train.build_task(train.get_args(["--task", task])), "conditions", None) else 10
+    flags = ["--task", task, "--steps", str(warmup + steps), "--eval-every", "0", "--ckpt-every", str(10 ** 9)]
+    try:
+        train.get_args([*flags, "--loss", "oracle"])
+    except SystemExit:  # its one line is printed: the task cannot enumerate its target
+        return bench_step(extra=["--task", task])
+    ms = {}
+    for name, extra in (("default", []), ("oracle", ["--loss", "oracle"])):
+        code, times = step_times(train, [*flags, "--out", os.path.join(tempfile.mkdtemp(), name), *extra])
+        if code != 0:
+            return print(f"{task}: train.py exit {code} (its line above)")
+        ms[name] = 1000 * float(np.median(times[warmup:]))
+    print(f"\n== {task}: one optimiser step, CPU ms (median of {steps} after {warmup}; one thread; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores) ==")
+    print(f"default method: {ms['default']:.1f} ms   oracle: {ms['oracle']:.1f} ms")
+    print(f"step / oracle step: {ms['default'] / ms['oracle']:.2f}")
+
+
+def step_times(train, argv):
+    """train.main(argv) with the CPU time of each train_step recorded: (exit code, seconds per step)."""
+    real, times = train.train_step, []
+
+    def timed(*a, **k):
+        start = time.process_time()
+        out = real(*a, **k)
+        times.append(time.process_time() - start)
+        return out
+    train.train_step = timed
+    try:
+        return train.main(argv), times
+    finally:
+        train.train_step = real
 
 
 class StepRun:

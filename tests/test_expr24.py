@@ -466,7 +466,6 @@ def test_losses_match_the_target_under_a_state_mask(name, knobs):
 
 
 def test_the_scratch_model_has_the_tasks_width_and_depth(tmp_path, monkeypatch, quick_warm_start):
-    import model
     monkeypatch.setattr(Expr24Task, "scratch_model", dict(n_layer=2, n_embd=32, n_head=2))
     out = tmp_path / "run"
     assert train.main(["--task", "expr24", "--out", str(out), "--steps", "1", "--batch-size", "4", "--max-len", "5",

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fidelity
+import tracking
 import model as modellib
 from tasks.expr24.task import EXPR24_DIGITS, EXPR24_OPS, Expr24Task
 
@@ -164,13 +165,13 @@ def test_expr24_between_exact_measurements_z_is_still_exact(small_expr24):
     assert not cheap["exact"] and cheap["exact_log_z"] and cheap["log_z_ci"] is None
     assert cheap["log_z_estimate"] == pytest.approx(exact["log_z_estimate"], rel=1e-9)
     assert cheap["kl_q_target"] == pytest.approx(exact["kl_q_target"], rel=0.1)  # same Z, sampled expectation
-    assert "Z exact" in fidelity.format_fidelity(cheap)
+    assert "Z exact" in tracking.format_distance(cheap)
     # the estimated TV and missed mass cover only the objects drawn: printed as lower bounds, with how much of
     # the target those objects hold, so a start line of TV 0.000 is not read against an exact TV at the end
-    first = fidelity.format_fidelity(cheap).splitlines()[0]
+    first = tracking.format_distance(cheap).splitlines()[0]
     assert f"TV >= {cheap['tv_target']:.3f}" in first and f"missed mass >= {cheap['missed_mass']:.3f}" in first
     assert f"drawn hold {cheap['seen_target_mass']:.3f} of the target)" in first
-    assert ">=" not in fidelity.format_fidelity(exact).splitlines()[0]
+    assert ">=" not in tracking.format_distance(exact).splitlines()[0]
 
 
 # ----------------------------------------------------------------------------- rare invalid leakage (METHOD.md §8.2)
@@ -215,7 +216,7 @@ def test_the_printout_says_when_a_few_samples_decide_the_estimate():
     c = f["log_z_estimate"] - q["log_r"] + q["log_q"]
     assert f["kl_invalid_part"] + c[q["score"] > 0].sum() / len(c) == pytest.approx(f["kl_q_target"])
     assert f["q_invalid"] == pytest.approx(np.mean(q["score"] == 0))
-    text = fidelity.format_fidelity(f)
-    assert "from score-0 samples" in text and ("note:" in text) == fidelity.dominated(f)
+    text = tracking.format_distance(f)
+    assert "from score-0 samples" in text and ("note:" in text) == tracking.dominated(f)
     clean = fidelity.fidelity(draws(rng, arrays[2] - np.logaddexp.reduce(arrays[2]), 1000, arrays), ref)
-    assert "note:" not in fidelity.format_fidelity(clean)  # the target itself: nothing dominates
+    assert "note:" not in tracking.format_distance(clean)  # the target itself: nothing dominates

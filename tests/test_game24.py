@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import batches
-import condition_fidelity
+import fidelity
 import losses
 import sample
 import tracking
@@ -97,7 +97,7 @@ def test_the_shipped_reference_is_a_distribution_close_to_uniform_per_prompt():
     with torch.no_grad():
         for prompt in ["1139:", "3389:", "4679:", "9999:"]:
             objects = task.given(prompt).objects()
-            log_p = condition_fidelity.fidelity.solution_log_probs(policy.view([prompt]), objects)
+            log_p = fidelity.solution_log_probs(policy.view([prompt]), objects)
             assert abs(np.exp(log_p).sum() - 1) < 1e-5  # the listed strings hold all of P_ref's mass
             assert np.mean(-np.log(len(objects)) - log_p) < 0.12  # KL(uniform || P_ref), nats
     metrics = json.load(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "game24", "prior", "metrics.json")))
@@ -110,11 +110,11 @@ def test_the_exact_meter_on_a_small_listing():
     scores = np.array([1, 0, 0, 1, 0, 0])
     log_r = log_ref + 4 * scores
     log_p = log_r - np.log(np.exp(log_r).sum())
-    at_target = condition_fidelity.enumerated_fidelity(log_p, log_ref, scores, 1.0, 4.0)
+    at_target = fidelity.enumerated_fidelity(log_p, log_ref, scores, 1.0, 4.0)
     assert abs(at_target["tv_target"]) < 1e-12 and abs(at_target["kl_q_target"]) < 1e-12
     assert abs(at_target["q_solution_mass"] - np.exp(log_p[[0, 3]]).sum()) < 1e-12
     q = rng.dirichlet(np.ones(6))
-    f = condition_fidelity.enumerated_fidelity(np.log(q), log_ref, scores, 1.0, 4.0)
+    f = fidelity.enumerated_fidelity(np.log(q), log_ref, scores, 1.0, 4.0)
     p = np.exp(log_p)
     assert abs(f["tv_target"] - 0.5 * sum(abs(a - b) for a, b in zip(q, p))) < 1e-12
     assert abs(f["kl_q_target"] - sum(a * np.log(a / b) for a, b in zip(q, p))) < 1e-12
