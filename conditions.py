@@ -149,7 +149,7 @@ def build(args, task, policy):
     policy = ConditionalPolicy(policy, task, args.prompt)
     buffer = None if args.replay == "none" else ConditionalBuffer(args.replay, args.buffer_size, task.similarity,
                                                                   **buffer_options(args))
-    return task, policy, buffer, make_log_z(args, policy)
+    return task, policy, buffer, make_condition_log_z(args, policy)
 
 
 # ----------------------------------------------------------------------------- the policy over conditions
@@ -305,7 +305,7 @@ def row_log_z(args, log_z, policy, conditions, log_pf, log_pterm, log_r, lengths
     return log_z(policy.prompt_states(conditions))
 
 
-def make_log_z(args, policy):
+def make_condition_log_z(args, policy):
     """The learned part of logZ and its parameters (logZ's own optimiser group): the head, or for --log-z batch
     the unused scalar that keeps the optimiser's and the checkpoint's layout."""
     if args.log_z_mode == "head":

@@ -247,7 +247,7 @@ def test_replay_keeps_each_condition_apart(tmp_path):
 def test_an_unconditional_run_never_enters_the_conditional_code(tiny_gpt2, tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the unconditional path called the conditional code")
-    for name in ("build", "row_log_z", "init_log_z", "make_log_z", "ConditionalPolicy", "ConditionalBuffer"):
+    for name in ("build", "row_log_z", "init_log_z", "make_condition_log_z", "ConditionalPolicy", "ConditionalBuffer"):
         monkeypatch.setattr(conditions, name, refuse)
     assert train.main(["--model", tiny_gpt2, "--out", str(tmp_path), "--steps", "2", "--batch-size", "4",
                        "--max-len", "4", "--min-len", "1", "--eval-every", "0"]) == 0
