@@ -144,7 +144,7 @@ def grpo_loss(log_pf, log_pterm, lengths, score, ref_log_pf, ref_log_pterm, old_
 
 
 LOSSES = {"rloo": rloo_loss, "grpo": grpo_loss, "dpg": dpg_loss}
-NO_LOG_Z = ("rloo", "grpo")  # neither learns nor estimates a logZ: none is logged, drawn or compared
+NO_LOG_Z = ("rloo", "grpo", "oracle")  # none learns or estimates a logZ: none is logged, drawn or compared
 
 
 # ----------------------------------------------------------------------------- what the trainer adds for them

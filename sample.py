@@ -201,7 +201,7 @@ def run_settings(args):
             raise ModelError(f"checkpoint {ckpt!r} was trained on the task {saved!r}, not {args.task!r}; to sample it "
                              f"under {args.task!r} anyway, add --any-task")
         log_z = state["log_z"] if isinstance(state["log_z"], dict) else float(state["log_z"])  # a dict: a logZ head
-        if state["args"].get("loss") in NO_LOG_Z:  # RLOO and GRPO learn none: no "learned logZ" to compare
+        if state["args"].get("loss") in NO_LOG_Z:  # RLOO, GRPO and the oracle learn none: nothing to compare
             log_z = None
         defaults = vars(flags.make_parser().parse_args([]))  # no task is loaded: a checkpoint never runs task code
         settings = checkpoint.saved_settings({**state["args"], "task": args.task or saved, "log_z": log_z}, defaults)

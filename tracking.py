@@ -43,7 +43,7 @@ def evaluate(args, task, policy, log_z, step):
                                    else conditions.learned_log_z(args, log_z, policy, c))
     start = time.perf_counter()
     n = args.eval_n if step != args.steps else max(args.eval_n, args.eval_n_final)
-    learned = None if args.loss in rl_losses.NO_LOG_Z else log_z.item()  # RLOO and GRPO have none
+    learned = None if args.loss in rl_losses.NO_LOG_Z else log_z.item()  # RLOO, GRPO and the oracle have none
     exact = step == args.steps or args.eval_exact  # Expr24: exact at the end (or every time, with --eval-exact);
     # before, Z exact and the rest estimated
     f = fidelity.measure(policy, task, args.kappa, args.lam, n, learned, seed=args.seed + step, exact=exact)

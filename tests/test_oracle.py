@@ -167,6 +167,7 @@ def test_train_py_runs_the_oracle_on_expr24(tmp_path, quick_warm_start):
     assert [r["step"] for r in steps] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in steps)
     assert all(r["reward"] == 1.0 and r["replay"] == 0 for r in steps)  # lam 50: every draw a solution, no replay
     assert [r["step"] for r in rows if r.get("exact")] == [0, 3]  # --eval-exact: exact at the start as well
+    assert not any("log_z" in r or "log_z_learned" in r for r in rows)  # the oracle has no logZ to report
 
 
 def test_train_py_runs_the_oracle_on_game24(tmp_path):
