@@ -14,7 +14,6 @@ import model as modellib
 import oracle
 import rewards
 import train
-from tasks.expr24.task import Expr24Task
 from losses import compute_loss
 from test_fixed_points import SparseTree
 
@@ -73,7 +72,7 @@ def expr24_policy(tmp_path_factory):
     """A warm-started scratch reference of Expr24 with L_max 5 (3 or 5 characters: 15,600 expressions) and its
     policy, a frozen copy, as train.py builds them."""
     path = str(tmp_path_factory.mktemp("expr24"))
-    task = Expr24Task()
+    task = rewards.load_task("expr24")
     texts = task.random_objects(2000, np.random.default_rng(0), 3, 5)
     modellib.build_scratch_model(path, sorted(task.charset), warmup_texts=texts, warmup_steps=100, seed=0)
     net, tokenizer = modellib.load_model(path)
@@ -93,7 +92,7 @@ def test_expr24_sampler_draws_exactly_from_the_target(expr24_policy):
     """lam = 3 puts a visible share of p* on the non-solutions too, so both branches of the sampler are measured:
     the share of solutions against p*(Sol) (binomial, 5 sigma), and every expression's frequency against p* (the
     whole space of 15,600, enumerated and teacher-forced here) by a chi-square."""
-    policy, task, lam, n = expr24_policy, Expr24Task(), 3.0, 40000
+    policy, task, lam, n = expr24_policy, rewards.load_task("expr24"), 3.0, 40000
     args = type("Args", (), dict(lam=lam, kappa=1.0))()
     objects = every_expression()
     assert len(objects) == 15600
@@ -116,7 +115,7 @@ def test_expr24_sampler_draws_exactly_from_the_target(expr24_policy):
 
 def test_expr24_sampler_at_the_default_lambda_draws_solutions(expr24_policy):
     """lam = 50: p*(Sol) is 1 to within e^-50 / P_ref(Sol), and each solution comes in proportion to P_ref."""
-    policy, task, n = expr24_policy, Expr24Task(), 20000
+    policy, task, n = expr24_policy, rewards.load_task("expr24"), 20000
     args = type("Args", (), dict(lam=50.0, kappa=1.0))()
     tokens, lengths = oracle.sample(args, task, policy, n, np.random.default_rng(2))
     solutions = task.solutions(3, 5)
