@@ -77,8 +77,8 @@ class Expr24Task(Task):
     # model None: train.py builds a tiny character-level GPT-2 (153k parameters) and warm-starts it on random_objects.
     # Optimisation, the same for every objective: what the oracle (--loss oracle, maximum likelihood on exact samples
     # of p*) needs to reach the target within about 20 minutes of one CPU core: 27,000 steps of 128 at lr 3e-3
-    # (cosine) took it from q(Sol) 0.005 and KL(p*||q) 5.34 to 0.815 and 0.400 (results/oracle/NOTES.md). A RapTB +
-    # SubM step costs about the same, so a default run of any method takes about 20 minutes.
+    # (cosine) took it from q(Sol) 0.005 and KL(p*||q) 5.34 to 0.815 and 0.400 (results/oracle/NOTES.md) in 18 CPU
+    # minutes; a default RapTB + SubM or TB + SubM run took 28 (RESULTS.md, "Cover the modes").
     defaults = dict(model=None, min_len=3, max_len=9, lr=3e-3, batch_size=128, grad_accum=1, steps=27000)
     scratch_model = dict(n_layer=3, n_embd=64, n_head=4)  # train.py's scratch reference (model.build_scratch_model)
     digits = EXPR24_DIGITS
