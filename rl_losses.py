@@ -152,14 +152,13 @@ NO_LOG_Z = ("rloo", "grpo", "oracle")  # none learns or estimates a logZ: none i
 def batch_knobs(name, policy, tokens, lengths, score, conditions=None):
     """The tensors beyond the batch contract an RL loss takes: GRPO's reward S and P_ref's per-action log-probs
     (one more teacher-forced pass of the reference, without gradient), and with conditions each row's group: a
-    condition's k samples share a baseline (RLOO) or an advantage's mean and std (GRPO). {} for the GFlowNet
-    losses."""
-    if name not in LOSSES:
-        return {}
-    rows = {} if conditions is None else dict(conditions=conditions)
-    out = {} if conditions is None else dict(groups=torch.tensor(
-        [list(dict.fromkeys(conditions)).index(c) for c in conditions], device=tokens.device))
+    condition's k samples share a baseline (RLOO) or an advantage's mean and std (GRPO)."""
+    out = {}
+    if conditions is not None:
+        group_of = {c: i for i, c in enumerate(dict.fromkeys(conditions))}
+        out["groups"] = torch.tensor([group_of[c] for c in conditions], device=tokens.device)
     if name == "grpo":
+        rows = {} if conditions is None else dict(conditions=conditions)  # a conditional policy reads each row's prompt
         with torch.no_grad():
             ref_log_pf, ref_log_pterm = policy.log_probs(tokens, lengths, reference=True, **rows)
         out.update(score=score, ref_log_pf=ref_log_pf, ref_log_pterm=ref_log_pterm)

@@ -39,8 +39,8 @@ from batches import (buffer_items, by_row, estimate_log_z, get_batch, linear, lo
                      scored, to_items)
 from checkpoint import (drop_lines_after, failure, non_finite_loss, restore, resume_due, resume_or_start, save_checkpoint,
                         stop_on_ctrl_c, stop_requested)
-from flags import fill_defaults, first_problem, make_parser
 from distributed import average_across_ranks, enable_grad_ckpt, fsdp_average_and_clip, setup_distributed, shard, shared_coin
+from flags import fill_defaults, first_problem, make_parser
 from replay import buffer_options, make_buffer
 from tracking import (eval_due, evaluate, progress, format_fidelity, log_step, report_fidelity, save_curves, trackers,
                       tracking_problem)

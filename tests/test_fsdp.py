@@ -262,21 +262,14 @@ def test_grad_ckpt_may_change_on_resume():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bf16 mixed precision, NCCL)")
 @pytest.mark.parametrize("extra", [["--lora", "--grad-ckpt"], ["--grad-ckpt"]], ids=["lora", "full"])
-def test_fsdp_on_one_gpu_trains_and_resumes(tiny_llama, tmp_path, monkeypatch, extra):
+def test_fsdp_on_one_gpu_trains_and_resumes(tiny_llama, tmp_path, ctrl_c_after_step, extra):
     """A plain `python train.py --fsdp` (a process group of one), bf16 compute: runs, stops, resumes, and its
     checkpoint loads as a normal model. (Bit-identity is not asserted: GPU kernels need not be deterministic.)"""
     argv = ["--model", tiny_llama, *COMMON, "--device", "cuda", "--fsdp", *extra, "--replay", "prt", "--batch-size", "8",
             "--grad-accum", "2", "--steps", "4", "--ckpt-every", "100", "--out", str(tmp_path)]
-    real_log_step = train.log_step
-
-    def log_step(log_file, metrics):
-        real_log_step(log_file, metrics)
-        if metrics["step"] == 2:
-            checkpoint.STOP["requested"] = True
-
-    monkeypatch.setattr(train, "log_step", log_step)
+    disarm = ctrl_c_after_step(2)
     assert train.main(argv) == 130
-    monkeypatch.setattr(train, "log_step", real_log_step)
+    disarm()
     assert train.main(["--resume", "--out", str(tmp_path), "--steps", "4"]) == 0
     log = read_log(tmp_path)
     assert [m["step"] for m in log] == [1, 2, 3, 4]

@@ -148,18 +148,12 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
-def test_a_game24_run_resumes_bit_identically(tmp_path, monkeypatch, log_z="head"):
+def test_a_game24_run_resumes_bit_identically(tmp_path, ctrl_c_after_step, log_z="head"):
     args = [*FAST, "--log-z", log_z, "--eval-every", "2", "--eval-prompts", "1"]
     assert train.main([*args, "--out", str(tmp_path / "straight")]) == 0
-    real_log_step = train.log_step
-
-    def ctrl_c_after_step_2(log_file, metrics):
-        real_log_step(log_file, metrics)
-        if metrics["step"] == 2:
-            checkpoint.STOP["requested"] = True
-    monkeypatch.setattr(train, "log_step", ctrl_c_after_step_2)
+    disarm = ctrl_c_after_step(2)
     assert train.main([*args, "--out", str(tmp_path / "killed")]) == 130
-    monkeypatch.setattr(train, "log_step", real_log_step)
+    disarm()
     assert train.main(["--resume", "--out", str(tmp_path / "killed"), "--steps", "4"]) == 0
     strip = lambda rows: [{k: v for k, v in r.items() if k not in tracking.TIMINGS} for r in rows]
     straight, killed = strip(read_log(tmp_path / "straight")), strip(read_log(tmp_path / "killed"))
