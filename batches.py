@@ -74,6 +74,15 @@ def score_rows(args, task, policy, tokens, lengths, items=None, conditions=None)
     return log_r.float(), u.float(), texts, final, log_ref, scores
 
 
+def final_scores(task, policy, tokens, lengths, conditions=None):
+    """Each row's text and the score S(x) of its finished object alone: no prefixes and no reference pass. It is
+    all an oracle batch's log needs, since maximum likelihood reads no reward."""
+    texts = policy.texts(tokens, lengths)
+    tasks = row_tasks(task, conditions, len(texts))
+    final = torch.tensor([t.score_batch([x])[0] for t, x in zip(tasks, texts)], dtype=torch.float64)
+    return texts, final.to(policy.device)
+
+
 def prefix_scores(task, policy, tokens, lengths, conditions=None):
     """rewards.prefix_scores with each row's task, [B, L_max + 1] float64."""
     if conditions is None:

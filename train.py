@@ -35,8 +35,8 @@ import model as modellib
 import oracle
 import rewards
 import rl_losses
-from batches import (buffer_items, by_row, estimate_log_z, get_batch, linear, loss_log_probs, row_tasks, score_rows,
-                     scored, to_items)
+from batches import (buffer_items, by_row, estimate_log_z, final_scores, get_batch, linear, loss_log_probs, row_tasks,
+                     score_rows, scored, to_items)
 from checkpoint import (drop_lines_after, failure, non_finite_loss, restore, resume_due, resume_or_start, save_checkpoint,
                         stop_on_ctrl_c, stop_requested)
 from distributed import average_across_ranks, enable_grad_ckpt, fsdp_average_and_clip, setup_distributed, shard, shared_coin
@@ -182,9 +182,10 @@ def train_step(training, step):
         rl_losses.update_running_log_z(training.log_z, metrics["dpg_weight_mean"], step)
     scale = len(rows) * (dist.get_world_size() if dist.is_initialized() else 1)  # per step over all ranks, not means
     metrics.update({k: metrics[k] * scale for k in ("objects_scored", "prefixes_scored")})
-    log_z_value = metrics.pop("log_z") if "log_z" in metrics else training.log_z.item()  # with conditions: the batch's mean
-    no_log_z = args.loss in rl_losses.NO_LOG_Z  # their log_z is an unused number: not a logZ to report
-    return dict(step=step + 1, **metrics, **({} if no_log_z else dict(log_z=log_z_value)), grad_norm=grad_norm.item(),
+    batch_log_z = metrics.pop("log_z", None)  # with conditions: the batch's mean
+    log_z = {} if args.loss in rl_losses.NO_LOG_Z else \
+        dict(log_z=training.log_z.item() if batch_log_z is None else batch_log_z)  # none to report for RLOO, GRPO, oracle
+    return dict(step=step + 1, **metrics, **log_z, grad_norm=grad_norm.item(),
                 k_min=knobs["k_min"], eta=knobs["eta"], lr=training.optimizer.param_groups[0]["lr"],
                 cpu_seconds=time.process_time() - cpu_start)
 
@@ -197,10 +198,14 @@ def micro_batch(training, frac, coin, knobs, kept):
     batch = get_batch(args, task, policy, training.buffer, training.rng, frac, coin)
     tokens, lengths, conds = batch.tokens, batch.lengths, batch.conditions
     # its reward at every prefix, and the policy's log-probs of every action and stop
-    log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, batch.items, conds)
+    oracle_rows = batch.source == "oracle"  # maximum likelihood reads no reward and no logZ
+    if oracle_rows:  # the final scores for the log, without the reference pass
+        (texts, final), log_r, u = final_scores(task, policy, tokens, lengths, conds), None, None
+    else:
+        log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, batch.items, conds)
     log_pf, log_pterm = loss_log_probs(args, policy, tokens, lengths, conds)
-    log_z = training.log_z if conds is None else conditions.row_log_z(args, training.log_z, policy, conds, log_pf, log_pterm,
-                                                                  log_r, lengths)
+    log_z = training.log_z if conds is None or oracle_rows else \
+        conditions.row_log_z(args, training.log_z, policy, conds, log_pf, log_pterm, log_r, lengths)
     # the loss, through the one entry point of every objective
     rl = {}  # what an RL baseline takes beyond the batch (GRPO's reference pass, each row's group)
     if args.loss in rl_losses.LOSSES:
@@ -218,7 +223,7 @@ def micro_batch(training, frac, coin, knobs, kept):
                 length=lengths.float().mean().item(), replay=float(batch.source == "replay"),
                 **scored(batch.source, lengths), log_pstop_final=log_pterm.detach().gather(1, lengths[:, None]).mean().item(),
                 **{k: float(v) for k, v in stats.items()},
-                **({} if conds is None else dict(log_z=log_z.detach().mean().item())))
+                **({} if conds is None or oracle_rows else dict(log_z=log_z.detach().mean().item())))
 
 
 def inner_epochs(training, batches, knobs):
