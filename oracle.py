@@ -21,21 +21,22 @@ MAX_REJECTION_ROUNDS = 1000  # reference batches drawn for the non-solutions bef
 
 
 def problem(args, task):
-    """Why --loss oracle cannot run on this task (None if it can, or for any other loss): one line."""
-    if args.loss != "oracle":
+    """Why --loss oracle or --replay oracle cannot run on this task (None if it can, or neither is asked): one line."""
+    if args.loss != "oracle" and args.replay != "oracle":
         return None
+    what = "--loss oracle" if args.loss == "oracle" else "--replay oracle"
     if args.fsdp:  # each rank would draw its own number of reference batches, and each is a collective under FSDP
-        return "--loss oracle runs without --fsdp (its rejection sampling differs between ranks)"
+        return "exact samples of p* run without --fsdp (their rejection sampling differs between ranks)"
     if getattr(task, "conditions", None) is not None:
         if all(hasattr(task.given(c), "objects") for c in task.conditions["train"]):
             return None
-        return (f"--loss oracle draws exact samples of each prompt's target: task {task.name!r} does not list every "
+        return (f"{what} draws exact samples of each prompt's target: task {task.name!r} does not list every "
                 f"object of its prompts (given(prompt).objects())")
     if getattr(task, "solutions", None) is None:
-        return (f"--loss oracle draws exact samples of the target: task {task.name!r} cannot enumerate it (it has no "
+        return (f"{what} draws exact samples of the target: task {task.name!r} cannot enumerate it (it has no "
                 f"solutions(min_len, max_len) method)")
     if args.kappa != 1:
-        return f"--loss oracle on a task's solutions needs --kappa 1 (got {args.kappa}), as the exact meter does"
+        return f"{what} on a task's solutions needs --kappa 1 (got {args.kappa}), as the exact meter does"
     return None
 
 

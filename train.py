@@ -35,8 +35,8 @@ import model as modellib
 import oracle
 import rewards
 import rl_losses
-from batches import (buffer_items, by_row, estimate_log_z, final_scores, get_batch, linear, loss_log_probs, row_tasks,
-                     score_rows, scored, to_items)
+from batches import (buffer_items, by_row, estimate_log_z, final_scores, get_batch, linear, loss_log_probs, reward_lam,
+                     row_tasks, score_rows, scored, to_items)
 from checkpoint import (drop_lines_after, failure, non_finite_loss, restore, resume_due, resume_or_start, save_checkpoint,
                         stop_on_ctrl_c, stop_requested)
 from distributed import average_across_ranks, enable_grad_ckpt, fsdp_average_and_clip, setup_distributed, shard, shared_coin
@@ -109,7 +109,7 @@ def build_policy(args, task, ckpt=None, with_reference=True):
 
 
 def build_buffer(args, task):
-    if args.replay == "none":
+    if args.replay in ("none", "oracle"):  # oracle: exact samples of p* stand in for the buffer
         return None
     return make_buffer(args.replay, capacity=args.buffer_size, similarity=task.similarity,
                        **buffer_options(args))
@@ -172,7 +172,8 @@ def train_step(training, step):
         group["lr"] = base * lr_factor(args, step / args.steps)  # the last step keeps a small, non-zero rate
     training.optimizer.zero_grad(set_to_none=True)
     knobs, kept, cpu_start = loss_knobs(args, frac), [], time.process_time()
-    rows = [micro_batch(training, frac, shared_coin(args, step, i), knobs, kept) for i in range(args.grad_accum)]
+    lam = reward_lam(args, step)
+    rows = [micro_batch(training, frac, shared_coin(args, step, i), knobs, kept, lam) for i in range(args.grad_accum)]
     grad_norm = optimizer_step(args, training.optimizer, training.log_z)
     inner_epochs(training, kept, knobs)
     # the step's metrics: the mean over its micro-batches and over the ranks
@@ -190,19 +191,19 @@ def train_step(training, step):
                 cpu_seconds=time.process_time() - cpu_start)
 
 
-def micro_batch(training, frac, coin, knobs, kept):
+def micro_batch(training, frac, coin, knobs, kept, lam):
     """One batch, with or without conditions: draw it, score it, loss and backward, refresh the buffer; returns its
     metrics. GRPO's batches are kept in `kept` for its inner epochs, with q_old = this pass."""
     args, task, policy = training.args, training.task, training.policy
     # the batch: on-policy samples or replayed items, each row with its condition when the task has them
-    batch = get_batch(args, task, policy, training.buffer, training.rng, frac, coin)
+    batch = get_batch(args, task, policy, training.buffer, training.rng, frac, coin, lam)
     tokens, lengths, conds = batch.tokens, batch.lengths, batch.conditions
     # its reward at every prefix, and the policy's log-probs of every action and stop
     oracle_rows = batch.source == "oracle"  # maximum likelihood reads no reward and no logZ
     if oracle_rows:  # the final scores for the log, without the reference pass
         (texts, final), log_r, u = final_scores(task, policy, tokens, lengths, conds), None, None
     else:
-        log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, batch.items, conds)
+        log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, batch.items, conds, lam)
     log_pf, log_pterm = loss_log_probs(args, policy, tokens, lengths, conds)
     log_z = training.log_z if conds is None or oracle_rows else \
         conditions.row_log_z(args, training.log_z, policy, conds, log_pf, log_pterm, log_r, lengths)
@@ -220,7 +221,7 @@ def micro_batch(training, frac, coin, knobs, kept):
         training.buffer.add(buffer_items(args, items, scores, log_r, lengths), **by_row(conds))
     valid = torch.tensor([t.is_valid(x) for t, x in zip(row_tasks(task, conds, len(texts)), texts)], dtype=torch.float)
     return dict(loss=loss.item(), reward=final.mean().item(), validity=valid.mean().item(),
-                length=lengths.float().mean().item(), replay=float(batch.source == "replay"),
+                length=lengths.float().mean().item(), replay=float(batch.source in ("replay", "exact")),
                 **scored(batch.source, lengths), log_pstop_final=log_pterm.detach().gather(1, lengths[:, None]).mean().item(),
                 **{k: float(v) for k, v in stats.items()},
                 **({} if conds is None or oracle_rows else dict(log_z=log_z.detach().mean().item())))

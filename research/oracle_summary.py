@@ -38,7 +38,8 @@ if plot_to:  # KL(p*||q) and q(Sol) against the step, one line per run
         steps, kl, q = zip(*points)
         left.plot(steps, kl, marker=".", label=name)
         right.plot(steps, q, marker=".", label=name)
-    left.set(xlabel="step", ylabel="KL(p*||q), exact", title="the oracle on Expr24")
+    left.set(xlabel="step", ylabel="KL(p*||q), exact",
+             title="the oracle on " + ("the Game of 24's train prompts" if split else "Expr24"))
     right.set(xlabel="step", ylabel="q(Sol), exact", ylim=(0, 1))
     left.legend(fontsize=7)
     fig.tight_layout()

@@ -42,16 +42,24 @@ METHODS = {
 }
 # the RL baselines on the same target (METHOD.md §9), on either task, run only when named in --methods; GRPO-TRL is
 # GRPO at the setting TRL users run (beta 0.04, std-normalised) instead of beta = kappa / lambda
-BASELINES = {"RLOO": ("rloo", "none"), "GRPO": ("grpo", "none"), "DPG": ("dpg", "none"), "GRPO-TRL": ("grpo", "none")}
-METHOD_ARGS = {"GRPO-TRL": "--grpo-beta 0.04"}  # train.py flags of one method, on top of --train-args
+BASELINES = {"RLOO": ("rloo", "none"), "GRPO": ("grpo", "none"), "DPG": ("dpg", "none"), "GRPO-TRL": ("grpo", "none"),
+             "Oracle": ("oracle", "none")}  # the oracle: maximum likelihood on exact samples of p* (enumerable targets)
+# train.py flags of one method, on top of --train-args
+PAPER_ETA = "--eta-end 0.25 --absorb-end 1"
+METHOD_ARGS = {"GRPO-TRL": "--grpo-beta 0.04", "RapTB-eta": PAPER_ETA, "RapTB-eta+SubM": PAPER_ETA}
 # --conventions authors (METHOD.md §10): the authors' Table 1 runs SMILES TB with PRT replay (their
 # configs/experiment/smiles/tb.yaml); their other per-method settings are train.py's (conventions.py)
 AUTHORS_REPLAY = {("smiles", "TB"): "prt"}
 AUTHORS_N = {"expr24": 3 * 6400}  # their protocol: 3 sampling runs of 6,400, for NormCov both ways
 
 
+# RapTB with the paper's eta and absorbed targets held all run (METHOD_ARGS), run only when named: the default RapTB
+# anneals both to 0 over its first half, so that its fixed point is R/Z ("unbiased")
+VARIANTS = {task: {"RapTB-eta": ("raptb", "rp"), "RapTB-eta+SubM": ("raptb", "subm")} for task in ("smiles", "expr24")}
+
+
 def methods_of(task):
-    return {**METHODS[task], **BASELINES}
+    return {**METHODS[task], **VARIANTS.get(task, {}), **BASELINES}
 # table columns: (header, metric key, digits). log_pstop_final comes from the training log, not from sample.py;
 # the distance to the target (KL, TV, missed mass, log Z) from sample.py's fidelity block (METHOD.md §8).
 TARGET = [("KL(q‖p*)", "kl_q_target", 2), ("TV", "tv_target", 3), ("Missed", "missed_mass", 3),
@@ -397,7 +405,8 @@ def report(args, run_dirs):
 
 def main(argv=None):
     args = get_args(argv)
-    grid = [(m, *method_table(args)[m], seed) for m in args.methods for seed in range(args.seeds)]
+    # seed-major: a grid stopped part-way has every method at its first seeds
+    grid = [(m, *method_table(args)[m], seed) for seed in range(args.seeds) for m in args.methods]
     clashes = [run_dir_of(args, m, seed) for m, loss, replay, seed in grid
                if (r := read_json(os.path.join(run_dir_of(args, m, seed), "run.json")))
                and r["settings"] != run_settings(args, loss, replay, seed, METHOD_ARGS.get(m, ""))]

@@ -222,3 +222,18 @@ def test_an_oracle_run_resumes_bit_identically(tmp_path, quick_warm_start, ctrl_
     assert train.main(["--resume", "--out", str(tmp_path / "killed"), "--steps", "4"]) == 0
     straight, killed = (tracking.read_metrics(str(tmp_path / d), timings=False) for d in ("straight", "killed"))
     assert straight == killed and len(straight) == 4
+
+
+def test_replay_oracle_puts_exact_samples_in_the_replays_place(tmp_path, quick_warm_start, capsys):
+    """--replay oracle (a diagnostic): a replayed batch is drawn from p* itself, scored and trained on by the
+    method's own objective; the other batches are on-policy, and no buffer is kept."""
+    out = tmp_path / "run"
+    assert train.main(["--task", "expr24", "--replay", "oracle", "--p-replay-start", "1", "--p-replay-end", "0",
+                       "--max-len", "5", "--steps", "4", "--batch-size", "8", "--eval-every", "0", "--out", str(out)]) == 0
+    steps = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    exact = [r for r in steps if r["replay"] == 1.0]
+    assert exact and all(r["reward"] == 1.0 and r["objects_scored"] == 0 and math.isfinite(r["loss"]) for r in exact)
+    assert steps[0]["replay"] == 1.0 and "log_z" in steps[0]  # p_replay starts at 1; TB keeps its logZ
+    capsys.readouterr()  # the run's progress bars
+    assert "cannot enumerate" in one_line_error(capsys, ["--task", "smiles", "--replay", "oracle"])
+    assert "--replay oracle" in one_line_error(capsys, ["--task", "smiles", "--replay", "oracle"])
