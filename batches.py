@@ -48,24 +48,17 @@ def linear(start, end, frac):
     return start + (end - start) * frac
 
 
-def reward_lam(args, step):
-    """lambda at this step: --lam, or with --lam-anneal F linear from 0 to --lam over the first F of the steps."""
-    ramp = args.lam_anneal * args.steps
-    return args.lam if step >= ramp else args.lam * step / ramp
-
-
 def score_batch(args, task, policy, tokens, lengths, items=None, conditions=None):
     """log R and its task part u at every prefix ([B, T]), plus each sequence's text and final score.
     `items`: the buffer entries a replayed batch was made from (see score_rows)."""
     return score_rows(args, task, policy, tokens, lengths, items, conditions)[:4]
 
 
-def score_rows(args, task, policy, tokens, lengths, items=None, conditions=None, lam=None):
+def score_rows(args, task, policy, tokens, lengths, items=None, conditions=None):
     """score_batch's four values, then the two rows it derives them from: log P_ref(s_k T) (float32 [B, T]) and
     the prefix scores S(s_k) (float64 [B, T]). Both are fixed for a sequence (the reference is frozen, the task is
     deterministic), so a replayed batch whose `items` all carry them from when they entered the buffer skips the
-    reference pass and the task: the same numbers, to the bit, without the work. `lam`: lambda now (reward_lam)."""
-    lam = args.lam if lam is None else lam
+    reference pass and the task: the same numbers, to the bit, without the work."""
     cached = cached_rows(args, policy, items)
     if cached is not None:
         log_ref, scores = cached
@@ -74,8 +67,8 @@ def score_rows(args, task, policy, tokens, lengths, items=None, conditions=None,
         log_ref = policy.log_ref_stop(tokens, lengths, raw=args.log_probs == "raw",
                                       **by_row(conditions))
     task_reward = getattr(task, "prefix_log_reward", None)  # a task with its own form of log R (METHOD.md §10)
-    log_r, u = (task_reward(log_ref.double(), scores, lengths, args.kappa, lam, args.max_len) if task_reward
-                else rewards.log_reward(log_ref.double(), scores, args.kappa, lam))
+    log_r, u = (task_reward(log_ref.double(), scores, lengths, args.kappa, args.lam, args.max_len) if task_reward
+                else rewards.log_reward(log_ref.double(), scores, args.kappa, args.lam))
     texts = policy.texts(tokens, lengths)
     final = scores.gather(1, lengths[:, None]).squeeze(1)
     return log_r.float(), u.float(), texts, final, log_ref, scores
@@ -179,7 +172,7 @@ def from_items(policy, items):
     return tokens, torch.tensor([it.length for it in items], device=policy.device)
 
 
-def get_batch(args, task, policy, buffer, rng, frac, coin=None, lam=None):
+def get_batch(args, task, policy, buffer, rng, frac, coin=None):
     """METHOD.md §5's mixture, a Batch: replay with probability p_replay, else on-policy (tempered with prob
     temp_prob). `coin` makes these two choices (default: `rng`); under FSDP it is the same on every rank
     (shared_coin). With conditions a batch is m = batch_size / k conditions x k rows: m drawn training conditions,
@@ -202,7 +195,7 @@ def get_batch(args, task, policy, buffer, rng, frac, coin=None, lam=None):
     tokens, lengths, _ = policy.sample(args.batch_size if conditions is None else conditions, temperature,
                                        epsilon=args.epsilon)
     batch = Batch(tokens, lengths, "policy", None, conditions)
-    return local_search(args, task, policy, batch, temperature, lam) if args.local_search else batch
+    return local_search(args, task, policy, batch, temperature) if args.local_search else batch
 
 
 def exact_batch(args, task, policy, rng, source):
@@ -213,7 +206,7 @@ def exact_batch(args, task, policy, rng, source):
     return Batch(tokens, lengths, source, None, conditions)
 
 
-def local_search(args, task, policy, batch, temperature, lam=None):
+def local_search(args, task, policy, batch, temperature):
     """One round of local search in the prefix tree (Kim et al., ICLR 2024): each row backs up --local-search
     tokens, the policy (at the batch's temperature and --epsilon) regrows the rest, and the regrown object replaces
     the row where its log R is at least as high (their deterministic filter)."""
@@ -225,15 +218,15 @@ def local_search(args, task, policy, batch, temperature, lam=None):
         who = len(rows) if conds is None else [conds[i] for i in rows.tolist()]
         t, l, _ = policy.sample(who, temperature, epsilon=args.epsilon, prefix=tokens[rows, :c])
         new_tokens[rows], new_lengths[rows] = t, l
-    better = final_log_r(args, task, policy, new_tokens, new_lengths, conds, lam) >= \
-        final_log_r(args, task, policy, tokens, lengths, conds, lam)
+    better = final_log_r(args, task, policy, new_tokens, new_lengths, conds) >= \
+        final_log_r(args, task, policy, tokens, lengths, conds)
     return batch._replace(tokens=torch.where(better[:, None], new_tokens, tokens),
                           lengths=torch.where(better, new_lengths, lengths))
 
 
-def final_log_r(args, task, policy, tokens, lengths, conditions, lam=None):
+def final_log_r(args, task, policy, tokens, lengths, conditions):
     """log R(x) of each row's finished object."""
-    log_r = score_rows(args, task, policy, tokens, lengths, None, conditions, lam)[0]
+    log_r = score_rows(args, task, policy, tokens, lengths, None, conditions)[0]
     return log_r.gather(1, lengths[:, None]).squeeze(1)
 
 
@@ -253,7 +246,7 @@ def estimate_log_z(args, task, policy):
     exact 44.6 (from 1024 samples) left two seeds with q(solutions) 0.008 and 0.043 against 0.28 from 0 (seed 0), since
     the on-policy batches, nearly all non-solutions, pull logZ back to 0 before the policy has learned anything."""
     tokens, lengths, log_q = policy.sample(args.batch_size)
-    log_r = score_rows(args, task, policy, tokens, lengths, lam=reward_lam(args, 0))[0]  # the first step's target
+    log_r = score_batch(args, task, policy, tokens, lengths)[0]
     log_w = log_r.gather(1, lengths[:, None]).squeeze(1).double() - log_q.sum(1).double()
     estimate = torch.logsumexp(log_w, 0) - math.log(len(log_w))
     return average_across_ranks([estimate.cpu()])[0].item()

@@ -22,7 +22,7 @@ import torch
 
 import model as modellib
 import rewards
-from batches import draw_conditions, reward_lam, score_rows
+from batches import draw_conditions, score_rows
 from distributed import average_across_ranks
 from replay import buffer_options, make_buffer
 
@@ -147,8 +147,8 @@ def build(args, task, policy):
     """The conditional run's task, policy, replay buffer and logZ (with its parameters)."""
     task = as_conditional(task)
     policy = ConditionalPolicy(policy, task, args.prompt)
-    buffer = None if args.replay in ("none", "oracle") else ConditionalBuffer(args.replay, args.buffer_size, task.similarity,
-                                                                  **buffer_options(args))
+    buffer = None if args.replay in ("none", "oracle") else \
+        ConditionalBuffer(args.replay, args.buffer_size, task.similarity, **buffer_options(args))
     return task, policy, buffer, make_condition_log_z(args, policy)
 
 
@@ -325,7 +325,7 @@ def init_log_z(args, log_z, task, policy):
     if value is None:
         conditions = draw_conditions(args, task, np.random.default_rng(args.seed))
         tokens, lengths, log_q = policy.sample(conditions)
-        log_r = score_rows(args, task, policy, tokens, lengths, None, conditions, reward_lam(args, 0))[0]
+        log_r = score_rows(args, task, policy, tokens, lengths, None, conditions)[0]
         log_w = log_r.gather(1, lengths[:, None]).squeeze(1).double() - log_q.sum(1).double()
         per = [torch.logsumexp(log_w[[i for i, x in enumerate(conditions) if x == c]], 0)
                - math.log(conditions.count(c)) for c in dict.fromkeys(conditions)]

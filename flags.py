@@ -74,10 +74,6 @@ def make_parser():
       f"({by_task('max_len')})")
     a("--kappa", type=float, default=1.0, help="weight of log P_ref in log R")
     a("--lam", type=float, default=50.0, help="lambda_r: weight of the task score S in log R")
-    a("--lam-anneal", type=float, default=0.0,
-      help="reward tempering: lambda rises linearly from 0 to --lam over this fraction of the steps, then holds, so the "
-      "first samples and logZ meet a flat target instead of a cliff of lambda nats; the objective from then on is "
-      "R's, so R/Z stays its fixed point (0: off)")
     # objective
     a("--loss", default="raptb", choices=sorted(losses.LOSSES), help="the objective (METHOD.md §3, §9); oracle: "
       "maximum likelihood on exact samples of p* (a task that enumerates its target), the ceiling every method is "
@@ -244,8 +240,7 @@ def number_problem(args):
     for name in ("steps", "batch_size", "grad_accum", "buffer_size", "ckpt_every", "eval_n", "eval_n_final"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1"
-    for name in ("p_replay_start", "p_replay_end", "temp_prob", "epsilon", "alpha", "gamma", "subtb_lam", "absorb_end", "eta_anneal",
-                 "lam_anneal"):
+    for name in ("p_replay_start", "p_replay_end", "temp_prob", "epsilon", "alpha", "gamma", "subtb_lam", "absorb_end", "eta_anneal"):
         if not 0 <= getattr(args, name) <= 1:
             return f"--{name.replace('_', '-')} must be in [0, 1]"
     for name in ("t_lo_start", "t_lo_end", "t_hi_start", "t_hi_end", "lr", "lr_logz", "beta"):

@@ -35,8 +35,8 @@ import model as modellib
 import oracle
 import rewards
 import rl_losses
-from batches import (buffer_items, by_row, estimate_log_z, final_scores, get_batch, linear, loss_log_probs, reward_lam,
-                     row_tasks, score_rows, scored, to_items)
+from batches import (buffer_items, by_row, estimate_log_z, final_scores, get_batch, linear, loss_log_probs, row_tasks,
+                     score_rows, scored, to_items)
 from checkpoint import (drop_lines_after, failure, non_finite_loss, restore, resume_due, resume_or_start, save_checkpoint,
                         stop_on_ctrl_c, stop_requested)
 from distributed import average_across_ranks, enable_grad_ckpt, fsdp_average_and_clip, setup_distributed, shard, shared_coin
@@ -172,8 +172,7 @@ def train_step(training, step):
         group["lr"] = base * lr_factor(args, step / args.steps)  # the last step keeps a small, non-zero rate
     training.optimizer.zero_grad(set_to_none=True)
     knobs, kept, cpu_start = loss_knobs(args, frac), [], time.process_time()
-    lam = reward_lam(args, step)
-    rows = [micro_batch(training, frac, shared_coin(args, step, i), knobs, kept, lam) for i in range(args.grad_accum)]
+    rows = [micro_batch(training, frac, shared_coin(args, step, i), knobs, kept) for i in range(args.grad_accum)]
     grad_norm = optimizer_step(args, training.optimizer, training.log_z)
     inner_epochs(training, kept, knobs)
     # the step's metrics: the mean over its micro-batches and over the ranks
@@ -191,19 +190,19 @@ def train_step(training, step):
                 cpu_seconds=time.process_time() - cpu_start)
 
 
-def micro_batch(training, frac, coin, knobs, kept, lam):
+def micro_batch(training, frac, coin, knobs, kept):
     """One batch, with or without conditions: draw it, score it, loss and backward, refresh the buffer; returns its
     metrics. GRPO's batches are kept in `kept` for its inner epochs, with q_old = this pass."""
     args, task, policy = training.args, training.task, training.policy
     # the batch: on-policy samples or replayed items, each row with its condition when the task has them
-    batch = get_batch(args, task, policy, training.buffer, training.rng, frac, coin, lam)
+    batch = get_batch(args, task, policy, training.buffer, training.rng, frac, coin)
     tokens, lengths, conds = batch.tokens, batch.lengths, batch.conditions
     # its reward at every prefix, and the policy's log-probs of every action and stop
     oracle_rows = batch.source == "oracle"  # maximum likelihood reads no reward and no logZ
     if oracle_rows:  # the final scores for the log, without the reference pass
         (texts, final), log_r, u = final_scores(task, policy, tokens, lengths, conds), None, None
     else:
-        log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, batch.items, conds, lam)
+        log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, batch.items, conds)
     log_pf, log_pterm = loss_log_probs(args, policy, tokens, lengths, conds)
     log_z = training.log_z if conds is None or oracle_rows else \
         conditions.row_log_z(args, training.log_z, policy, conds, log_pf, log_pterm, log_r, lengths)
