@@ -1,5 +1,5 @@
 """Every method of a grid against the oracle (issue "Cover the modes", item 4), from research/reproduce.py's run
-folders whose training measured exactly (`--train-args "--eval-exact --eval-every N"`, an Oracle among the methods):
+folders (the finished ones) whose training measured exactly (`--train-args "--eval-exact --eval-every N"`, an Oracle among the methods):
 
     python -m research.oracle_efficiency OUT [--split train]
 
@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from research.reproduce import mean_ci
+from research.reproduce import mean_ci, read_json
 
 
 def read_run(run_dir, split):
@@ -77,7 +77,7 @@ def main(argv=None):
     kl, q_sol = split + "kl_target_q", split + "q_solution_mass"
     runs = defaultdict(list)
     for run_dir in sorted(glob.glob(os.path.join(args.out, "runs", "*-s*"))):
-        if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+        if (read_json(os.path.join(run_dir, "run.json")) or {}).get("done"):  # finished: trained and sampled
             runs[os.path.basename(run_dir).rsplit("-s", 1)[0]].append(run_dir)
     if "Oracle" not in runs:
         p.error(f"no Oracle runs in {args.out}/runs: the efficiency is relative to them")

@@ -124,3 +124,29 @@ def test_the_rl_baselines_are_methods_by_name(tmp_path):
         assert (parsed.loss, parsed.replay, parsed.temp_prob) == (loss, "none", 0.0)
         assert parsed.grpo_beta == pytest.approx(0.04 if method == "GRPO-TRL" else 1 / 50)
     assert "method_args" not in reproduce.run_settings(args, "tb", "rp", 0)  # older run folders still match
+
+
+def test_oracle_efficiency_reads_a_grid_against_its_oracle(tmp_path, capsys):
+    """research.oracle_efficiency: (KL_ref - KL) / (KL_ref - KL_oracle) at the same step, the collapsed seeds
+    (ending above the reference), the distinct solutions by length, the first step at half the oracle's reduction."""
+    from research import oracle_efficiency
+
+    def run(name, kls, samples=()):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        (d / "run.json").write_text(json.dumps({"done": True}))
+        rows = [{"step": s, "loss": 1.0, "cpu_seconds": 2.0} for s in range(1, 3001)]
+        rows += [dict(step=s, kl_target_q=k, kl_q_target=2 * k, tv_target=0.5, q_solution_mass=0.1)
+                 for s, k in zip((0, 1000, 2000, 3000), kls)]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        (d / "samples.csv").write_text("generated,score,length\n" + "".join(f"{t},{s},{len(t)}\n" for t, s in samples))
+    run("Oracle-s0", (5.0, 4.0, 3.0, 1.0))
+    run("TB-s0", (5.0, 4.5, 3.5, 3.0), [("3*8", 1.0), ("8*3", 1.0), ("8*3", 1.0), ("1+1", 0.0), ("4*3*2", 1.0)])
+    run("TB-s1", (5.0, 6.0, 7.0, 9.0))
+    oracle_efficiency.main([str(tmp_path)])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| TB |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "2" and cells[7] == "1/2"  # two seeds, one ended above the reference's 5.0
+    assert cells[6].startswith("-0.25 ± ")  # efficiencies (5 - 3) / 4 = 0.5 and (5 - 9) / 4 = -1
+    assert cells[8] == "3: 1, 5: 0"  # means over the seeds (2 and 0 of 3 characters, 1 and 0 of 5), to the unit
+    assert cells[9] == "1/2: 3000 (6000 s)"  # half of the oracle's 4-nat reduction: KL <= 3, first at step 3000
