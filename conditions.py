@@ -24,7 +24,7 @@ import model as modellib
 import rewards
 from batches import draw_conditions, score_rows
 from distributed import average_across_ranks
-from replay import buffer_options, make_buffer
+from replay import buffer_options, keeps_buffer, make_buffer
 
 
 def is_conditional(task):
@@ -147,8 +147,8 @@ def build(args, task, policy):
     """The conditional run's task, policy, replay buffer and logZ (with its parameters)."""
     task = as_conditional(task)
     policy = ConditionalPolicy(policy, task, args.prompt)
-    buffer = None if args.replay in ("none", "oracle") else \
-        ConditionalBuffer(args.replay, args.buffer_size, task.similarity, **buffer_options(args))
+    buffer = ConditionalBuffer(args.replay, args.buffer_size, task.similarity, **buffer_options(args)) \
+        if keeps_buffer(args) else None
     return task, policy, buffer, make_condition_log_z(args, policy)
 
 

@@ -424,6 +424,11 @@ def make_buffer(kind, capacity=200, similarity="tanimoto", **options):
     return BUFFERS[kind](capacity=capacity, similarity=similarity, **options)
 
 
+def keeps_buffer(args):
+    """Whether a run keeps a replay buffer: not with --replay none, nor oracle (exact samples of p* take its place)."""
+    return args.replay not in ("none", "oracle")
+
+
 def buffer_options(args):
     """make_buffer's options from train.py's flags (the authors' conventions among them, METHOD.md §10)."""
     if args.replay == "subm":

@@ -41,7 +41,7 @@ from checkpoint import (drop_lines_after, failure, non_finite_loss, restore, res
                         stop_on_ctrl_c, stop_requested)
 from distributed import average_across_ranks, enable_grad_ckpt, fsdp_average_and_clip, setup_distributed, shard, shared_coin
 from flags import fill_defaults, first_problem, make_parser
-from replay import buffer_options, make_buffer
+from replay import buffer_options, keeps_buffer, make_buffer
 from tracking import (eval_due, evaluate, progress, format_fidelity, log_step, report_fidelity, save_curves, trackers,
                       tracking_problem)
 
@@ -109,7 +109,7 @@ def build_policy(args, task, ckpt=None, with_reference=True):
 
 
 def build_buffer(args, task):
-    if args.replay in ("none", "oracle"):  # oracle: exact samples of p* stand in for the buffer
+    if not keeps_buffer(args):
         return None
     return make_buffer(args.replay, capacity=args.buffer_size, similarity=task.similarity,
                        **buffer_options(args))
