@@ -15,7 +15,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads spin 
 import numpy as np
 
 from replay import GreedyState, Item, SubMBuffer, subm_select
-from similarity import morgan_fp, tanimoto_matrix
+from similarity import bigram_fp, jaccard_matrix, morgan_fp, tanimoto_matrix
 
 FRAGMENTS = ["C", "C", "C", "N", "O", "S", "C(=O)", "C(C)", "C(O)", "C(N)", "C(F)", "C#C", "C=C",
              "c3ccccc3", "C3CC3", "C3CCCC3", "c3ccncc3", "C(Cl)", "OC", "NC"]
@@ -37,6 +37,15 @@ def random_molecules(n, rng):
                 seen.add(key)
                 out.append(key)
     return out
+
+
+def game24_like(rng, n):
+    """n distinct expressions (a o b) o (c o d) over the numbers 3, 4, 6, 8: one Game of 24 prompt's samples."""
+    out = {}
+    while len(out) < n:
+        a, o = rng.permutation(["3", "4", "6", "8"]), rng.choice(list("+-*/"), 3)
+        out.setdefault(f"({a[0]}{o[0]}{a[1]}){o[1]}({a[2]}{o[2]}{a[3]})")
+    return list(out)
 
 
 def timed(fn, repeat=1):
@@ -137,6 +146,15 @@ def bench_replay(sizes=((200, 232), (2000, 2032), (10000, 10032)), naive_cap_s=6
                        loop_same=bool(np.array_equal(loop_picks, picks)))
         rows.append(row)
 
+    # a Game of 24 prompt's buffer: 208 expressions over the same four numbers, nearly all non-solutions that tie,
+    # where lazy greedy's bounds stop pruning and it hands over to plain greedy
+    texts = game24_like(rng, 208)
+    sim, scores = jaccard_matrix([bigram_fp(t) for t in texts]), np.ones(len(texts))
+    t_lazy, picks = timed(lambda: subm_select(scores, sim, np.zeros(len(texts), dtype=int), 200), repeat=20)
+    t_naive, _, naive_picks = naive_greedy(scores, sim, np.zeros(len(texts), dtype=int), 200, naive_cap_s)
+    rows.append(dict(B=200, n=len(texts), lazy_s=t_lazy, naive_s=t_naive, naive_extrapolated=False,
+                     speedup=t_naive / t_lazy, same_picks=str(np.array_equal(picks, naive_picks)), ties=True))
+
     # one whole refresh of a full SubM buffer, as train.py does it each on-policy step (32 new valid molecules into
     # 200: fingerprints of the new texts only, their rows of the similarity matrix, lazy greedy), CPU time
     pool = smiles if len(smiles) >= 232 + 20 * 32 else random_molecules(232 + 20 * 32, rng)
@@ -154,7 +172,7 @@ def bench_replay(sizes=((200, 232), (2000, 2032), (10000, 10032)), naive_cap_s=6
         return "      -" if x != x else f"{x * 1e3:9.1f}"
     print("\nsimilarity matrix (exact Tanimoto, all three give identical doubles), ms:")
     print(f"{'B':>6} {'n':>6} {'bits':>5} {'numpy matmul':>13} {'numpy popcnt':>13} {'RDKit bulk':>11}")
-    for r in rows:
+    for r in rows[:len(sizes)]:
         print(f"{r['B']:6d} {r['n']:6d} {r['active_bits']:5d} {ms(r['sim_numpy_s']):>13} "
               f"{ms(r['sim_popcount_s']):>13} {ms(r['sim_rdkit_s']):>11}")
     print("\nselection (given the similarity matrix), ms:")
@@ -162,7 +180,7 @@ def bench_replay(sizes=((200, 232), (2000, 2032), (10000, 10032)), naive_cap_s=6
     for r in rows:
         naive = ms(r["naive_s"]) + (" (extrap.)" if r["naive_extrapolated"] else "          ")
         print(f"{r['B']:6d} {r['n']:6d} {ms(r['lazy_s']):>12} {naive:>22} {r['speedup']:8.0f}x "
-              f"{r['same_picks']:>10}")
+              f"{r['same_picks']:>10}" + ("  (Game of 24-like: ties, bigram Jaccard)" if r.get("ties") else ""))
     for r in rows:
         if "naive_loop_s" in r:
             print(f"B={r['B']} n={r['n']}: naive Python loop over candidates "

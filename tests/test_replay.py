@@ -156,6 +156,25 @@ def test_lazy_equals_plain_on_bigger_instances_with_ties():
                 assert lazy.tolist() == plain.tolist()
 
 
+def test_lazy_greedy_hands_over_to_plain_greedy_when_everything_ties(monkeypatch):
+    # a Game of 24 prompt's buffer: many near-identical non-solutions, so each pick refreshes most bounds and lazy
+    # greedy finishes with plain greedy's vectorised passes; the picks and gains stay greedy's
+    import replay
+    handed_over = []
+    plain = replay._plain_greedy
+    monkeypatch.setattr(replay, "_plain_greedy", lambda *a: handed_over.append(1) or plain(*a))
+    rng = np.random.default_rng(3)
+    n = 208
+    sim = np.full((n, n), 0.5) + rng.integers(0, 3, (n, n)) * 1e-3
+    sim = np.minimum((sim + sim.T) / 2, 1.0)
+    np.fill_diagonal(sim, 1.0)
+    scores, bins = np.where(rng.random(n) < 0.05, 1.0, 0.0), np.zeros(n, dtype=int)
+    lazy = subm_select(scores, sim, bins, 200, lazy=True, return_gains=True)
+    assert handed_over
+    want = subm_select(scores, sim, bins, 200, lazy=False, return_gains=True)
+    assert lazy[0].tolist() == want[0].tolist() and np.array_equal(lazy[1], want[1])
+
+
 def test_gains_bitwise_same_alone_or_in_a_block():
     # lazy and plain greedy agree because one candidate's gain is computed to the same bits
     rng = np.random.default_rng(5)
