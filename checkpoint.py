@@ -14,6 +14,10 @@ import shutil
 import signal
 import sys
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
@@ -262,6 +266,32 @@ def start_afresh(args):
     if found and os.environ.get("RANK", "0") == "0":
         clear_run(args.out)
     return args
+
+
+@contextlib.contextmanager
+def run_lock(out, enabled=True):
+    """Hold OUT/.lock while a run trains into --out: a second train.py on the same folder, whose --overwrite would
+    delete this run's files or whose checkpoints would interleave with its, stops in one line instead. The lock file
+    goes when the run ends, and a folder made here for a run that fails before writing anything goes with it."""
+    if not enabled or fcntl is None:  # torchrun's other ranks share rank 0's lock; no fcntl on Windows
+        yield
+        return
+    made = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    lock = open(os.path.join(out, ".lock"), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise modellib.ModelError(f"--out {out!r} is in use by another training run: wait for it to end, or give "
+                                  f"another --out") from None
+    try:
+        yield
+    finally:
+        os.remove(lock.name)  # removed while still held: a run that starts after this one makes a new one
+        lock.close()
+        if made and not os.listdir(out):
+            os.rmdir(out)
 
 
 RUN_FILES = ("metrics.jsonl", "latest", "curves.png", "init")  # with ckpt-* and .ckpt-*.tmp: what train.py writes

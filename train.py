@@ -37,8 +37,8 @@ import rewards
 import rl_losses
 from batches import (buffer_items, by_row, estimate_log_z, final_scores, get_batch, linear, loss_log_probs, row_tasks,
                      score_rows, scored, to_items)
-from checkpoint import (drop_lines_after, failure, non_finite_loss, restore, resume_due, resume_or_start, save_checkpoint,
-                        stop_on_ctrl_c, stop_requested)
+from checkpoint import (drop_lines_after, failure, non_finite_loss, restore, resume_due, resume_or_start, run_lock,
+                        save_checkpoint, stop_on_ctrl_c, stop_requested)
 from distributed import average_across_ranks, enable_grad_ckpt, fsdp_average_and_clip, setup_distributed, shard, shared_coin
 from flags import fill_defaults, first_problem, make_parser
 from replay import buffer_options, keeps_buffer, make_buffer
@@ -342,7 +342,8 @@ def main(argv=None):
         print("\ninterrupted (Ctrl-C) before the run started; nothing was written", file=sys.stderr)
         return 130
     try:
-        return run(args, conventions.explicit_flags(make_parser, argv, vars(args)))
+        with run_lock(args.out, enabled=os.environ.get("RANK", "0") == "0"):
+            return run(args, conventions.explicit_flags(make_parser, argv, vars(args)))
     except (modellib.ModelError, rewards.TaskError, KeyboardInterrupt, MemoryError, RuntimeError) as e:
         code, line = failure(e, args)  # one line; an unforeseen error is a bug, shown whole
         if code is None:

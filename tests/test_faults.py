@@ -431,6 +431,18 @@ def test_overwrite_replaces_the_run_and_keeps_other_files(finished, tiny_gpt2, t
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_a_second_run_into_a_folder_in_use_is_one_line_and_deletes_nothing(finished, tiny_gpt2, tmp_path, capsys):
+    from checkpoint import run_lock
+    out = copy_of(finished, tmp_path)
+    before = snapshot(out)
+    with run_lock(str(out)):  # a run training into it now
+        err = one_line_error(capsys, run(tiny_gpt2, out, "--steps", "2", "--overwrite"))
+    assert "is in use by another training run" in err and snapshot(out) == before
+    with run_lock(str(tmp_path / "new")):
+        pass
+    assert not (tmp_path / "new").exists()  # a folder the lock made, left empty: removed again
+
+
 def test_resume_and_overwrite_together_is_one_line(tmp_path, capsys):
     assert "give one of them" in one_line_error(capsys, train.main(["--resume", "--overwrite", "--out", str(tmp_path)]))
 
