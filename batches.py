@@ -25,7 +25,8 @@ class Batch(NamedTuple):
     tokens: torch.Tensor  # [B, L_max] action ids, EOS past each row's end
     lengths: torch.Tensor  # [B] generated tokens tau
     source: str  # "policy" or "replay"
-    items: Optional[list] = None  # a replayed batch's buffer entries (their cached reference and scores)
+    known: Optional[tuple] = None  # (log P_ref(s_k T), prefix scores) of its rows when already computed: a
+    # replayed batch's from its items' cache, a local-search batch's from its filter
     conditions: Optional[list] = None  # each row's condition (prompt text); None for a task without conditions
 
 
@@ -48,20 +49,19 @@ def linear(start, end, frac):
     return start + (end - start) * frac
 
 
-def score_batch(args, task, policy, tokens, lengths, items=None, conditions=None):
+def score_batch(args, task, policy, tokens, lengths, known=None, conditions=None):
     """log R and its task part u at every prefix ([B, T]), plus each sequence's text and final score.
-    `items`: the buffer entries a replayed batch was made from (see score_rows)."""
-    return score_rows(args, task, policy, tokens, lengths, items, conditions)[:4]
+    `known`: the rows' reference log-probs and prefix scores when already computed (see score_rows)."""
+    return score_rows(args, task, policy, tokens, lengths, known, conditions)[:4]
 
 
-def score_rows(args, task, policy, tokens, lengths, items=None, conditions=None):
+def score_rows(args, task, policy, tokens, lengths, known=None, conditions=None):
     """score_batch's four values, then the two rows it derives them from: log P_ref(s_k T) (float32 [B, T]) and
     the prefix scores S(s_k) (float64 [B, T]). Both are fixed for a sequence (the reference is frozen, the task is
-    deterministic), so a replayed batch whose `items` all carry them from when they entered the buffer skips the
-    reference pass and the task: the same numbers, to the bit, without the work."""
-    cached = cached_rows(args, policy, items)
-    if cached is not None:
-        log_ref, scores = cached
+    deterministic), so rows whose pair is `known` (a replayed batch's items carry it from when they entered the
+    buffer, cached_rows) skip the reference pass and the task: the same numbers, without the work."""
+    if known is not None:
+        log_ref, scores = known
     else:
         scores = prefix_scores(task, policy, tokens, lengths, conditions).to(policy.device)
         log_ref = policy.log_ref_stop(tokens, lengths, raw=args.log_probs == "raw",
@@ -187,7 +187,7 @@ def get_batch(args, task, policy, buffer, rng, frac, coin=None):
     if replay_ready(args, buffer) and coin.random() < p_replay:
         items, conditions = buffer.sample(args.batch_size // k, k, rng) if conditional else \
             (buffer.sample(args.batch_size, rng), None)
-        return Batch(*from_items(policy, items), "replay", items, conditions)
+        return Batch(*from_items(policy, items), "replay", cached_rows(args, policy, items), conditions)
     temperature = 1.0
     if coin.random() < args.temp_prob:
         temperature = coin.uniform(linear(args.t_lo_start, args.t_lo_end, frac), linear(args.t_hi_start, args.t_hi_end, frac))
@@ -218,16 +218,12 @@ def local_search(args, task, policy, batch, temperature):
         who = len(rows) if conds is None else [conds[i] for i in rows.tolist()]
         t, l, _ = policy.sample(who, temperature, epsilon=args.epsilon, prefix=tokens[rows, :c])
         new_tokens[rows], new_lengths[rows] = t, l
-    better = final_log_r(args, task, policy, new_tokens, new_lengths, conds) >= \
-        final_log_r(args, task, policy, tokens, lengths, conds)
-    return batch._replace(tokens=torch.where(better[:, None], new_tokens, tokens),
-                          lengths=torch.where(better, new_lengths, lengths))
-
-
-def final_log_r(args, task, policy, tokens, lengths, conditions):
-    """log R(x) of each row's finished object."""
-    log_r = score_rows(args, task, policy, tokens, lengths, None, conditions)[0]
-    return log_r.gather(1, lengths[:, None]).squeeze(1)
+    old = score_rows(args, task, policy, tokens, lengths, None, conds)
+    new = score_rows(args, task, policy, new_tokens, new_lengths, None, conds)
+    better = new[0].gather(1, new_lengths[:, None]) >= old[0].gather(1, lengths[:, None])  # log R(x) of each, [B, 1]
+    known = (torch.where(better, new[4], old[4]), torch.where(better, new[5], old[5]))  # the step scores them no more
+    return batch._replace(tokens=torch.where(better, new_tokens, tokens),
+                          lengths=torch.where(better[:, 0], new_lengths, lengths), known=known)
 
 
 def draw_conditions(args, task, rng):

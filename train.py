@@ -202,7 +202,7 @@ def micro_batch(training, frac, coin, knobs, kept):
     if oracle_rows:  # the final scores for the log, without the reference pass
         (texts, final), log_r, u = final_scores(task, policy, tokens, lengths, conds), None, None
     else:
-        log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, batch.items, conds)
+        log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, batch.known, conds)
     log_pf, log_pterm = loss_log_probs(args, policy, tokens, lengths, conds)
     log_z = training.log_z if conds is None or oracle_rows else \
         conditions.row_log_z(args, training.log_z, policy, conds, log_pf, log_pterm, log_r, lengths)

@@ -468,7 +468,7 @@ def test_replayed_batch_gives_the_same_log_r_and_u_to_the_bit(tiny_gpt2, tmp_pat
         items = buf.sample(16, np.random.default_rng(1))
         tokens, lengths = batches.from_items(policy, items)
         monkeypatch.setattr(policy, "log_ref_stop", lambda *a: pytest.fail("the reference ran on a replayed batch"))
-        cached = batches.score_batch(args, task, policy, tokens, lengths, items)
+        cached = batches.score_batch(args, task, policy, tokens, lengths, batches.cached_rows(args, policy, items))
         monkeypatch.setattr(policy, "log_ref_stop", real_ref)
         fresh = batches.score_batch(args, task, policy, tokens, lengths)  # the reference pass and the task, again
         for a, b in zip(cached[:2], fresh[:2]):
@@ -484,7 +484,7 @@ def test_replayed_batch_gives_the_same_log_r_and_u_to_the_bit(tiny_gpt2, tmp_pat
     tokens, lengths = batches.from_items(policy, items)
     assert all(it.log_ref is None for it in items) and batches.cached_rows(args, policy, items) is None
     fresh = batches.score_batch(args, task, policy, tokens, lengths)
-    assert torch.equal(batches.score_batch(args, task, policy, tokens, lengths, items)[0], fresh[0])
+    assert torch.equal(batches.score_batch(args, task, policy, tokens, lengths, batches.cached_rows(args, policy, items))[0], fresh[0])
 
 
 def test_gpt2_sampler_decodes_like_the_hugging_face_forward(tiny_gpt2, tiny_llama, tmp_path):
@@ -501,3 +501,13 @@ def test_gpt2_sampler_decodes_like_the_hugging_face_forward(tiny_gpt2, tiny_llam
         torch.testing.assert_close(out[True][2], out[False][2], rtol=0, atol=1e-5)
     _, _, _, llama = make_trainer(tiny_llama, tmp_path, "--lora")
     assert modellib.GPT2Decoder.for_model(llama.model, 4, 8, llama.actions) is None  # others: HF's forward
+
+
+def test_local_search_hands_the_step_the_scores_of_the_rows_it_kept(tiny_gpt2, tmp_path):
+    # local search scores the sampled and the regrown rows to choose between them; the step reuses the kept ones'
+    train, args, task, policy = make_trainer(tiny_gpt2, tmp_path, "--local-search", "2")
+    tokens, lengths, _ = policy.sample(args.batch_size)
+    batch = batches.local_search(args, task, policy, batches.Batch(tokens, lengths, "policy"), 1.0)
+    log_ref, scores = batch.known
+    fresh = batches.score_rows(args, task, policy, batch.tokens, batch.lengths)
+    assert torch.equal(scores, fresh[5]) and torch.allclose(log_ref, fresh[4], atol=1e-5)
