@@ -218,10 +218,10 @@ def local_search(args, task, policy, batch, temperature):
         who = len(rows) if conds is None else [conds[i] for i in rows.tolist()]
         t, l, _ = policy.sample(who, temperature, epsilon=args.epsilon, prefix=tokens[rows, :c])
         new_tokens[rows], new_lengths[rows] = t, l
-    old = score_rows(args, task, policy, tokens, lengths, None, conds)
-    new = score_rows(args, task, policy, new_tokens, new_lengths, None, conds)
-    better = new[0].gather(1, new_lengths[:, None]) >= old[0].gather(1, lengths[:, None])  # log R(x) of each, [B, 1]
-    known = (torch.where(better, new[4], old[4]), torch.where(better, new[5], old[5]))  # the step scores them no more
+    log_r, _, _, _, log_ref, scores = score_rows(args, task, policy, tokens, lengths, None, conds)
+    new_log_r, _, _, _, new_log_ref, new_scores = score_rows(args, task, policy, new_tokens, new_lengths, None, conds)
+    better = new_log_r.gather(1, new_lengths[:, None]) >= log_r.gather(1, lengths[:, None])  # log R(x) of each, [B, 1]
+    known = (torch.where(better, new_log_ref, log_ref), torch.where(better, new_scores, scores))  # not scored again
     return batch._replace(tokens=torch.where(better, new_tokens, tokens),
                           lengths=torch.where(better[:, 0], new_lengths, lengths), known=known)
 

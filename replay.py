@@ -189,10 +189,11 @@ def _lazy_greedy(state, k):
         if j is not None:  # its gain is bounded by i's (the same gain before this pick): refreshed when on top
             fresh_at[j] = -1
             heapq.heappush(heap, (neg_g, j))
-        if (step + 1) % 16 == 0 and _plain_is_cheaper(evaluated / 16, n - step, n):  # the bounds no longer prune
-            more, more_gains = _plain_greedy(state, k - step - 1, np.setdiff1d(np.arange(n), picks))
-            return picks + more, gains + more_gains
-        evaluated = 0 if (step + 1) % 16 == 0 else evaluated
+        if (step + 1) % 16 == 0:  # every 16 picks: do the bounds still prune?
+            if _plain_is_cheaper(evaluated / 16, n - step, n):
+                more, more_gains = _plain_greedy(state, k - step - 1, np.setdiff1d(np.arange(n), picks))
+                return picks + more, gains + more_gains
+            evaluated = 0
     return picks, gains
 
 

@@ -287,7 +287,7 @@ def run(args, explicit=None):
             log_z.fill_(args.log_z_init if args.log_z_init is not None else estimate_log_z(args, task, policy))
     training = Training(args, task, policy, buffer, log_z, optimizer, rng)
     started = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)  # only now: a model that fails to load leaves no empty run folder behind
+    os.makedirs(args.out, exist_ok=True)  # run_lock has made it (and removes it if the run fails first) where it can lock
     log_path = os.path.join(args.out, "metrics.jsonl")
     if rank == 0 and step:
         drop_lines_after(log_path, step)
