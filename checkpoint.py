@@ -277,8 +277,11 @@ def run_lock(out, enabled=True):
         yield
         return
     made = not os.path.isdir(out)
-    os.makedirs(out, exist_ok=True)
-    lock = open(os.path.join(out, ".lock"), "a")
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, ".lock"), "a")
+    except OSError as e:  # a read-only disk, a missing mount, a file where the folder should be
+        raise modellib.ModelError(f"--out {out!r} cannot be written: {e.strerror or e}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

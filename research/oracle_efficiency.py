@@ -9,7 +9,9 @@ over the oracle's seeds at the same step, KL_ref the starting model's (1: as clo
 the reference; negative: farther); the seeds that collapsed (ended farther from p* than the reference); distinct
 solutions by length in sample.py's samples; the first measured step (and the training's CPU s to it) at which
 KL(p*||q) has come down by half and by 90% of the oracle's reduction over the whole run, with how many seeds got
-there. --split train reads a conditional task's train prompts (the Game of 24).
+there. Two columns read the runs in the measure on-policy training minimises (tests/test_fixed_points.py): the same
+efficiency in KL(q||p*), and the learned logZ minus the ELBO log Z - KL(q||p*), where logZ's gradient on the run's
+own samples vanishes. --split train reads a conditional task's train prompts (the Game of 24).
 """
 import argparse
 import csv
@@ -82,21 +84,22 @@ def main(argv=None):
     if "Oracle" not in runs:
         p.error(f"no Oracle runs in {args.out}/runs: the efficiency is relative to them")
     data = {m: [read_run(d, split) for d in dirs] for m, dirs in runs.items()}
-    oracle = defaultdict(list)
-    for evals, _ in data["Oracle"]:
-        for step, row in evals.items():
-            oracle[step].append(row[kl])
-    oracle = {step: float(np.mean(v)) for step, v in oracle.items()}
+    oracle, ref = oracle_means(data, kl), start_mean(data, kl)
+    reverse = split + "kl_q_target"
+    oracle_rev, ref_rev = oracle_means(data, reverse), start_mean(data, reverse)
     end = max(oracle)
-    ref = float(np.mean([evals[0][kl] for m in data for evals, _ in data[m] if 0 in evals]))
     print(f"KL(p*||q): the reference {ref:.2f}, the oracle {oracle[end]:.2f} at step {end} (mean of "
           f"{len(data['Oracle'])} seeds); a run counts only at the steps it measured exactly\n")
     head = ["method", "seeds", "q(Sol)", "KL(p*‖q)", "KL(q‖p*)", "TV", "oracle efficiency", "collapsed",
-            "distinct solutions by length (mean)", "half the oracle's reduction: seeds, step (CPU s)", "90%"]
+            "distinct solutions by length (mean)", "half the oracle's reduction: seeds, step (CPU s)", "90%",
+            "efficiency in KL(q‖p*)", "logZ - ELBO"]
     print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
     for method, results in data.items():
         last = [evals[max(evals)] for evals, _ in results]
         eff = [(ref - r[kl]) / (ref - oracle[r["step"]]) if r["step"] in oracle else None for r in last]
+        eff_rev = [(ref_rev - r[reverse]) / (ref_rev - oracle_rev[r["step"]]) if r["step"] in oracle else None for r in last]
+        gap = [r["log_z_learned"] - (r[split + "log_z_estimate"] - r[reverse]) for (evals, _), r in zip(results, last)
+               if r.get("log_z_learned") != evals.get(0, r).get("log_z_learned")]  # a logZ the method trains
         lengths = [distinct_by_length(d) for d in runs[method]]
         by_len = {k: np.mean([c.get(k, 0) for c in lengths]) for k in sorted({k for c in lengths for k in c})}
         reach = {f: [first_reaching(e, s, ref - f * (ref - oracle[end]), kl) for e, s in results] for f in (0.5, 0.9)}
@@ -105,7 +108,21 @@ def main(argv=None):
               f"{cell([r[split + 'kl_q_target'] for r in last], 1)} | {cell([r[split + 'tv_target'] for r in last], 2)} | "
               f"{cell(eff, 2)} | {sum(r[kl] > ref for r in last)}/{n} | "
               f"{', '.join(f'{k}: {v:.0f}' for k, v in by_len.items()) or '—'} | "
-              f"{reach_cell(reach[0.5], n)} | {reach_cell(reach[0.9], n)} |")
+              f"{reach_cell(reach[0.5], n)} | {reach_cell(reach[0.9], n)} | {cell(eff_rev, 1)} | {cell(gap, 1)} |")
+
+
+def oracle_means(data, key):
+    """{step: the mean of `key` over the oracle's seeds}."""
+    at = defaultdict(list)
+    for evals, _ in data["Oracle"]:
+        for step, row in evals.items():
+            at[step].append(row[key])
+    return {step: float(np.mean(v)) for step, v in at.items()}
+
+
+def start_mean(data, key):
+    """The starting model's `key`, the mean over every run that measured step 0."""
+    return float(np.mean([evals[0][key] for m in data for evals, _ in data[m] if 0 in evals]))
 
 
 if __name__ == "__main__":

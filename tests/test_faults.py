@@ -443,6 +443,18 @@ def test_a_second_run_into_a_folder_in_use_is_one_line_and_deletes_nothing(finis
     assert not (tmp_path / "new").exists()  # a folder the lock made, left empty: removed again
 
 
+def test_an_out_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
+    from checkpoint import run_lock
+    import model as modellib
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(os, "makedirs", refuse)  # a read-only disk, as root sees none in a test
+    with pytest.raises(modellib.ModelError, match="cannot be written: Permission denied"):
+        with run_lock(str(tmp_path / "run")):
+            pass
+
+
 def test_resume_and_overwrite_together_is_one_line(tmp_path, capsys):
     assert "give one of them" in one_line_error(capsys, train.main(["--resume", "--overwrite", "--out", str(tmp_path)]))
 

@@ -137,6 +137,60 @@ def test_unbiased_raptb_reaches_the_target(tree):
     assert flow(tree, "raptb", start="reference", eta=(0.25, 0.0)) < 0.02
 
 
+def on_policy(tree, logits):
+    """log q(x) of every object (with its gradient), its detached probability (the weight of x among on-policy
+    samples, which carry no gradient of their own), and log R(x)."""
+    log_pf, log_pterm = tree.batch(logits)
+    live = torch.arange(log_pf.shape[1])[None] < tree.lengths[:, None]
+    log_q = torch.where(live, log_pf, 0.0).sum(1) + log_pterm.gather(1, tree.lengths[:, None])[:, 0]
+    return log_q, log_q.detach().exp(), tree.log_r.gather(1, tree.lengths[:, None])[:, 0]
+
+
+def expected_tb_gradient(tree, logits, log_z):
+    """The exact mean over on-policy samples of TB's gradient (logZ held): sum_x q(x) grad (logZ + log q(x) - log R(x))^2."""
+    logits = logits.detach().requires_grad_()
+    log_q, q, log_r = on_policy(tree, logits)
+    (q * (log_z + log_q - log_r) ** 2).sum().backward()
+    return logits.grad
+
+
+def test_on_policy_tb_follows_the_reverse_kl_whatever_logz(tree):
+    """On its own samples TB's expected gradient is 2 grad KL(q||p*) for every logZ (Malkin et al., ICLR 2023): logZ
+    shifts each residual by a constant, and E_q[grad log q] = 0. So on-policy TB is mode-seeking, like the reverse
+    KL, and logZ changes only its noise."""
+    logits = (tree.ref_logits + 0.3 * torch.randn(tree.ref_logits.shape, generator=torch.Generator().manual_seed(0),
+                                                  dtype=torch.float64)).requires_grad_()
+    log_q, _, log_r = on_policy(tree, logits)
+    kl = (log_q.exp() * (log_q - log_r + tree.log_z)).sum()  # KL(q||p*), its gradient through q everywhere
+    (kl_grad,) = torch.autograd.grad(kl, logits)
+    for log_z in (0.0, float(tree.log_z), 7.3):
+        assert torch.allclose(expected_tb_gradient(tree, logits, log_z), 2 * kl_grad, atol=1e-9, rtol=1e-7)
+
+
+def test_on_policy_tb_at_the_reference_is_reward_maximisation(tree):
+    """With log R = log P_ref + lam S, at q = P_ref every residual is logZ - lam S(x): TB's first expected gradient is
+    -2 grad E_q[lam S], the policy gradient of the mean task reward and nothing else. So TB started at the reference
+    on its own samples begins as reward maximisation: the objects it finds are pulled up, and only once q has left
+    P_ref does the log q - log P_ref part of the residual spread the mass again."""
+    logits = tree.ref_logits.clone().requires_grad_()
+    log_q, _, _ = on_policy(tree, logits)
+    u = tree.u.gather(1, tree.lengths[:, None])[:, 0]  # lam S(x)
+    (reward_grad,) = torch.autograd.grad((log_q.exp() * u).sum(), logits)  # grad E_q[lam S]
+    assert torch.allclose(expected_tb_gradient(tree, logits, 0.0), -2 * reward_grad, atol=1e-9, rtol=1e-7)
+
+
+def test_a_learned_logz_settles_at_the_elbo_not_at_log_z(tree):
+    """logZ's own gradient on on-policy samples vanishes at E_q[log R - log q] = log Z - KL(q||p*): a learned logZ
+    tracks the ELBO, far below log Z while q is far from p* (at the reference on Expr24: 0.2 against 44.7)."""
+    log_q, q, log_r = on_policy(tree, tree.ref_logits)
+    elbo = (q * (log_r - log_q)).sum()
+    kl = (q * (log_q - log_r + tree.log_z)).sum()
+    assert torch.allclose(elbo, tree.log_z - kl, atol=1e-9) and kl > 1.0
+    log_z = elbo.clone().requires_grad_()
+    (q * (log_z + log_q - log_r) ** 2).sum().backward()
+    assert abs(log_z.grad.item()) < 1e-9
+
+
 def table(steps=3000):
     """RESULTS.md's fixed-point table: a bigger tree (V = 3, L_max = 6, 1,093 objects), every variant."""
     torch.set_num_threads(1)
