@@ -147,10 +147,15 @@ def on_policy(tree, logits):
 
 
 def expected_tb_gradient(tree, logits, log_z):
-    """The exact mean over on-policy samples of TB's gradient (logZ held): sum_x q(x) grad (logZ + log q(x) - log R(x))^2."""
+    """The exact mean over on-policy samples of TB's gradient (logZ held): sum_x q(x) grad d_TB(x)^2, with d_TB the
+    trainer's own residual (losses.py: its mean square over the tree is checked against this one's)."""
     logits = logits.detach().requires_grad_()
     log_q, q, log_r = on_policy(tree, logits)
-    (q * (log_z + log_q - log_r) ** 2).sum().backward()
+    d_tb = log_z + log_q - log_r
+    trainer, _ = compute_loss("tb", *tree.batch(logits), tree.log_r, tree.u, tree.lengths,
+                              torch.tensor(log_z, dtype=torch.float64))
+    assert torch.allclose(trainer, (d_tb ** 2).mean(), rtol=1e-10)
+    (q * d_tb ** 2).sum().backward()
     return logits.grad
 
 
