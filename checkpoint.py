@@ -269,11 +269,12 @@ def start_afresh(args):
 
 
 @contextlib.contextmanager
-def run_lock(out, enabled=True):
+def run_lock(out):
     """Hold OUT/.lock while a run trains into --out: a second train.py on the same folder, whose --overwrite would
     delete this run's files or whose checkpoints would interleave with its, stops in one line instead. The lock file
-    goes when the run ends, and a folder made here for a run that fails before writing anything goes with it."""
-    if not enabled or fcntl is None:  # torchrun's other ranks share rank 0's lock; no fcntl on Windows
+    goes when the run ends, and a folder made here for a run that fails before writing anything goes with it (rank 0,
+    as start_afresh: torchrun's other ranks share its lock)."""
+    if os.environ.get("RANK", "0") != "0" or fcntl is None:  # no fcntl on Windows
         yield
         return
     made = not os.path.isdir(out)

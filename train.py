@@ -342,7 +342,7 @@ def main(argv=None):
         print("\ninterrupted (Ctrl-C) before the run started; nothing was written", file=sys.stderr)
         return 130
     try:
-        with run_lock(args.out, enabled=os.environ.get("RANK", "0") == "0"):
+        with run_lock(args.out):
             return run(args, conventions.explicit_flags(make_parser, argv, vars(args)))
     except (modellib.ModelError, rewards.TaskError, KeyboardInterrupt, MemoryError, RuntimeError) as e:
         code, line = failure(e, args)  # one line; an unforeseen error is a bug, shown whole
