@@ -154,7 +154,9 @@ class Policy:
         tokens only while k < L_max, and of those only the `allowed` ones (the task mask, [..., A] bool, or
         None), except that at k = L_max the stop is forced whatever the task mask says, so that no state is left
         without an action. logits [..., V]; k an int or a tensor broadcastable to logits[..., 0]."""
-        x = logits[..., self.actions].float()
+        return self._masked_log_softmax(logits[..., self.actions].float(), k, allowed)
+
+    def _masked_log_softmax(self, x, k, allowed):  # action_log_probs on the action columns x [..., A]
         k = torch.as_tensor(k, device=x.device)
         go = (k < self.max_len).unsqueeze(-1).expand_as(x[..., :-1])
         stop = (k >= self.min_len).unsqueeze(-1).expand_as(x[..., -1:])
@@ -183,11 +185,19 @@ class Policy:
         depth = int(lengths.max()) if len(lengths) else 0
         read = depth if raw else min(depth, self.max_len - 1)  # masked: at L_max stop is forced (log 1 = 0)
         ids = torch.cat([self.prompt.expand(len(tokens), -1), tokens[:, :read]], 1)
-        with self._adapters_off() if reference and self.reference is None else contextlib.nullcontext(), self._autocast():
-            logits = net(input_ids=ids).logits[:, self.prompt.shape[-1] - 1:]  # state k is read at prompt end + k
         k = torch.arange(depth + 1, device=ids.device)
-        logp = torch.log_softmax(logits.float(), -1)[..., self.actions] if raw else \
-            self.action_log_probs(logits, k[:read + 1], self.allowed_actions(tokens, read, lengths))
+        allowed = None if raw else self.allowed_actions(tokens, read, lengths)
+        decoder = GPT2Decoder.for_model(net, len(ids), 0, self.actions) \
+            if self.fast_gpt2 and not raw and not torch.is_grad_enabled() else None
+        if decoder is not None:  # the reference pass: the action columns only, as when sampling
+            logits = decoder.teacher_forced(ids)[:, self.prompt.shape[-1] - 1:]
+            logp = self._masked_log_softmax(logits, k[:read + 1], allowed)
+        else:
+            with self._adapters_off() if reference and self.reference is None else contextlib.nullcontext(), \
+                    self._autocast():
+                logits = net(input_ids=ids).logits[:, self.prompt.shape[-1] - 1:]  # state k is read at prompt end + k
+            logp = torch.log_softmax(logits.float(), -1)[..., self.actions] if raw else \
+                self.action_log_probs(logits, k[:read + 1], allowed)
         log_pterm = F.pad(logp[..., self.stop], (0, depth - read))
         next_action = self.action_of[tokens[:, :depth]]
         log_pf = F.pad(logp[:, :depth].gather(-1, next_action.unsqueeze(-1)).squeeze(-1), (0, 1))
@@ -232,7 +242,8 @@ class Policy:
                 return self._sample(self.reference or self.model, n, temperature, epsilon, prefix)
         return self._sample(self.model, n, temperature, epsilon, prefix)
 
-    fast_sampling = True  # False: every sampling step runs the network's own (Hugging Face) forward
+    # False: sampling and the passes without gradient (the reference's) run the network's own (Hugging Face) forward
+    fast_gpt2 = True
 
     def _sample(self, net, n, temperature, epsilon=0.0, prefix=None):
         was_training = self.model.training
@@ -245,7 +256,7 @@ class Policy:
         # a plain GPT-2 on CPU decodes with its own static KV cache and the action rows of the LM head only;
         # anything else (LoRA, FSDP, other architectures, GPU) runs the network's forward with HF's cache
         decoder = GPT2Decoder.for_model(net, n, self.prompt.shape[-1] + self.max_len, self.actions) \
-            if self.fast_sampling else None
+            if self.fast_gpt2 else None
         if decoder is not None:  # the length bounds: 0 / -inf per state k, read off action_log_probs itself
             probe = torch.zeros(T, len(self.action_of), device=self.device)
             bias = torch.zeros(T, len(self.actions), device=self.device).masked_fill_(
@@ -333,10 +344,17 @@ class GPT2Decoder:
         if (getattr(c, "add_cross_attention", False) or c.activation_function not in cls.ACTIVATIONS
                 or getattr(net.lm_head, "bias", None) is not None
                 or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in net.parameters())
-                or any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+                or any(cls._foreign_hook(h) for m in net.modules()
+                       for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
                 or net.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in net.modules())):
             return None
         return cls(net, n, length, actions)
+
+    @staticmethod
+    def _foreign_hook(hook):
+        """A hook that may change what the forward computes; transformers' own output-capturing hooks, which it puts
+        on every layer the first time hidden states are asked for (the logZ head's prompt_states), only record."""
+        return getattr(hook, "__module__", None) != "transformers.utils.output_capturing"
 
     def __init__(self, net, n, length, actions):
         c, t = net.config, net.transformer
@@ -351,6 +369,7 @@ class GPT2Decoder:
                        for i, b in enumerate(t.h)]
         self.wte, self.wpe, self.ln_f = t.wte.weight, t.wpe.weight, (t.ln_f.weight, t.ln_f.bias)
         self.head = net.lm_head.weight[actions]  # [A, E]: the action rows only
+        self.vocab_head, self.actions = net.lm_head.weight, actions
         self.n, self.pos = n, 0
         self.k = torch.empty(len(self.layers), n, self.H, length, self.D)
         self.v = torch.empty_like(self.k)
@@ -363,23 +382,49 @@ class GPT2Decoder:
 
     def _forward(self, ids):
         m, L = ids.shape  # m = 1 for the shared prompt, else n
-        p, E, H, D, eps = self.pos, self.E, self.H, self.D, self.eps
+        p, H, D = self.pos, self.H, self.D
         assert L == 1 or p == 0, "several new tokens only at the start"
-        h = (F.embedding(ids, self.wte) + self.wpe[p:p + L]).view(m * L, E)
-        for i, (w1, b1, wa, ba, wp, bp, w2, b2, wf, bf, wo, bo, scale) in enumerate(self.layers):
-            qkv = torch.addmm(ba, F.layer_norm(h, (E,), w1, b1, eps), wa).view(m, L, 3, H, D)
+        h = self._embed(ids, p)
+        for i, layer in enumerate(self.layers):
+            qkv = self._qkv(h, layer).view(m, L, 3, H, D)
             k, v = self.k[i, :, :, :p + L], self.v[i, :, :, :p + L]
             k[:, :, p:].copy_(qkv[:, :, 1].transpose(1, 2))  # m = 1 broadcasts into every row
             v[:, :, p:].copy_(qkv[:, :, 2].transpose(1, 2))
             q = qkv[:, :, 0].transpose(1, 2)
             if m != self.n:
                 k, v = k[:m], v[:m]
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1, scale=scale)
-            h = torch.addmm(bp, o.transpose(1, 2).reshape(m * L, E), wp).add_(h)
-            h = torch.addmm(bo, self.act(torch.addmm(bf, F.layer_norm(h, (E,), w2, b2, eps), wf)), wo).add_(h)
+            h = self._rest(h, F.scaled_dot_product_attention(q, k, v, is_causal=L > 1, scale=layer[-1]), layer)
         self.pos += L
-        last = h.view(m, L, E)[:, -1]
-        return torch.mm(F.layer_norm(last, (E,), *self.ln_f, eps), self.head.t())
+        return self._head(h.view(m, L, self.E)[:, -1])
+
+    def teacher_forced(self, ids):
+        """The action logits after every position of ids [n, L] at once, [n, L, A], with no cache (the reference
+        pass, under no_grad: what the network's forward computes, without the module machinery)."""
+        m, L = ids.shape
+        h = self._embed(ids, 0)
+        for layer in self.layers:
+            q, k, v = self._qkv(h, layer).view(m, L, 3, self.H, self.D).permute(2, 0, 3, 1, 4)
+            h = self._rest(h, F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer[-1]), layer)
+        return self._head(h, full=True).view(m, L, -1)
+
+    def _embed(self, ids, p):
+        return (F.embedding(ids, self.wte) + self.wpe[p:p + ids.shape[1]]).view(-1, self.E)
+
+    def _qkv(self, h, layer):
+        w1, b1, wa, ba = layer[:4]
+        return torch.addmm(ba, F.layer_norm(h, (self.E,), w1, b1, self.eps), wa)
+
+    def _rest(self, h, o, layer):
+        """The attention's projection and the MLP, each added to the residual stream h [m * L, E]; o [m, H, L, D]."""
+        wp, bp, w2, b2, wf, bf, wo, bo = layer[4:12]
+        h = torch.addmm(bp, o.transpose(1, 2).reshape(h.shape), wp).add_(h)
+        return torch.addmm(bo, self.act(torch.addmm(bf, F.layer_norm(h, (self.E,), w2, b2, self.eps), wf)), wo).add_(h)
+
+    def _head(self, h, full=False):
+        h = F.layer_norm(h, (self.E,), *self.ln_f, self.eps)
+        if full:  # the network's own product over the whole vocabulary, then the action columns: its very bits
+            return torch.mm(h, self.vocab_head.t())[:, self.actions]
+        return torch.mm(h, self.head.t())
 
 
 def frozen_copy(model):
