@@ -19,7 +19,7 @@ import rl_losses
 from tasks.smiles.task import PAPER_SCAFFOLD
 
 # the paper's optimisation settings (SMILES), used for every flag left unset that the task's defaults do not set
-PAPER_DEFAULTS = dict(steps=5000, batch_size=32, grad_accum=4, lr=1e-4)
+PAPER_DEFAULTS = dict(steps=5000, batch_size=32, grad_accum=4, lr=1e-4, buffer_size=200)
 # how the defaults reach the target (RESULTS.md, "Reach the target"), the same for every method: RapTB's eta goes to 0
 # over the first half of the run (so the second half trains TB, whose fixed point is R/Z, while the first keeps the
 # dense early credit), and the learning rate follows a cosine to 0. --paper restores the paper's constant eta and lr.
@@ -111,7 +111,8 @@ def make_parser():
       help="the replay buffer (default subm for the GFlowNet losses; none for rloo, grpo, dpg and oracle, whose "
       "gradients need their own samples); oracle, a diagnostic: replayed batches are exact samples of p* (a task "
       "that enumerates its target), which separates what an objective learns from what its sampler finds")
-    a("--buffer-size", type=int, default=200, help="items the replay buffer keeps (per prompt with conditions)")
+    a("--buffer-size", type=int, default=None,
+      help=f"items the replay buffer keeps, per prompt with conditions ({by_task('buffer_size')})")
     a("--p-replay-start", type=float, default=0.5, help="probability that a batch is replayed, at the start ...")
     a("--p-replay-end", type=float, default=0.25, help="... and at the end, linear in between")
     a("--temp-prob", type=float, default=None, help="probability of a tempered on-policy batch "
@@ -129,7 +130,7 @@ def make_parser():
     a("--t-hi-start", type=float, default=1.5, help="hi at the start ...")
     a("--t-hi-end", type=float, default=1.0, help="... hi at the end")
     # optimisation
-    # these four default to the task's choice (its `defaults`), else the paper's (PAPER_DEFAULTS)
+    # these four (and --buffer-size) default to the task's choice (its `defaults`), else the paper's (PAPER_DEFAULTS)
     a("--steps", type=int, default=None, help=f"optimiser steps ({by_task('steps')})")
     a("--batch-size", type=int, default=None, help=f"sequences per batch ({by_task('batch_size')})")
     a("--grad-accum", type=int, default=None, help=f"batches per optimiser step ({by_task('grad_accum')})")

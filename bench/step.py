@@ -68,11 +68,12 @@ def bench_step(model="prior", extra=(), steps=12, warmup=3, seed=0):
     return {name: dict(cpu=run.cpu, wall=run.wall, steps=steps, ratio=run.ratio()) for name, run in runs.items()}
 
 
-def bench_task_step(task="expr24", steps=60, warmup=None):
+def bench_task_step(task="expr24", steps=200, warmup=None):
     """A task's whole training step with its default method against the oracle's (--loss oracle: the same model,
     batch, masks and schedule; exact samples of p* instead of on-policy ones, no replay), each a short train.py run
     with the same flags, CPU ms per optimiser step over `steps` steps after `warmup`; ends with the line
-    `step / oracle step: R`. With conditions the warm-up is 400 steps: the oracle's first draw from a prompt costs a
+    `step / oracle step: R`, R of the means (what a run pays per step: the default's steps are on-policy or replayed
+    by a coin, two costs, so their median lands on either; it is printed beside the mean). With conditions the warm-up is 400 steps: the oracle's first draw from a prompt costs a
     reference pass over all its strings (once per prompt and run, about 20 s over the Game of 24's 396), which the
     steady step does not. A task that cannot enumerate its target (SMILES) has no oracle: its phases instead."""
     import tempfile
@@ -85,16 +86,17 @@ def bench_task_step(task="expr24", steps=60, warmup=None):
         train.get_args([*flags, "--loss", "oracle"])
     except SystemExit:  # its one line is printed: the task cannot enumerate its target
         return bench_step(extra=["--task", task])
-    ms = {}
+    mean, median = {}, {}
     for name, extra in (("default", []), ("oracle", ["--loss", "oracle"])):
         code, times = step_times(train, [*flags, "--out", os.path.join(tempfile.mkdtemp(), name), *extra])
         if code != 0:
             return print(f"{task}: train.py exit {code} (its line above)")
-        ms[name] = 1000 * float(np.median(times[warmup:]))
-    print(f"\n== {task}: one optimiser step, CPU ms (median of {steps} after {warmup}; one thread; load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores) ==")
-    print(f"default method: {ms['default']:.1f} ms   oracle: {ms['oracle']:.1f} ms")
-    print(f"step / oracle step: {ms['default'] / ms['oracle']:.2f}")
+        mean[name], median[name] = 1000 * float(np.mean(times[warmup:])), 1000 * float(np.median(times[warmup:]))
+    print(f"\n== {task}: one optimiser step, CPU ms (mean of {steps} after {warmup}, median in brackets; one thread; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores) ==")
+    print(f"default method: {mean['default']:.1f} ms ({median['default']:.1f})   "
+          f"oracle: {mean['oracle']:.1f} ms ({median['oracle']:.1f})")
+    print(f"step / oracle step: {mean['default'] / mean['oracle']:.2f}")
 
 
 def step_times(train, argv):
