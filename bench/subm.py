@@ -14,7 +14,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads spin 
 
 import numpy as np
 
-from replay import GreedyState, Item, SubMBuffer, subm_select
+from greedy import GreedyState, subm_select
+from replay import Item, SubMBuffer
 from similarity import bigram_fp, jaccard_matrix, morgan_fp, tanimoto_matrix
 
 FRAGMENTS = ["C", "C", "C", "N", "O", "S", "C(=O)", "C(C)", "C(O)", "C(N)", "C(F)", "C#C", "C=C",

@@ -13,7 +13,8 @@ from rdkit import Chem, DataStructs
 from rdkit.Chem import rdFingerprintGenerator
 
 import batches
-from replay import GreedyState, Item, make_buffer, subm_select
+from greedy import GreedyState, subm_select
+from replay import Item, make_buffer
 from similarity import bigram_fp, jaccard_matrix, morgan_fp, tanimoto_matrix
 
 SIDE_CHAINS = ["C", "CC", "CCO", "CN", "C(=O)O", "c3ccccc3", "F", "Cl", "OC", "CC(C)C", "N", "C#N",
@@ -159,10 +160,10 @@ def test_lazy_equals_plain_on_bigger_instances_with_ties():
 def test_lazy_greedy_hands_over_to_plain_greedy_when_everything_ties(monkeypatch):
     # a Game of 24 prompt's buffer: many near-identical non-solutions, so each pick refreshes most bounds and lazy
     # greedy finishes with plain greedy's vectorised passes; the picks and gains stay greedy's
-    import replay
+    import greedy
     handed_over = []
-    plain = replay._plain_greedy
-    monkeypatch.setattr(replay, "_plain_greedy", lambda *a: handed_over.append(1) or plain(*a))
+    plain = greedy._plain_greedy
+    monkeypatch.setattr(greedy, "_plain_greedy", lambda *a: handed_over.append(1) or plain(*a))
     rng = np.random.default_rng(3)
     n = 208
     sim = np.full((n, n), 0.5) + rng.integers(0, 3, (n, n)) * 1e-3
