@@ -489,10 +489,10 @@ def test_replayed_batch_gives_the_same_log_r_and_u_to_the_bit(tiny_gpt2, tmp_pat
 
 
 def test_gpt2_sampler_and_reference_pass_compute_what_the_hugging_face_forward_does(tiny_gpt2, tiny_llama, tmp_path):
-    import model as modellib
+    from fast_gpt2 import GPT2Decoder
     for prompt in ("", "CC"):
         _, args, task, policy = make_trainer(tiny_gpt2, tmp_path, "--prompt", prompt)
-        assert modellib.GPT2Decoder.for_model(policy.model, 4, 8, policy.actions) is not None
+        assert GPT2Decoder.for_model(policy.model, 4, 8, policy.actions) is not None
         out, ref = {}, {}
         for fast in (True, False):
             policy.fast_gpt2 = fast
@@ -504,20 +504,20 @@ def test_gpt2_sampler_and_reference_pass_compute_what_the_hugging_face_forward_d
         assert torch.equal(ref[True].isinf(), ref[False].isinf())
         torch.testing.assert_close(ref[True], ref[False], rtol=0, atol=1e-5)
     _, _, _, llama = make_trainer(tiny_llama, tmp_path, "--lora")
-    assert modellib.GPT2Decoder.for_model(llama.model, 4, 8, llama.actions) is None  # others: HF's forward
+    assert GPT2Decoder.for_model(llama.model, 4, 8, llama.actions) is None  # others: HF's forward
 
 
 def test_gpt2_decoder_survives_hidden_states_but_not_a_hook(tiny_gpt2, tmp_path):
     # transformers puts recording hooks on every layer the first time hidden states are asked for (the logZ head
     # does): they must not switch the fast path off for the rest of the run; a hook of anyone else's must
-    import model as modellib
+    from fast_gpt2 import GPT2Decoder
     _, _, _, policy = make_trainer(tiny_gpt2, tmp_path)
     net = policy.model
     net(input_ids=policy.prompt[None], output_hidden_states=True)
     assert any(m._forward_hooks for m in net.modules())  # transformers' own
-    assert modellib.GPT2Decoder.for_model(net, 4, 8, policy.actions) is not None
+    assert GPT2Decoder.for_model(net, 4, 8, policy.actions) is not None
     handle = net.transformer.h[0].register_forward_hook(lambda module, inputs, output: None)
-    assert modellib.GPT2Decoder.for_model(net, 4, 8, policy.actions) is None
+    assert GPT2Decoder.for_model(net, 4, 8, policy.actions) is None
     handle.remove()
 
 
