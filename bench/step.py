@@ -73,9 +73,9 @@ def bench_task_step(task="expr24", steps=200, warmup=None):
     batch, masks and schedule; exact samples of p* instead of on-policy ones, no replay), each a short train.py run
     with the same flags, CPU ms per optimiser step over `steps` steps after `warmup`; ends with the line
     `step / oracle step: R`, R of the means (what a run pays per step: the default's steps are on-policy or replayed
-    by a coin, two costs, so their median lands on either; it is printed beside the mean). With conditions the warm-up is 400 steps: the oracle's first draw from a prompt costs a
-    reference pass over all its strings (once per prompt and run, about 20 s over the Game of 24's 396), which the
-    steady step does not. A task that cannot enumerate its target (SMILES) has no oracle: its phases instead."""
+    by a coin, two costs, so their median lands on either; it is printed beside the mean). With conditions the
+    warm-up is 400 steps: the oracle's first draw from a prompt costs a reference pass over all its strings (once per
+    prompt and run, about 20 s over the Game of 24's 396), which the steady step does not. A task that cannot enumerate its target (SMILES) has no oracle: its phases instead."""
     import tempfile
     import train
     torch.set_num_threads(1)

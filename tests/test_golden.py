@@ -15,6 +15,7 @@ import torch
 import train
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+TIMINGS = {"cpu_seconds", "eval_seconds"}
 
 
 def cpu_kind():
@@ -29,7 +30,6 @@ def cpu_kind():
 def golden_record(task):
     own = os.path.join(GOLDEN, cpu_kind(), f"{task}.jsonl")
     return own if os.path.exists(own) else os.path.join(GOLDEN, f"{task}.jsonl")
-TIMINGS = {"cpu_seconds", "eval_seconds"}
 
 
 def read_rows(path):

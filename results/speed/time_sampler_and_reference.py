@@ -38,7 +38,8 @@ def main(argv=None):
     p.add_argument("path", choices=["fast", "slow"], help="the fast GPT-2 path, or the network's own forward")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    timed("_sample"), timed("log_probs")
+    timed("_sample")
+    timed("log_probs")
     model.Policy.fast_gpt2 = args.path == "fast"
     with tempfile.TemporaryDirectory() as out:
         train.main(["--task", "game24", "--steps", "150", "--eval-every", "0", "--out", os.path.join(out, "run")])

@@ -64,8 +64,8 @@ class Game24Task(Task):
     # train prompts within minutes: 9,000 steps of 128 (16 prompts x 8) at lr 3e-3 (cosine) took it from q(Sol|c)
     # 0.017 to 0.833 and KL(p*||q) from 1.74 to 0.13 over all 396 train prompts in 7 CPU minutes (RESULTS.md)
     # A replay buffer of 64 per prompt holds every solution of the prompt that has the most (54), and its SubM
-    # refresh, one greedy selection per prompt of a batch, costs about (64 / 200)^3 of the paper's 200: with 200 the
-    # step grew from 95 to 610 CPU ms as the buffers filled, and the default run took 54 CPU minutes (RESULTS.md)
+    # refresh, one greedy selection per prompt of a batch, costs about (64 / 200)^3 of the paper's 200, which
+    # would take the default run past 30 minutes as the buffers fill (RESULTS.md)
     defaults = dict(model="prior_game24", min_len=GAME24_LENGTH, max_len=GAME24_LENGTH, lr=3e-3, batch_size=128,
                     grad_accum=1, steps=9000, samples_per_prompt=8, buffer_size=64)
     charset = frozenset(GAME24_DIGITS + EXPR24_OPS)
