@@ -244,10 +244,9 @@ def prefix_scores(task, token_texts, tokens, lengths, max_len):
     for row, tau in zip(tokens.tolist(), lengths.tolist()):
         pieces = [token_texts[t] for t in row[:tau]]
         texts += ["".join(pieces[:k]) for k in range(tau + 1)]
-    values = iter(task.score_batch(texts))
     scores = torch.zeros(len(tokens), max_len + 1, dtype=torch.float64)
-    for b, tau in enumerate(lengths.tolist()):
-        scores[b, :tau + 1] = torch.tensor([next(values) for _ in range(tau + 1)], dtype=torch.float64)
+    scores[torch.arange(max_len + 1) <= lengths.cpu()[:, None]] = torch.tensor(task.score_batch(texts),
+                                                                              dtype=torch.float64)  # row by row
     return scores
 
 

@@ -529,3 +529,23 @@ def test_local_search_hands_the_step_the_scores_of_the_rows_it_kept(tiny_gpt2, t
     log_ref, scores = batch.known
     fresh = batches.score_rows(args, task, policy, batch.tokens, batch.lengths)
     assert torch.equal(scores, fresh[5]) and torch.allclose(log_ref, fresh[4], atol=1e-5)
+
+
+def test_small_ground_sets_take_plain_greedy_and_large_ones_lazy(monkeypatch):
+    """lazy=None chooses by the ground set's size alone (PLAIN_GREEDY_MAX_N); both make the same picks."""
+    import greedy
+    used = []
+    for name in ("_lazy_greedy", "_plain_greedy"):
+        real = getattr(greedy, name)
+        monkeypatch.setattr(greedy, name, lambda state, k, *rest, _real=real, _name=name:
+                            used.append(_name) or _real(state, k, *rest))
+    rng = np.random.default_rng(0)
+    for n in (greedy.PLAIN_GREEDY_MAX_N, greedy.PLAIN_GREEDY_MAX_N + 1):
+        x = rng.random((n, 8))
+        norm = np.linalg.norm(x, axis=1)
+        sim, scores, bins = x @ x.T / np.outer(norm, norm), rng.random(n), rng.integers(0, 3, n)
+        used.clear()
+        picks = subm_select(scores, sim, bins, n - 8)
+        assert used[0] == ("_plain_greedy" if n <= greedy.PLAIN_GREEDY_MAX_N else "_lazy_greedy")
+        for lazy in (True, False):
+            assert np.array_equal(picks, subm_select(scores, sim, bins, n - 8, lazy=lazy))
