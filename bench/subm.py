@@ -14,7 +14,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads spin 
 
 import numpy as np
 
-from greedy import GreedyState, subm_select
+from greedy import PLAIN_GREEDY_MAX_N, GreedyState, subm_select
 from replay import Item, SubMBuffer
 from similarity import bigram_fp, jaccard_matrix, morgan_fp, tanimoto_matrix
 
@@ -189,4 +189,31 @@ def bench_replay(sizes=((200, 232), (2000, 2032), (10000, 10032)), naive_cap_s=6
                   f"same picks: {r['loop_same']}")
     print(f"\nfull SubM refresh B=200 (+32 new valid molecules: fingerprints, similarities, lazy greedy), median CPU "
           f"time over 20 refreshes: {refresh * 1e3:.1f} ms")
-    return dict(rows=rows, refresh_ms=refresh * 1e3, fp_us=fp_us, load=load)
+    sizes = greedy_by_size(smiles, rng)
+    return dict(rows=rows, refresh_ms=refresh * 1e3, fp_us=fp_us, load=load, greedy_by_size=sizes)
+
+
+def greedy_by_size(smiles, rng, shapes=((40, 32), (72, 64), (100, 64), (136, 128), (164, 128), (232, 200))):
+    """Lazy against plain greedy (the same picks) on small ground sets of both kinds of item, CPU ms (median of 20):
+    where subm_select's default switches (PLAIN_GREEDY_MAX_N) and why."""
+    print(f"\nselection of k from n, lazy against plain greedy, CPU ms (subm_select takes plain up to n = "
+          f"{PLAIN_GREEDY_MAX_N}):\n{'items':>16} {'n':>5} {'k':>5} {'lazy':>7} {'plain':>7}")
+    out = []
+    for kind in ("molecules", "Game of 24-like"):
+        for n, k in shapes:
+            if kind == "molecules":
+                sim = tanimoto_matrix(np.stack([morgan_fp(x) for x in smiles[:n]]))
+            else:
+                sim = jaccard_matrix([bigram_fp(t) for t in game24_like(rng, n)])
+            scores, bins = rng.uniform(0, 1, n) + (rng.random(n) < 0.9), rng.integers(1, 11, n)
+            lazy, plain = (float(np.median([cpu_time(lambda: subm_select(scores, sim, bins, k, lazy=flag))
+                                            for _ in range(20)])) for flag in (True, False))
+            print(f"{kind:>16} {n:5d} {k:5d} {lazy * 1e3:7.2f} {plain * 1e3:7.2f}")
+            out.append(dict(kind=kind, n=n, k=k, lazy_ms=lazy * 1e3, plain_ms=plain * 1e3))
+    return out
+
+
+def cpu_time(fn):
+    t = time.thread_time()
+    fn()
+    return time.thread_time() - t

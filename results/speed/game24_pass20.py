@@ -1,7 +1,8 @@
 """pass@20 and distinct solutions per solvable prompt, train and held out, from the samples.csv that
-`python sample.py OUT --split all --n 20` writes for a Game of 24 run:
+`python sample.py OUT --split all --n 20` writes for a Game of 24 run (or more samples per prompt, of which the
+first 20 are read: they are 20 independent draws, as research/reproduce.py's 64 per prompt are):
 
-    python results/speed/game24_pass20.py OUT/samples.csv
+    python results/speed/game24_pass20.py OUT/samples.csv [--k 20]
 """
 import argparse
 import collections
@@ -14,7 +15,8 @@ from tasks.game24.task import Game24Task  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="pass@20 and distinct solutions per solvable Game of 24 prompt")
-    p.add_argument("samples", help="the samples.csv of `python sample.py OUT --split all --n 20`")
+    p.add_argument("samples", help="the samples.csv of `python sample.py OUT --split all --n 20` (or more)")
+    p.add_argument("--k", type=int, default=20, help="samples read per prompt, the first k (default: 20)")
     args = p.parse_args(argv)
     task = Game24Task()
     by_prompt = collections.defaultdict(list)
@@ -23,8 +25,8 @@ def main(argv=None):
             by_prompt[row["prompt"]].append(row)
     for split in ("train", "heldout"):
         prompts = [p for p in task.conditions[split] if task.given(p).solutions()]
-        solved = [{r["generated"] for r in by_prompt[p] if float(r["score"]) == 1.0} for p in prompts]
-        print(f"{split}: {len(prompts)} solvable prompts, pass@20 {sum(map(bool, solved)) / len(prompts):.3f}, "
+        solved = [{r["generated"] for r in by_prompt[p][:args.k] if float(r["score"]) == 1.0} for p in prompts]
+        print(f"{split}: {len(prompts)} solvable prompts, pass@{args.k} {sum(map(bool, solved)) / len(prompts):.3f}, "
               f"distinct solutions per prompt {sum(map(len, solved)) / len(prompts):.2f}")
 
 
