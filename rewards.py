@@ -245,8 +245,9 @@ def prefix_scores(task, token_texts, tokens, lengths, max_len):
         pieces = [token_texts[t] for t in row[:tau]]
         texts += ["".join(pieces[:k]) for k in range(tau + 1)]
     scores = torch.zeros(len(tokens), max_len + 1, dtype=torch.float64)
+    # a boolean mask assigns in row-major order: row by row, each row's prefixes k = 0..tau, as `texts` lists them
     scores[torch.arange(max_len + 1) <= lengths.cpu()[:, None]] = torch.tensor(task.score_batch(texts),
-                                                                              dtype=torch.float64)  # row by row
+                                                                              dtype=torch.float64)
     return scores
 
 
