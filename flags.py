@@ -94,6 +94,9 @@ def make_parser():
     a("--subtb-lam", type=float, default=1.0, help="window / prefix weight lambda of SubTB and RapTB")
     a("--eps-absorb", type=float, default=1e-6, help="RapTB: a prefix absorbs when its |u| is at most this")
     a("--horizon", type=int, default=None, help="RapTB: the horizon K of its prefixes (default: each row's length)")
+    a("--huber", type=float, default=0.0, help="each residual's square becomes its Huber loss beyond this many nats "
+      "(0: squares, the paper's), so no row pulls harder than a residual of this size: replayed solutions tens of nats "
+      "off no longer drown the rows that hold other prompts in place; the fixed point is the same")
     a("--no-detach", action="store_true", help="ablation: let the aux term send gradient to log P(stop)")
     a("--no-absorb", action="store_true", help="ablation: RapTB without absorbed targets")
     # the RL baselines (rloo, grpo, dpg; METHOD.md §9): on-policy at temperature 1, no replay
@@ -233,7 +236,7 @@ def number_problem(args):
     if args.max_len < args.min_len or args.min_len < 0 or args.max_len < 1:
         return f"need 0 <= --min-len <= --max-len and --max-len >= 1 (got {args.min_len} and {args.max_len})"
     for name in ("kappa", "eps_absorb", "k_min_start", "k_min_end", "seed", "eta", "eta_end", "rho", "weight_decay",
-                 "eval_every", "local_search"):
+                 "eval_every", "local_search", "huber"):
         if (getattr(args, name) or 0) < 0:  # eval_every None: the default schedule
             return f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})"
     if args.horizon is not None and args.horizon < 1:

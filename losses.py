@@ -97,6 +97,13 @@ def _tb_residual(log_pf, log_pterm, log_r, log_z, step, state, tau):
     return _per_row(log_z, log_pf, column=False) + _at(_prefix_residual(log_pf, log_pterm, log_r, step, state), tau)
 
 
+def _penalty(d, huber):
+    """The loss of a residual d: d^2 (huber = 0), or Huber's d^2 within |d| <= huber and 2 huber |d| - huber^2 beyond,
+    whose gradient is bounded by 2 huber: a row far from balance pulls as hard as one a little off, as every row of
+    the oracle pulls with the same unit weight. Both are zero exactly at d = 0, so the fixed point is the same."""
+    return d ** 2 if huber <= 0 else 2 * F.huber_loss(d, torch.zeros_like(d), reduction="none", delta=huber)
+
+
 def _tb_stats(d_tb, log_pterm, state, tau):
     d = d_tb.detach()
     return {"tb_loss": (d ** 2).mean(), "tb_res_mean": d.mean(), "tb_res_std": d.std(unbiased=False),
@@ -123,15 +130,16 @@ def _suffix_targets(u, h, k, alpha, beta, rho, usable=None):
 
 # ----------------------------------------------------------------------------- objectives
 
-def tb_loss(log_pf, log_pterm, log_r, lengths, log_z):
-    """Trajectory balance: mean_b d_TB^2, d_TB = logZ + sum_{k<tau} log_pf[k] + log_pterm[tau] - log_r[tau]."""
+def tb_loss(log_pf, log_pterm, log_r, lengths, log_z, huber=0.0):
+    """Trajectory balance: mean_b d_TB^2, d_TB = logZ + sum_{k<tau} log_pf[k] + log_pterm[tau] - log_r[tau]
+    (huber > 0: each residual's square replaced by its Huber loss, _penalty, here and in every objective below)."""
     log_pf, log_pterm, log_r, log_z = _prepare(log_pf, log_pterm, log_r, log_z)
     k, tau, step, state = _positions(log_pf, lengths)
     d_tb = _tb_residual(log_pf, log_pterm, log_r, log_z, step, state, tau)
-    return (d_tb ** 2).mean(), _tb_stats(d_tb, log_pterm, state, tau)
+    return _penalty(d_tb, huber).mean(), _tb_stats(d_tb, log_pterm, state, tau)
 
 
-def subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0, root="lmin"):
+def subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0, root="lmin", huber=0.0):
     """Modified SubTB (Hu et al. 2024), no logZ:
         delta_t = log_r[t] + log_pf[t] + log_pterm[t+1] - log_r[t+1] - log_pterm[t],  C_k = sum_{t<k} delta_t
         loss = sum_b sum_{i<j<=tau} lam^(j-i-1) (C_j - C_i)^2 / sum_b sum_{i<j<=tau} lam^(j-i-1)
@@ -146,12 +154,20 @@ def subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0, root="lmin
           sum_t P_t Q_t delta_t^2 + 2 sum_{t<s} (P delta)_t lam^(s-t) (Q delta)_s
       and the cross sum is one [B, T] x [T, T] matmul with the Toeplitz matrix lam^(s-t). Only products
       of one-step residuals appear, so it stays accurate in float32 (no cancellation of large C_k).
-    root="s0": every window 0 <= i < j <= tau (_usable)."""
+    root="s0": every window 0 <= i < j <= tau (_usable). huber > 0: every window's residual is built, [B, T, T], and
+    its square replaced by its Huber loss (_penalty), which no sum of squares can express."""
     log_pf, log_pterm, log_r = _prepare(log_pf, log_pterm, log_r)
     k, tau, step, state = _positions(log_pf, lengths)
     live = _usable(k, state, log_pterm, min_len, root)
     n = live.sum(1).to(log_pf.dtype)
-    if lam == 1.0:
+    if huber > 0:
+        g = _prefix_residual(log_pf, log_pterm, log_r, step, live)
+        i, j = k[0][:, None], k[0][None, :]
+        window = live[:, :, None] & live[:, None, :] & (i < j)
+        w = torch.where(window, lam ** (j - i - 1).clamp(min=0).to(g.dtype), 0.0)
+        total = (w * _penalty(g[:, None, :] - g[:, :, None], huber)).sum()
+        weight = w.sum()
+    elif lam == 1.0:
         g = _prefix_residual(log_pf, log_pterm, log_r, step, live)  # C_j - C_i = G_j - G_i
         mean = torch.where(live, g, 0.0).sum(1) / n.clamp(min=1)
         centred = torch.where(live, g - mean[:, None], 0.0)
@@ -177,7 +193,7 @@ def subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0, root="lmin
 
 def raptb_loss(log_pf, log_pterm, log_r, u, lengths, log_z, *, eta=0.25, gamma=0.99, alpha=0.5, beta=5.0,
                rho=0.1, k_min=2, lam=1.0, eps_absorb=1e-6, horizon=None, detach_pterm=True, absorb=1.0,
-               min_len=0, root="lmin"):
+               min_len=0, root="lmin", huber=0.0):
     """Rooted Absorbed Prefix TB (METHOD.md §3):
         loss  = mean_b( d_TB^2 + eta * 1[active_b] * aux_b )
         aux_b = sum_k w_k Cab_k^2 / sum_k w_k over k_min <= k <= h,  w_k = lam^(k - k_min)
@@ -216,9 +232,9 @@ def raptb_loss(log_pf, log_pterm, log_r, u, lengths, log_z, *, eta=0.25, gamma=0
     # 6. per-trajectory weighted mean; w_k >= 1 at k = k_min, so an active row has sum_k w_k >= 1
     w = torch.where(eligible, lam ** (k - k_min).clamp(min=0).to(u.dtype), 0.0)
     active = eligible.any(1)
-    aux = torch.where(eligible, w * c_ab ** 2, 0.0).sum(1) / w.sum(1).clamp(min=1)
+    aux = torch.where(eligible, w * _penalty(c_ab, huber), 0.0).sum(1) / w.sum(1).clamp(min=1)
     # 7.
-    loss = (d_tb ** 2 + eta * torch.where(active, aux, 0.0)).mean()
+    loss = (_penalty(d_tb, huber) + eta * torch.where(active, aux, 0.0)).mean()
 
     stats = _tb_stats(d_tb, log_pterm, state, tau)
     n_active = active.sum().clamp(min=1)
@@ -229,7 +245,7 @@ def raptb_loss(log_pf, log_pterm, log_r, u, lengths, log_z, *, eta=0.25, gamma=0
     return loss, stats
 
 
-def avgprefixtb_loss(log_pf, log_pterm, log_r, lengths, log_z, min_len=0):
+def avgprefixtb_loss(log_pf, log_pterm, log_r, lengths, log_z, min_len=0, huber=0.0):
     """AvgPrefixTB (paper ablation): TB residual at every prefix with its raw stop reward, logZ kept,
         loss = mean_b mean_{min_len <= k <= tau} (logZ + sum_{t<k} log_pf[t] + log_pterm[k] - log_r[k])^2
     i.e. every prefix k = 0..tau (from min_len with a minimum length) counts as a terminal object,
@@ -238,12 +254,12 @@ def avgprefixtb_loss(log_pf, log_pterm, log_r, lengths, log_z, min_len=0):
     k, tau, step, state = _positions(log_pf, lengths)
     live = _usable(k, state, log_pterm, min_len)
     res = _per_row(log_z, log_pf) + _prefix_residual(log_pf, log_pterm, log_r, step, live)
-    per_traj = torch.where(live, res ** 2, 0.0).sum(1) / live.sum(1).clamp(min=1)
+    per_traj = torch.where(live, _penalty(res, huber), 0.0).sum(1) / live.sum(1).clamp(min=1)
     d_tb = _tb_residual(log_pf, log_pterm, log_r, log_z, step, state, tau)
     return per_traj.mean(), _tb_stats(d_tb, log_pterm, state, tau)
 
 
-def rootsubtb_loss(log_pf, log_pterm, log_r, lengths, log_z, lam=1.0, min_len=0):
+def rootsubtb_loss(log_pf, log_pterm, log_r, lengths, log_z, lam=1.0, min_len=0, huber=0.0):
     """RootSubTBLogZ (paper ablation): SubTB restricted to windows rooted at s_0 with the root flow
     replaced by the learned logZ, no absorption, no detach. Residual at prefix k:
         r_k = logZ + sum_{t<k} log_pf[t] + log_pterm[k] - log_r[k]
@@ -256,7 +272,7 @@ def rootsubtb_loss(log_pf, log_pterm, log_r, lengths, log_z, lam=1.0, min_len=0)
     live = _usable(k, state, log_pterm, min_len)
     res = _per_row(log_z, log_pf) + _prefix_residual(log_pf, log_pterm, log_r, step, live)
     w = torch.where(live, lam ** (k - min_len).clamp(min=0).to(res.dtype), 0.0)
-    loss = torch.where(live, w * res ** 2, 0.0).sum() / w.sum().clamp(min=1)
+    loss = torch.where(live, w * _penalty(res, huber), 0.0).sum() / w.sum().clamp(min=1)
     d_tb = _tb_residual(log_pf, log_pterm, log_r, log_z, step, state, tau)
     return loss, _tb_stats(d_tb, log_pterm, state, tau)
 

@@ -1,5 +1,6 @@
 """Tests for losses.py: loop references written straight from METHOD.md §3, identities, exact distribution
 matching on an enumerable prefix tree, and robustness. Run: pytest -q test_losses.py (-s shows the TVs)."""
+import inspect
 import math
 
 import pytest
@@ -44,11 +45,16 @@ def grads(loss, *xs):
 
 # ----------------------------------------------------------------------------- loop references (METHOD.md §3)
 
-def ref_tb(log_pf, log_pterm, log_r, lengths, log_z):
+def pen(d, huber=0.0):
+    """A residual's loss: its square, or with huber > 0 Huber's: the square within huber, linear beyond it."""
+    return d ** 2 if huber <= 0 or abs(d) <= huber else 2 * huber * abs(d) - huber ** 2
+
+
+def ref_tb(log_pf, log_pterm, log_r, lengths, log_z, huber=0.0):
     total = 0.0
     for b, tau in enumerate(lengths.tolist()):
         d = log_z + sum(log_pf[b, t] for t in range(tau)) + log_pterm[b, tau] - log_r[b, tau]
-        total = total + d ** 2
+        total = total + pen(d, huber)
     return total / len(lengths)
 
 
@@ -56,25 +62,25 @@ def ref_delta(log_pf, log_pterm, log_r, b, t):
     return log_r[b, t] + log_pf[b, t] + log_pterm[b, t + 1] - log_r[b, t + 1] - log_pterm[b, t]
 
 
-def ref_subtb(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0):
+def ref_subtb(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0, huber=0.0):
     num, den = 0.0, 0.0
     for b, tau in enumerate(lengths.tolist()):
         for i in range(min_len, tau + 1):
             for j in range(i + 1, tau + 1):
                 res = sum(ref_delta(log_pf, log_pterm, log_r, b, t) for t in range(i, j))
-                num = num + lam ** (j - i - 1) * res ** 2
+                num = num + lam ** (j - i - 1) * pen(res, huber)
                 den = den + lam ** (j - i - 1)
     return num / den if den > 0 else torch.zeros(())
 
 
 def ref_raptb(log_pf, log_pterm, log_r, u, lengths, log_z, eta=0.25, gamma=0.99, alpha=0.5, beta=5.0, rho=0.1,
-              k_min=2, lam=1.0, eps_absorb=1e-6, horizon=None, detach_pterm=True, absorb=1.0, min_len=0):
+              k_min=2, lam=1.0, eps_absorb=1e-6, horizon=None, detach_pterm=True, absorb=1.0, min_len=0, huber=0.0):
     pterm_aux = log_pterm.detach() if detach_pterm else log_pterm
     u = u.detach().tolist()
     total = 0.0
     for b, tau in enumerate(lengths.tolist()):
         d_tb = log_z + sum(log_pf[b, t] for t in range(tau)) + log_pterm[b, tau] - log_r[b, tau]
-        total = total + d_tb ** 2
+        total = total + pen(d_tb, huber)
         h = tau if horizon is None else min(tau, horizon)
         k_lo = max(k_min, min_len + 1)
         num, den = 0.0, 0.0
@@ -88,7 +94,7 @@ def ref_raptb(log_pf, log_pterm, log_r, u, lengths, log_z, eta=0.25, gamma=0.99,
             if horizon is not None:
                 gate = gate and tau >= horizon and k < horizon
             c_ab = c_bar + (absorb * gamma ** (h - k) * (u[b][k] - u_tgt) if gate else 0.0)
-            num = num + lam ** (k - k_lo) * c_ab ** 2
+            num = num + lam ** (k - k_lo) * pen(c_ab, huber)
             den = den + lam ** (k - k_lo)
         if den > 0:  # inactive trajectories (no eligible prefix) get no aux term
             total = total + eta * num / den
@@ -99,19 +105,19 @@ def ref_prefix_res(log_pf, log_pterm, log_r, log_z, b, k):
     return log_z + sum(log_pf[b, t] for t in range(k)) + log_pterm[b, k] - log_r[b, k]
 
 
-def ref_avgprefixtb(log_pf, log_pterm, log_r, lengths, log_z, min_len=0):
+def ref_avgprefixtb(log_pf, log_pterm, log_r, lengths, log_z, min_len=0, huber=0.0):
     total = 0.0
     for b, tau in enumerate(lengths.tolist()):
         ks = range(min_len, tau + 1)
-        total = total + sum(ref_prefix_res(log_pf, log_pterm, log_r, log_z, b, k) ** 2 for k in ks) / len(ks)
+        total = total + sum(pen(ref_prefix_res(log_pf, log_pterm, log_r, log_z, b, k), huber) for k in ks) / len(ks)
     return total / len(lengths)
 
 
-def ref_rootsubtb(log_pf, log_pterm, log_r, lengths, log_z, lam=1.0, min_len=0):
+def ref_rootsubtb(log_pf, log_pterm, log_r, lengths, log_z, lam=1.0, min_len=0, huber=0.0):
     num, den = 0.0, 0.0
     for b, tau in enumerate(lengths.tolist()):
         for k in range(min_len, tau + 1):
-            num = num + lam ** (k - min_len) * ref_prefix_res(log_pf, log_pterm, log_r, log_z, b, k) ** 2
+            num = num + lam ** (k - min_len) * pen(ref_prefix_res(log_pf, log_pterm, log_r, log_z, b, k), huber)
             den = den + lam ** (k - min_len)
     return num / den
 
@@ -181,6 +187,24 @@ def test_rootsubtb_matches_reference(lam, min_len):
     loss, _ = rootsubtb_loss(log_pf, log_pterm, log_r, lengths, log_z, lam=lam, min_len=min_len)
     ref = ref_rootsubtb(log_pf, log_pterm, log_r, lengths, log_z, lam, min_len)
     assert_same(loss, ref, (log_pf, log_pterm, log_r, log_z))
+
+
+HUBER = [(tb_loss, ref_tb, {}), (subtb_loss, ref_subtb, {}), (subtb_loss, ref_subtb, dict(lam=0.9, min_len=1)),
+         (raptb_loss, ref_raptb, {}), (raptb_loss, ref_raptb, dict(lam=0.7, horizon=4, min_len=1)),
+         (avgprefixtb_loss, ref_avgprefixtb, {}), (rootsubtb_loss, ref_rootsubtb, dict(lam=0.8))]
+
+
+@pytest.mark.parametrize("fn,ref,knobs", HUBER, ids=lambda x: getattr(x, "__name__", None))
+def test_huber_matches_reference(fn, ref, knobs):
+    """--huber: every residual's square becomes its Huber loss; the batch has residuals on both sides of 1 nat."""
+    batch = make_batch(seed=9, min_len=knobs.get("min_len", 0))
+    log_pf, log_pterm, log_r, u, lengths, log_z = batch
+    given = dict(log_pf=log_pf, log_pterm=log_pterm, log_r=log_r, u=u, lengths=lengths, log_z=log_z, **knobs)
+    take = lambda f, **more: {k: v for k, v in {**given, **more}.items() if k in inspect.signature(f).parameters}
+    loss, _ = fn(**take(fn, huber=1.0))
+    assert_same(loss, ref(**take(ref, huber=1.0)), (log_pf, log_pterm, log_r))
+    assert loss < fn(**take(fn))[0]  # residuals beyond 1 nat exist, so the Huber loss is the smaller
+    torch.testing.assert_close(fn(**take(fn, huber=1e6))[0], fn(**take(fn))[0], rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("lam", [1.0, 0.9])
@@ -328,7 +352,8 @@ def train_on_tree(tree, name, steps=300, lr=0.1, **knobs):
 
 
 EXACT = [("tb", {}), ("subtb", {}), ("rootsubtb", {}), ("avgprefixtb", {}), ("raptb", {"absorb": False}),
-         ("raptb", {"absorb": False, "detach_pterm": False, "k_min": 1})]
+         ("raptb", {"absorb": False, "detach_pterm": False, "k_min": 1}),
+         ("tb", {"huber": 1.0}), ("subtb", {"huber": 1.0}), ("raptb", {"absorb": False, "huber": 1.0})]
 
 
 @pytest.mark.parametrize("name,knobs", EXACT, ids=lambda x: str(x))

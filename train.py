@@ -122,7 +122,7 @@ def loss_knobs(args, frac):
                 k_min=round(linear(args.k_min_start, args.k_min_end, frac)), lam=args.subtb_lam,
                 eps_absorb=args.eps_absorb, horizon=args.horizon, detach_pterm=not args.no_detach, min_len=args.min_len,
                 root=args.prefix_root, grpo_clip=args.grpo_clip, grpo_beta=args.grpo_beta,
-                grpo_std_norm=args.grpo_std_norm)
+                grpo_std_norm=args.grpo_std_norm, huber=args.huber)
 
 
 def lr_factor(args, frac):
