@@ -5,14 +5,14 @@ Add a section by writing a function and registering it in SECTIONS.
 
 losses, logprobs (objectives.py): the fused objectives and the one-pass log-probs against loops.
 replay (subm.py): SubM's lazy greedy against plain greedy, the similarity matrix, one buffer refresh.
-step, sampler, fidelity, fidelity-expr24, gpu, expr24 (step.py): one training step phase by phase, the sampler's
+step, sampler, fidelity, fidelity-expr24, gpu, expr24 (step.py): a task's training step phase by phase, the sampler's
 cost per token, the fidelity meter's share of a run, MFU and the step on a GPU, Expr24's grammar mask.
 """
 import argparse
 import sys
 
 from bench.objectives import bench_logprobs, bench_losses
-from bench.step import bench_expr24, bench_fidelity, bench_gpu, bench_sampler, bench_step, bench_task_step
+from bench.step import bench_expr24, bench_fidelity, bench_gpu, bench_sampler, bench_step
 from bench.subm import bench_replay
 
 SECTIONS = {"losses": bench_losses, "replay": bench_replay, "logprobs": bench_logprobs, "step": bench_step,
@@ -23,8 +23,8 @@ SECTIONS = {"losses": bench_losses, "replay": bench_replay, "logprobs": bench_lo
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("sections", nargs="*", help=f"which to run (default: all): {', '.join(SECTIONS)}")
-    p.add_argument("--task", default=None, help="step only: a built-in task's whole step beside the oracle's "
-                   "(default: the SMILES step phase by phase)")
+    p.add_argument("--task", default=None, help="step only: a built-in task's step phase by phase beside the "
+                   "oracle's (default: smiles, beside its step without the syntax mask)")
     p.error = lambda message: p.exit(2, f"error: {message}\n")
     args = p.parse_args(argv)
     unknown = [n for n in args.sections if n not in SECTIONS]
@@ -38,7 +38,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.task:
-        bench_task_step(args.task)
+        bench_step(args.task)
         return 0
     for name in args.sections or list(SECTIONS):
         SECTIONS[name]()

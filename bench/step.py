@@ -1,14 +1,15 @@
 """
 Benchmarks of the training step (not tests): `python -m bench step [--task NAME]` (sampler, fidelity, gpu, expr24).
 
-step --task NAME: the task's whole step with its default method beside the oracle's, `step / oracle step: R`.
-
-step: one training micro-batch phase by phase (on-policy and replayed), CPU time of each phase; for SMILES with
-and without its syntax mask in the same run, with total / (forward + backward) and the mask's sampling ratio.
+step [--task NAME]: a task's real step (SMILES by default) phase by phase, with its default method beside the
+oracle's, `step / oracle step: R`, or for SMILES beside the step without its syntax mask, with the mask's sampling
+ratio; each with step / (forward + backward).
 sampler: Policy.sample's cost per token step against the GEMMs of that step and a teacher-forced forward.
 fidelity, fidelity-expr24: the fidelity meter's share of a default run. gpu: MFU and the step on a GPU.
 expr24: the grammar mask's cost.
 """
+import collections
+import contextlib
 import os
 import sys
 import time
@@ -42,168 +43,125 @@ def random_gpt2(n_positions, device):
 
 # ----------------------------------------------------------------------------- the training step, phase by phase
 
-STEP_PHASES = ("sample", "fetch", "reward", "reference", "forward", "loss", "backward", "refresh")
+def step_phases():
+    """(owner, attribute, label) of the functions train.py's step spends its time in; "of which" rows are inside the
+    row above them. The buffer's refresh is its own instance's `add` (timed_run wraps it where the buffer is built)."""
+    import batches
+    import conditions
+    import model as modellib
+    import train
+    return [(train, "get_batch", "batch"), (modellib.Policy, "sample", "  of which sampling"),
+            (batches, "prefix_scores", "reward"), (modellib.Policy, "log_ref_stop", "reference"),
+            (train, "loss_log_probs", "forward"), (conditions, "row_log_z", "logZ head"),
+            (losses, "compute_loss", "loss"), (torch.Tensor, "backward", "backward"), (None, "add", "refresh"),
+            (train, "optimizer_step", "optimiser"), (train, "train_step", "step")]
 
 
-def bench_step(model="prior", extra=(), steps=12, warmup=3, seed=0):
-    """Where one training micro-batch's time goes (SMILES task, batch 32, one thread, the embedded prior by
-    default). Each micro-batch is timed twice: on-policy (sample, score, loss, refresh the buffer) and replayed
-    (fetch 32 items, their cached reference pass and scores, loss). Times are CPU time of this thread (robust to
-    other processes sharing the cores) and wall time. For SMILES with its syntax mask, the same run is made again
-    with --no-smiles-mask, micro-batch by micro-batch in turn (so both see the same load), to price the mask."""
-    torch.set_num_threads(1)
-    runs = {"mask": StepRun(model, extra, seed)}
-    if runs["mask"].policy.task_mask is not None and runs["mask"].args.task == "smiles":
-        runs["no mask"] = StepRun(model, [*extra, "--no-smiles-mask"], seed)
-    for i in range(warmup + steps):
-        for run in runs.values():
-            run.micro_batches(record=i >= warmup)
-    for name, run in runs.items():
-        run.report(f"{model}, {name}" if len(runs) > 1 else model, steps)
-    for name, run in runs.items():
-        print(f"{name:>8}: on-policy total / (forward + backward) = {run.ratio():.2f}")
-    if len(runs) > 1:
-        sample = {name: run.cpu["policy"]["sample"] for name, run in runs.items()}
-        print(f"sampling with the SMILES mask / without: {sample['mask'] / sample['no mask']:.2f}")
-    return {name: dict(cpu=run.cpu, wall=run.wall, steps=steps, ratio=run.ratio()) for name, run in runs.items()}
+@contextlib.contextmanager
+def timed_calls(phases, spent, counting):
+    """Within the block, every call of each phase's function adds this thread's CPU time inside it to spent[label]
+    while counting() holds (on a GPU, wall time between synchronisations); the functions are put back after."""
+    import train
+    gpu = torch.cuda.is_available()
+    clock, sync = (time.perf_counter, torch.cuda.synchronize) if gpu else (time.thread_time, lambda: None)
+    real = {(owner, name): getattr(owner, name) for owner, name, _ in phases if owner is not None}
+
+    def timer(fn, label):
+        def timed(*a, **k):
+            sync()
+            start = clock()
+            out = fn(*a, **k)
+            sync()
+            if counting():
+                spent[label] += clock() - start
+            return out
+        return timed
+    for owner, name, label in phases:
+        if owner is not None:
+            setattr(owner, name, timer(real[owner, name], label))
+    refresh = [label for owner, _, label in phases if owner is None]
+    build_buffer = train.build_buffer
+
+    def build_timed_buffer(*a, **k):
+        buffer = build_buffer(*a, **k)
+        if buffer is not None and refresh:
+            buffer.add = timer(buffer.add, refresh[0])
+        return buffer
+    train.build_buffer = build_timed_buffer
+    try:
+        yield
+    finally:
+        train.build_buffer = build_buffer
+        for (owner, name), fn in real.items():
+            setattr(owner, name, fn)
 
 
-def bench_task_step(task="expr24", steps=200, warmup=None):
-    """A task's whole training step with its default method against the oracle's (--loss oracle: the same model,
-    batch, masks and schedule; exact samples of p* instead of on-policy ones, no replay), each a short train.py run
-    with the same flags, CPU ms per optimiser step over `steps` steps after `warmup`; ends with the line
-    `step / oracle step: R`, R of the means (what a run pays per step: the default's steps are on-policy or replayed
-    by a coin, two costs, so their median lands on either; it is printed beside the mean). With conditions the
-    warm-up is 400 steps: the oracle's first draw from a prompt costs a reference pass over all its strings (once per
-    prompt and run, about 20 s over the Game of 24's 396), which the steady step does not. A task that cannot enumerate its target (SMILES) has no oracle: its phases instead."""
+def timed_run(flags, warmup, steps):
+    """A short train.py run (one thread, no measuring, no checkpoint but the last, in a temporary folder): CPU ms per
+    optimiser step in each phase over `steps` steps after `warmup`, or None when train.py refused (its line printed)."""
     import tempfile
     import train
     torch.set_num_threads(1)
-    if warmup is None:
-        warmup = 400 if getattr(train.build_task(train.get_args(["--task", task])), "conditions", None) else 10
-    flags = ["--task", task, "--steps", str(warmup + steps), "--eval-every", "0", "--ckpt-every", str(10 ** 9)]
+    spent, done = collections.defaultdict(float), [0]
+    phases = step_phases()
+
+    def counting():
+        return warmup <= done[0] < warmup + steps
+    with timed_calls(phases, spent, counting), tempfile.TemporaryDirectory() as out:
+        real_step = train.train_step
+
+        def counted(*a, **k):
+            result = real_step(*a, **k)
+            done[0] += 1
+            return result
+        train.train_step = counted
+        try:
+            code = train.main([*flags, "--steps", str(warmup + steps), "--eval-every", "0",
+                               "--ckpt-every", str(10 ** 9), "--out", os.path.join(out, "run")])
+        finally:
+            train.train_step = real_step
+    if code != 0:
+        return None
+    return {label: 1000 * spent[label] / steps for _, _, label in phases}
+
+
+def bench_step(task="smiles", steps=None, warmup=None, extra=()):
+    """A task's real training step (train.py's own functions, timed from outside), CPU ms per optimiser step, phase
+    by phase, with its default method beside a second run in the same call: the oracle's step (--loss oracle: the
+    same model, batch, masks and schedule, exact samples of p* instead of on-policy ones, no replay), or for a task
+    that cannot enumerate its target (SMILES) the same step without its syntax mask. Ends with each run's
+    step / (forward + backward), and `step / oracle step: R` (or the mask's sampling ratio). Means over `steps`
+    steps after `warmup`: a step is on-policy or replayed by a coin, two costs. With conditions the warm-up is 400
+    steps: the oracle's first draw from a prompt costs a reference pass over all its strings (about 20 s over the
+    Game of 24's 396), which the steady step does not."""
+    import train
+    flags = ["--task", task, *extra]
+    conditional = getattr(train.build_task(train.get_args([*flags, "--out", "/tmp/bench-step"])), "conditions", None)
+    warmup = warmup if warmup is not None else 400 if conditional else 10
+    steps = steps or (200 if task != "smiles" else 30)
     try:
-        train.get_args([*flags, "--loss", "oracle"])
+        train.get_args([*flags, "--loss", "oracle", "--out", "/tmp/bench-step"])
+        second = ("oracle", ["--loss", "oracle"])
     except SystemExit:  # its one line is printed: the task cannot enumerate its target
-        return bench_step(extra=["--task", task])
-    mean, median = {}, {}
-    for name, extra in (("default", []), ("oracle", ["--loss", "oracle"])):
-        code, times = step_times(train, [*flags, "--out", os.path.join(tempfile.mkdtemp(), name), *extra])
-        if code != 0:
-            return print(f"{task}: train.py exit {code} (its line above)")
-        mean[name], median[name] = 1000 * float(np.mean(times[warmup:])), 1000 * float(np.median(times[warmup:]))
-    print(f"\n== {task}: one optimiser step, CPU ms (mean of {steps} after {warmup}, median in brackets; one thread; "
+        second = ("no mask", ["--no-smiles-mask"]) if task == "smiles" else None
+    runs = {"default": timed_run(flags, warmup, steps)}
+    if second:
+        runs[second[0]] = timed_run([*flags, *second[1]], warmup, steps)
+    if None in runs.values():
+        return print(f"{task}: train.py refused (its line above)")
+    print(f"\n== {task}: one optimiser step, CPU ms, phase by phase (mean of {steps} steps after {warmup}; one thread; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores) ==")
-    print(f"default method: {mean['default']:.1f} ms ({median['default']:.1f})   "
-          f"oracle: {mean['oracle']:.1f} ms ({median['oracle']:.1f})")
-    print(f"step / oracle step: {mean['default'] / mean['oracle']:.2f}")
-
-
-def step_times(train, argv):
-    """train.main(argv) with the CPU time of each train_step recorded: (exit code, seconds per step)."""
-    real, times = train.train_step, []
-
-    def timed(*a, **k):
-        start = time.process_time()
-        out = real(*a, **k)
-        times.append(time.process_time() - start)
-        return out
-    train.train_step = timed
-    try:
-        return train.main(argv), times
-    finally:
-        train.train_step = real
-
-
-class StepRun:
-    """One configuration of bench_step: its policy, buffer and accumulated CPU / wall time per phase."""
-
-    SOURCES = ("policy", "replay")
-
-    def __init__(self, model, extra, seed):
-        import train
-        self.args = train.get_args(["--model", model, "--replay", "subm", "--out", "/tmp/bench-step", *extra])
-        self.task = train.build_task(self.args)
-        torch.manual_seed(seed)
-        self.policy = train.build_policy(self.args, self.task)
-        self.log_z = torch.nn.Parameter(torch.zeros((), device=self.policy.device))
-        self.rng = np.random.default_rng(seed)
-        self.buffer = train.build_buffer(self.args, self.task)
-        self.cpu = {s: dict.fromkeys(STEP_PHASES, 0.0) for s in self.SOURCES}
-        self.wall = dict.fromkeys(self.SOURCES, 0.0)
-
-    def micro_batches(self, record):
-        """One on-policy micro-batch, then a replayed one once the buffer holds a batch."""
-        self.micro_batch("policy", record)
-        if len(self.buffer) >= self.args.batch_size:
-            self.micro_batch("replay", record)
-
-    def micro_batch(self, source, record):
-        import batches
-        import train
-        args, task, policy, buffer = self.args, self.task, self.policy, self.buffer
-        sync = torch.cuda.synchronize if policy.device.type == "cuda" else (lambda: None)
-        times = dict.fromkeys(STEP_PHASES, 0.0)
-
-        def timed(name, fn):
-            sync()
-            t = time.thread_time()
-            out = fn()
-            sync()
-            times[name] += time.thread_time() - t
-            return out
-        start = time.perf_counter()
-        items = None
-        if source == "policy":
-            temperature = 1.0 if self.rng.random() >= args.temp_prob else float(self.rng.uniform(0.8, 1.5))
-            tokens, lengths, _ = timed("sample", lambda: policy.sample(args.batch_size, temperature))
-        else:
-            items = timed("fetch", lambda: buffer.sample(args.batch_size, self.rng))
-            tokens, lengths = timed("fetch", lambda: batches.from_items(policy, items))
-        cached = timed("fetch", lambda: batches.cached_rows(args, policy, items))
-        if cached is None:
-            scores = timed("reward", lambda: train.rewards.prefix_scores(task, policy.token_texts, tokens, lengths,
-                                                                         args.max_len).to(policy.device))
-            log_ref = timed("reference", lambda: policy.log_ref_stop(tokens, lengths))
-        else:
-            log_ref, scores = cached
-        log_r, u = train.rewards.log_reward(log_ref.double(), scores, args.kappa, args.lam)
-        log_pf, log_pterm = timed("forward", lambda: policy.log_probs(tokens, lengths))
-        loss, _ = timed("loss", lambda: losses.compute_loss("raptb", log_pf, log_pterm, log_r.float(), u.float(),
-                                                            lengths, self.log_z, **train.loss_knobs(args, 0.0)))
-        timed("backward", lambda: loss.backward())
-        if source == "policy":
-            texts = policy.texts(tokens, lengths)
-            final = scores.gather(1, lengths[:, None]).squeeze(1)
-            timed("refresh", lambda: buffer.add(batches.to_items(task, tokens, lengths, texts, final, log_ref, scores)))
-        elapsed = time.perf_counter() - start
-        policy.model.zero_grad(set_to_none=True)
-        self.log_z.grad = None
-        if record:
-            for name, t in times.items():
-                self.cpu[source][name] += t
-            self.wall[source] += elapsed
-
-    def ratio(self):
-        """On-policy total over forward + backward: what a step costs beyond the gradient itself."""
-        phases = self.cpu["policy"]
-        return sum(phases.values()) / (phases["forward"] + phases["backward"])
-
-    def report(self, title, steps):
-        args, cpu = self.args, self.cpu
-        p = (args.p_replay_start + args.p_replay_end) / 2  # the mean replay probability over a run (linear schedule)
-        print(f"\n== one training micro-batch, phase by phase ({title}, {args.task}, B={args.batch_size}, SubM buffer "
-              f"{args.buffer_size}, {self.policy.device}, {torch.get_num_threads()} thread, {steps} micro-batches "
-              f"each; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores) ==")
-        print(f"CPU ms of this thread per micro-batch\n{'phase':>10} {'on-policy':>10} {'replayed':>10}")
-        for name in STEP_PHASES + ("total",):
-            vals = [(sum(cpu[s].values()) if name == "total" else cpu[s][name]) / steps * 1e3 for s in self.SOURCES]
-            print(f"{name:>10}" + "".join(f" {v:10.1f}" for v in vals))
-        print(f"{'wall':>10}" + "".join(f" {self.wall[s] / steps * 1e3:10.1f}" for s in self.SOURCES))
-        total = {s: sum(cpu[s].values()) / steps for s in self.SOURCES}
-        mixed = (1 - p) * total["policy"] + p * total["replay"]
-        print(f"{mixed * 1e3:.1f} CPU ms per micro-batch at the run's mean replay share {p:.3f}, "
-              f"{mixed * args.grad_accum * 1e3:.0f} ms per optimiser step of {args.grad_accum} (before AdamW)")
+    print(f"{'phase':>20}" + "".join(f" {name:>10}" for name in runs))
+    for _, _, label in step_phases():
+        print(f"{label:>20}" + "".join(f" {run[label]:10.1f}" for run in runs.values()))
+    for name, run in runs.items():
+        print(f"{name:>10}: step / (forward + backward) = {run['step'] / (run['forward'] + run['backward']):.2f}")
+    if "oracle" in runs:
+        print(f"step / oracle step: {runs['default']['step'] / runs['oracle']['step']:.2f}")
+    if "no mask" in runs:
+        print(f"sampling with the SMILES mask / without: "
+              f"{runs['default']['  of which sampling'] / runs['no mask']['  of which sampling']:.2f}")
+    return runs
 
 
 def bench_sampler(model="prior", n=32, max_len=10, repeats=15):
@@ -358,7 +316,7 @@ def bench_gpu(peak_tflops=989.0):
                    check=True, capture_output=True)
     log = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     print(f"trainer, LoRA + bf16, batch 32, SubM: see the step breakdown below ({len(log)} steps ran)")
-    bench_step(path, ["--lora"])
+    bench_step(extra=["--model", path, "--lora"])
 
 
 def bench_expr24(batch=64, repeats=15):
