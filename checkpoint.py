@@ -72,8 +72,10 @@ def save_checkpoint(args, policy, buffer, log_z, optimizer, rng, step):
     final, tmp = os.path.join(args.out, name), os.path.join(args.out, f".{name}.tmp")
     if not args.fsdp:
         optimizer_state = optimizer.state_dict()
-    log_z = {k: v.detach().cpu() for k, v in log_z.state_dict().items()} if isinstance(log_z, torch.nn.Module) \
-        else log_z.detach().cpu()  # a logZ head (METHOD.md §11.2): its tensors
+    if isinstance(log_z, torch.nn.Module):  # a logZ head or the seen objects (METHOD.md §11.2): its state
+        log_z = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in log_z.state_dict().items()}
+    else:
+        log_z = log_z.detach().cpu()
     settings = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
     state = dict(step=step, log_z=log_z, optimizer=optimizer_state, args=settings, ranks=ranks)
     try:

@@ -16,6 +16,7 @@ runs it as a task with one condition, its --prompt.
 """
 import inspect
 import math
+import os
 
 import numpy as np
 import torch
@@ -118,7 +119,7 @@ def with_prompt_files(task, train=None, heldout=None):
 
 
 def runs_conditional(args, task):
-    return is_conditional(task) or args.log_z_mode in ("head", "batch")
+    return is_conditional(task) or args.log_z_mode in ("head", "batch", "seen")
 
 
 def flag_problem(args, task):
@@ -129,6 +130,10 @@ def flag_problem(args, task):
         return "--log-z scalar: each condition has its own Z(c); use --log-z head or --log-z batch"
     if k < 1 or args.batch_size % k:
         return f"--samples-per-prompt {k} must divide --batch-size {args.batch_size}"
+    if args.log_z_mode == "seen" and (args.kappa != 1 or args.log_probs == "raw"):
+        return "--log-z seen needs --kappa 1 and normalised log-probs: it counts on P_ref summing to 1 over the objects"
+    if args.log_z_mode == "seen" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return "--log-z seen counts one process's draws: run it without torchrun"
     if args.log_z_mode == "batch" and k < 2:
         return "--log-z batch needs --samples-per-prompt >= 2 (one sample's estimate is its own log R - log q)"
     if args.eval_prompts < 0:
@@ -298,16 +303,58 @@ def batch_log_z(conditions, log_pf, log_pterm, log_r, lengths):
         return (sums / counts)[group]
 
 
-def row_log_z(args, log_z, policy, conditions, log_pf, log_pterm, log_r, lengths):
-    """Each row's logZ for the losses: the head's value for its condition, or the batch estimate."""
+class SeenLogZ(torch.nn.Module):
+    """--log-z seen: logZ(c) from the objects the run has drawn for c; nothing is learned (METHOD.md §11.2). With
+    kappa = 1 and P_ref summing to 1, Z(c) = 1 + sum_x (R(x|c) - P_ref(x|c)), where only objects with R != P_ref
+    (S != 0) count. So logZ(c) = log(1 + the sum over the drawn objects with R > P_ref) is exact once every such
+    object has been drawn and, with S >= 0, a lower bound before; a prompt without a solution has exactly 0. Its one
+    parameter is unused: it keeps logZ's optimiser group. The objects and sums ride in checkpoints (extra state)."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros((), device=device))
+        self.found = {}  # condition -> the objects (token tuples) with R > P_ref drawn so far
+        self.log_sum = {}  # condition -> log of their sum of R - P_ref
+
+    def add(self, conditions, tokens, lengths, log_r, log_ref):
+        """Count the rows' objects not counted yet: log(R - P_ref) = log R + log(1 - P_ref / R)."""
+        final_r = log_r.gather(1, lengths[:, None]).squeeze(1).double().tolist()
+        final_ref = log_ref.gather(1, lengths[:, None]).squeeze(1).double().tolist()
+        for c, row, tau, lr, lp in zip(conditions, tokens.tolist(), lengths.tolist(), final_r, final_ref):
+            x = tuple(row[:tau])
+            if lr > lp and x not in self.found.get(c, ()):
+                self.found.setdefault(c, set()).add(x)
+                self.log_sum[c] = float(np.logaddexp(self.log_sum.get(c, -np.inf), lr + np.log(-np.expm1(lp - lr))))
+
+    def values(self, conditions):
+        return [float(np.logaddexp(0.0, self.log_sum.get(c, -np.inf))) for c in conditions]
+
+    def get_extra_state(self):
+        return dict(found=[[c, [list(x) for x in xs]] for c, xs in self.found.items()],
+                    log_sum=[[c, v] for c, v in self.log_sum.items()])
+
+    def set_extra_state(self, state):
+        self.found = {c: {tuple(x) for x in xs} for c, xs in state["found"]}
+        self.log_sum = {c: v for c, v in state["log_sum"]}
+
+
+def row_log_z(args, log_z, policy, conditions, tokens, log_pf, log_pterm, log_r, log_ref, lengths):
+    """Each row's logZ for the losses: the head's value for its condition, the batch estimate, or what the run has
+    seen (this batch included)."""
     if args.log_z_mode == "batch":
         return batch_log_z(conditions, log_pf, log_pterm, log_r, lengths)
+    if args.log_z_mode == "seen":
+        log_z.add(conditions, tokens, lengths, log_r, log_ref)
+        return torch.tensor(log_z.values(conditions), dtype=torch.float32, device=log_r.device)
     return log_z(policy.prompt_states(conditions))
 
 
 def make_condition_log_z(args, policy):
-    """The learned part of logZ and its parameters (logZ's own optimiser group): the head, or for --log-z batch
-    the unused scalar that keeps the optimiser's and the checkpoint's layout."""
+    """The learned part of logZ and its parameters (logZ's own optimiser group): the head, the seen objects, or for
+    --log-z batch the unused scalar that keeps the optimiser's and the checkpoint's layout."""
+    if args.log_z_mode == "seen":
+        log_z = SeenLogZ(policy.device)
+        return log_z, list(log_z.parameters())
     if args.log_z_mode == "head":
         dtype = torch.bfloat16 if args.log_z_dtype == "bfloat16" else torch.float32
         head = LogZHead(hidden_size(policy), dtype=dtype).to(policy.device)
@@ -335,7 +382,9 @@ def init_log_z(args, log_z, task, policy):
 
 
 def learned_log_z(args, log_z, policy, conditions):
-    """logZ(c) of the learned head for each condition (None without a head), for the meter."""
+    """logZ(c) of the learned head, or of the seen objects, for each condition (None without either), for the meter."""
+    if args.log_z_mode == "seen":
+        return log_z.values(conditions)
     if args.log_z_mode != "head":
         return [None] * len(conditions)
     with torch.no_grad():

@@ -145,11 +145,13 @@ def make_parser():
     a("--paper", action="store_true", help="the paper's settings for every flag left unset: constant eta and learning "
       "rate (the defaults differ only there; see OURS and PAPER at the top of train.py; --conventions authors "
       "implies them)")
-    a("--log-z", dest="log_z_mode", default=None, choices=["scalar", "head", "batch"],
+    a("--log-z", dest="log_z_mode", default=None, choices=["scalar", "head", "batch", "seen"],
       help="logZ: one learned scalar (default for a single prompt); head: logZ(c) learned from the prompt's last "
       "hidden state (default with conditions); batch: no learned logZ, the mean of log R - log q over each "
       "condition's k samples (VarGrad), which is log Z(c) - KL(q||p*) in expectation, so biased low while q is "
-      "far from p* (METHOD.md §11.2)")
+      "far from p*; seen: no learned logZ, log(1 + the sum of R - P_ref over the distinct objects drawn so far), "
+      "exact once every object with S > 0 has been drawn and a lower bound before, 0 for a prompt without a solution "
+      "(kappa 1; METHOD.md §11.2)")
     a("--samples-per-prompt", type=int, default=None, help="k: each batch holds batch-size / k conditions x k "
       "samples (default: the whole batch; with conditions 8); --log-z batch needs k >= 2 to compare samples")
     a("--log-z-init", type=conventions.log_z_init, default="estimate",

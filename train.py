@@ -204,8 +204,8 @@ def micro_batch(training, frac, coin, knobs, kept):
     else:
         log_r, u, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, batch.known, conds)
     log_pf, log_pterm = loss_log_probs(args, policy, tokens, lengths, conds)
-    log_z = training.log_z if conds is None or oracle_rows else \
-        conditions.row_log_z(args, training.log_z, policy, conds, log_pf, log_pterm, log_r, lengths)
+    log_z = training.log_z if conds is None or oracle_rows else conditions.row_log_z(
+        args, training.log_z, policy, conds, tokens, log_pf, log_pterm, log_r, log_ref, lengths)
     # the loss, through the one entry point of every objective
     rl = {}  # what an RL baseline takes beyond the batch (GRPO's reference pass, each row's group)
     if args.loss in rl_losses.LOSSES:

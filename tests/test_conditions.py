@@ -221,6 +221,33 @@ def test_the_batch_estimate_trains_q_to_the_target_of_every_prompt(tiny_gpt2):
         assert e["tv"] < 0.02 and e["kl"] < 2e-3, (c, e)  # the estimate's gap to log Z(c) is KL(q || p*)
 
 
+def test_the_seen_log_z_is_exact_once_every_object_is_drawn_and_below_it_before(tiny_gpt2, tmp_path):
+    """--log-z seen (kappa = 1): log R = log P_ref + lam S with S = 0 on about half the objects and on every object of
+    one prompt. Half the objects drawn: below log Z(c); all of them: log Z(c); drawn again: unchanged; the prompt
+    without a positive score: exactly 0. The state survives a checkpoint's weights-only load."""
+    policy, task = tree_policy(tiny_gpt2)
+    tokens, lengths, conds, texts = every_object(policy, PROMPTS)
+    with torch.no_grad():
+        log_ref = sequence_log_q(policy, tokens, lengths, conds)  # any distribution over each prompt's objects
+    s = torch.tensor([0.0 if c == "CN" else task.given(c).score(t) for c, t in zip(conds, texts)], dtype=torch.float64)
+    log_r = log_ref + 3.0 * torch.where(s > 0.5, s, 0.0)
+    exact = {c: torch.logsumexp(r, 0).item() for c, r in per_condition(log_r, conds).items()}
+    at_end = lambda v: torch.zeros(len(v), MAX_LEN + 1, dtype=torch.float64).scatter(1, lengths[:, None], v[:, None])
+    seen, half = conditions.SeenLogZ("cpu"), torch.arange(len(conds)) % 2 == 0
+    seen.add([c for c, h in zip(conds, half) if h], tokens[half], lengths[half], at_end(log_r)[half], at_end(log_ref)[half])
+    below = dict(zip(PROMPTS, seen.values(PROMPTS)))
+    for rows in (slice(None), slice(None)):  # everything, then everything again
+        seen.add(conds, tokens[rows], lengths[rows], at_end(log_r)[rows], at_end(log_ref)[rows])
+    full = dict(zip(PROMPTS, seen.values(PROMPTS)))
+    for c in ("CC", "CO"):
+        assert below[c] < full[c] - 0.01 and abs(full[c] - exact[c]) < 1e-5, (c, below[c], full[c], exact[c])
+    assert full["CN"] == below["CN"] == 0.0 and abs(exact["CN"]) < 1e-5
+    torch.save(seen.state_dict(), tmp_path / "state.pt")
+    loaded = conditions.SeenLogZ("cpu")
+    loaded.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert loaded.values(PROMPTS) == seen.values(PROMPTS) and loaded.found == seen.found
+
+
 # ----------------------------------------------------------------------------- replay per condition
 
 def test_replay_keeps_each_condition_apart(tmp_path):

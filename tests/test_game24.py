@@ -148,8 +148,10 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
-def test_a_game24_run_resumes_bit_identically(tmp_path, ctrl_c_after_step, log_z="head"):
-    args = [*FAST, "--log-z", log_z, "--eval-every", "2", "--eval-prompts", "1"]
+@pytest.mark.parametrize("log_z", ["head", "seen"])
+def test_a_game24_run_resumes_bit_identically(tmp_path, ctrl_c_after_step, log_z):
+    args = [*FAST, "--log-z", log_z, "--eval-every", "2", "--eval-prompts", "1",
+            *(["--replay", "oracle"] if log_z == "seen" else [])]  # replayed exact samples: solutions to count
     assert train.main([*args, "--out", str(tmp_path / "straight")]) == 0
     disarm = ctrl_c_after_step(2)
     assert train.main([*args, "--out", str(tmp_path / "killed")]) == 130
@@ -164,6 +166,8 @@ def test_a_game24_run_resumes_bit_identically(tmp_path, ctrl_c_after_step, log_z
         assert set(a["log_z"]) == {"linear.weight", "linear.bias"}
         assert all(torch.equal(a["log_z"][k], b["log_z"][k]) for k in a["log_z"])
         assert a["log_z"]["linear.weight"].abs().sum() > 0  # the head did learn
+    else:  # the objects with R > P_ref drawn so far, and their sums
+        assert a["log_z"]["_extra_state"] == b["log_z"]["_extra_state"] and a["log_z"]["_extra_state"]["found"]
     assert straight[-1]["log_z"] != 0
 
 
