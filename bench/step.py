@@ -45,53 +45,50 @@ def random_gpt2(n_positions, device):
 
 def step_phases():
     """(owner, attribute, label) of the functions train.py's step spends its time in; "of which" rows are inside the
-    row above them. The buffer's refresh is its own instance's `add` (timed_run wraps it where the buffer is built)."""
+    row above them. Two owners under one label (a task with conditions wraps the policy and the buffer) count once."""
     import batches
     import conditions
     import model as modellib
+    import replay
     import train
     return [(train, "get_batch", "batch"), (modellib.Policy, "sample", "  of which sampling"),
             (batches, "prefix_scores", "reward"), (modellib.Policy, "log_ref_stop", "reference"),
-            (train, "loss_log_probs", "forward"), (conditions, "row_log_z", "logZ head"),
-            (losses, "compute_loss", "loss"), (torch.Tensor, "backward", "backward"), (None, "add", "refresh"),
+            (conditions.ConditionalPolicy, "log_ref_stop", "reference"), (train, "loss_log_probs", "forward"),
+            (conditions, "row_log_z", "logZ"), (losses, "compute_loss", "loss"), (torch.Tensor, "backward", "backward"),
+            (replay.ReplayBuffer, "add", "refresh"), (conditions.ConditionalBuffer, "add", "refresh"),
             (train, "optimizer_step", "optimiser"), (train, "train_step", "step")]
 
 
 @contextlib.contextmanager
 def timed_calls(phases, spent, counting):
     """Within the block, every call of each phase's function adds this thread's CPU time inside it to spent[label]
-    while counting() holds (on a GPU, wall time between synchronisations); the functions are put back after."""
-    import train
+    while counting() holds (on a GPU, wall time between synchronisations), a call inside another of the same label
+    not again; the functions are put back after."""
     gpu = torch.cuda.is_available()
     clock, sync = (time.perf_counter, torch.cuda.synchronize) if gpu else (time.thread_time, lambda: None)
-    real = {(owner, name): getattr(owner, name) for owner, name, _ in phases if owner is not None}
+    real = {(owner, name): getattr(owner, name) for owner, name, _ in phases}
+    inside = collections.Counter()
 
     def timer(fn, label):
         def timed(*a, **k):
+            if inside[label]:
+                return fn(*a, **k)
+            inside[label] += 1
             sync()
             start = clock()
-            out = fn(*a, **k)
-            sync()
-            if counting():
-                spent[label] += clock() - start
-            return out
+            try:
+                return fn(*a, **k)
+            finally:
+                sync()
+                inside[label] -= 1
+                if counting():
+                    spent[label] += clock() - start
         return timed
     for owner, name, label in phases:
-        if owner is not None:
-            setattr(owner, name, timer(real[owner, name], label))
-    refresh = [label for owner, _, label in phases if owner is None]
-    build_buffer = train.build_buffer
-
-    def build_timed_buffer(*a, **k):
-        buffer = build_buffer(*a, **k)
-        if buffer is not None and refresh:
-            buffer.add = timer(buffer.add, refresh[0])
-        return buffer
-    train.build_buffer = build_timed_buffer
+        setattr(owner, name, timer(real[owner, name], label))
     try:
         yield
     finally:
-        train.build_buffer = build_buffer
         for (owner, name), fn in real.items():
             setattr(owner, name, fn)
 
@@ -122,7 +119,7 @@ def timed_run(flags, warmup, steps):
             train.train_step = real_step
     if code != 0:
         return None
-    return {label: 1000 * spent[label] / steps for _, _, label in phases}
+    return {label: 1000 * spent[label] / steps for _, _, label in phases}  # CPU ms per step
 
 
 def bench_step(task="smiles", steps=None, warmup=None, extra=()):
@@ -152,7 +149,7 @@ def bench_step(task="smiles", steps=None, warmup=None, extra=()):
     print(f"\n== {task}: one optimiser step, CPU ms, phase by phase (mean of {steps} steps after {warmup}; one thread; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores) ==")
     print(f"{'phase':>20}" + "".join(f" {name:>10}" for name in runs))
-    for _, _, label in step_phases():
+    for label in dict.fromkeys(label for _, _, label in step_phases()):
         print(f"{label:>20}" + "".join(f" {run[label]:10.1f}" for run in runs.values()))
     for name, run in runs.items():
         print(f"{name:>10}: step / (forward + backward) = {run['step'] / (run['forward'] + run['backward']):.2f}")
