@@ -99,7 +99,7 @@ def _tb_residual(log_pf, log_pterm, log_r, log_z, step, state, tau):
 
 def _penalty(d, huber):
     """The loss of a residual d: d^2 (huber = 0), or Huber's d^2 within |d| <= huber and 2 huber |d| - huber^2 beyond,
-    whose gradient is bounded by 2 huber: a row far from balance pulls as hard as one a little off, as every row of
+    whose gradient is bounded by 2 huber: a row far from balance pulls no harder than one huber off, as every row of
     the oracle pulls with the same unit weight. Both are zero exactly at d = 0, so the fixed point is the same
     (METHOD.md §3.5)."""
     return d ** 2 if huber <= 0 else 2 * F.huber_loss(d, torch.zeros_like(d), reduction="none", delta=huber)
