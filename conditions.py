@@ -334,8 +334,12 @@ class SeenLogZ(torch.nn.Module):
                     log_sum=[[c, v] for c, v in self.log_sum.items()])
 
     def set_extra_state(self, state):
-        self.found = {c: {tuple(x) for x in xs} for c, xs in state["found"]}
-        self.log_sum = {c: v for c, v in state["log_sum"]}
+        try:
+            found = {c: {tuple(int(t) for t in x) for x in xs} for c, xs in state["found"]}
+            log_sum = {c: float(v) for c, v in state["log_sum"]}
+        except (KeyError, TypeError, ValueError):
+            raise modellib.ModelError("corrupt checkpoint: its --log-z seen state is not what train.py writes") from None
+        self.found, self.log_sum = found, log_sum
 
 
 def row_log_z(args, log_z, policy, conditions, tokens, log_pf, log_pterm, log_r, log_ref, lengths):

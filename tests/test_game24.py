@@ -171,6 +171,20 @@ def test_a_game24_run_resumes_bit_identically(tmp_path, ctrl_c_after_step, log_z
     assert straight[-1]["log_z"] != 0
 
 
+def test_a_tampered_seen_log_z_is_one_line(tmp_path, capsys):
+    """--log-z seen keeps its objects in state.pt as plain lists: any other structure is refused with one line."""
+    out = tmp_path / "run"
+    assert train.main([*FAST, "--steps", "1", "--log-z", "seen", "--out", str(out)]) == 0
+    path = os.path.join(checkpoint.find_checkpoint(str(out)), "state.pt")
+    state = torch.load(path, weights_only=True)
+    state["log_z"]["_extra_state"] = {"found": 5}
+    torch.save(state, path)
+    capsys.readouterr()
+    assert sample.main([str(out), "--split", "train", "--n", "2", "--out", str(tmp_path / "s.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: corrupt checkpoint: its --log-z seen state is not what train.py writes"
+
+
 def test_sample_py_per_prompt(tmp_path):
     assert train.main([*FAST, "--steps", "1", "--out", str(tmp_path / "run")]) == 0
     prompts = tmp_path / "p.txt"
