@@ -313,18 +313,14 @@ def chosen_conditions(args, task):
     return [(s, c) for s in splits for c in task.conditions.get(s, [])]
 
 
-def learned_log_z(settings, policy):
-    """The run's logZ(c) from its checkpoint, a function of the prompt: its head, or its seen objects' (None for a
-    bare model or another kind of logZ)."""
+def saved_log_z(settings, policy):
+    """The run's logZ from its checkpoint, built as train.py builds it: its head or its seen objects (None for a bare
+    model or a logZ without per-prompt state)."""
     if not isinstance(settings.log_z, dict):
         return None
-    if settings.log_z_mode == "seen":
-        seen = conditions.SeenLogZ(policy.device)
-        seen.load_state_dict(settings.log_z)
-        return lambda prompt: seen.values([prompt])[0]
-    head = conditions.LogZHead(conditions.hidden_size(policy)).to(policy.device)
-    head.load_state_dict(settings.log_z)
-    return lambda prompt: head(policy.prompt_states([prompt])).item()
+    log_z, _ = conditions.make_condition_log_z(settings, policy)
+    log_z.load_state_dict(settings.log_z)
+    return log_z
 
 
 def draw_condition(policy, task, prompt, n, temperature, batch_size):
@@ -362,7 +358,7 @@ def run_conditions(args, settings, task, policy, ckpt):
     chosen = chosen_conditions(args, task)
     for _, prompt in chosen:
         task.given(prompt)  # a prompt the task refuses: one line, before any work
-    log_z, n = learned_log_z(settings, policy), args.n or PER_PROMPT_N
+    log_z, n = saved_log_z(settings, policy), args.n or PER_PROMPT_N
     rows, mine = [], my_share(list(enumerate(chosen)))
     for i, (split, prompt) in tqdm(mine, desc="sampling per prompt"):
         torch.manual_seed(args.seed + i)
@@ -370,7 +366,7 @@ def run_conditions(args, settings, task, policy, ckpt):
         row = dict(index=i, prompt=prompt, split=split, samples=samples,
                    metrics=task_metrics(task.given(prompt), samples, settings, args.train_smiles))
         if args.fidelity_n > 0:
-            learned = [log_z(prompt)] if log_z is not None else None
+            learned = conditions.learned_log_z(settings, log_z, policy, [prompt]) if log_z is not None else None
             with torch.no_grad():
                 row["fidelity"] = fidelity.measure_conditions(policy, task, [prompt], settings.kappa, settings.lam,
                                                              args.fidelity_n, learned, seed=args.seed + i)[0]

@@ -236,8 +236,8 @@ def test_the_seen_log_z_is_exact_once_every_object_is_drawn_and_below_it_before(
     seen, half = conditions.SeenLogZ("cpu"), torch.arange(len(conds)) % 2 == 0
     seen.add([c for c, h in zip(conds, half) if h], tokens[half], lengths[half], at_end(log_r)[half], at_end(log_ref)[half])
     below = dict(zip(PROMPTS, seen.values(PROMPTS)))
-    for rows in (slice(None), slice(None)):  # everything, then everything again
-        seen.add(conds, tokens[rows], lengths[rows], at_end(log_r)[rows], at_end(log_ref)[rows])
+    for _ in range(2):  # everything, then everything again
+        seen.add(conds, tokens, lengths, at_end(log_r), at_end(log_ref))
     full = dict(zip(PROMPTS, seen.values(PROMPTS)))
     for c in ("CC", "CO"):
         assert below[c] < full[c] - 0.01 and abs(full[c] - exact[c]) < 1e-5, (c, below[c], full[c], exact[c])
