@@ -133,7 +133,7 @@ def flag_problem(args, task):
     if args.log_z_mode == "seen" and (args.kappa != 1 or args.log_probs == "raw"):
         return "--log-z seen needs --kappa 1 and normalised log-probs: it counts on P_ref summing to 1 over the objects"
     if args.log_z_mode == "seen" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        return "--log-z seen counts one process's draws: run it without torchrun"
+        return "--log-z seen counts one process's draws: under torchrun give --log-z head"
     if args.log_z_mode == "batch" and k < 2:
         return "--log-z batch needs --samples-per-prompt >= 2 (one sample's estimate is its own log R - log q)"
     if args.eval_prompts < 0:

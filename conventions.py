@@ -35,10 +35,12 @@ def add_arguments(p):
     a("--expr24-target", default="ours", choices=["ours", "authors"],
       help="Expr24 only. authors: digits 1-9, and a solution of length L_max earns log R = lambda exactly")
     a("--replay-min-items", type=int, default=1, help="replay starts once the buffer holds this many (authors: a batch)")
-    a("--replay-valid-only", action=argparse.BooleanOptionalAction, default=False,
-      help="only valid items enter the buffer (authors: SubM, where 'valid' is --buffer-validity)")
-    a("--buffer-validity", default="task", choices=["task", "score"],
-      help="score: an item is valid when its score is > 0, as the authors' buffers read it (Expr24: correct)")
+    a("--replay-valid-only", action=argparse.BooleanOptionalAction, default=None,
+      help="only valid items enter the buffer (default off; game24 on; authors: SubM, where 'valid' is "
+           "--buffer-validity)")
+    a("--buffer-validity", default=None, choices=["task", "score"],
+      help="score: an item is valid when its score is > 0, as the authors' buffers read it (Expr24 and the Game of "
+           "24: correct); default task; game24 score")
     a("--buffer-reward", default="final", choices=["final", "max-prefix", "prefix-sum"],
       help="an item's r(x) in the buffer: the score; the best prefix score (authors' SMILES SubM); or the sum of "
            "log R over its proper prefixes (authors' RP and PRT ranking)")
@@ -86,13 +88,15 @@ AUTHORS_PER_METHOD = {
 def authors_settings(args):
     """The authors' value of every convention flag for this task, loss and replay (after the task's defaults)."""
     expr24 = args.task == "expr24"
-    s = dict(lr_logz=args.lr, log_z_weight_decay=args.weight_decay, log_z_init=0.0, log_z_dtype="bfloat16",
+    s = dict(lr_logz=args.lr, log_z_weight_decay=args.weight_decay, log_z_init=0.0, log_z_dtype="bfloat16", huber=0.0,
              log_probs="raw", replay_min_items=args.batch_size, buffer_validity="score",
              replay_valid_only=args.replay == "subm", subm_diversity="authors", subm_w_val=1.0,
              subm_len_bin=2 if expr24 else 1, subm_len_power=1.0,
              buffer_reward="prefix-sum" if args.replay in ("rp", "prt") else "final" if expr24 else "max-prefix")
     if expr24:
         s["expr24_target"] = "authors"
+    if args.log_z_mode == "seen":  # a task's default (the Game of 24); the authors learn logZ(c)
+        s["log_z_mode"] = "head"
     s.update(AUTHORS_PER_METHOD.get((args.task, args.loss, None), {}))
     s.update(AUTHORS_PER_METHOD.get((args.task, args.loss, args.replay), {}))
     return s

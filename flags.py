@@ -20,6 +20,8 @@ from tasks.smiles.task import PAPER_SCAFFOLD
 
 # the paper's optimisation settings (SMILES), used for every flag left unset that the task's defaults do not set
 PAPER_DEFAULTS = dict(steps=5000, batch_size=32, grad_accum=4, lr=1e-4, buffer_size=200)
+# the other flags a task's `defaults` may set (the Game of 24 sets them all), at their value for every other task
+GENERAL_DEFAULTS = dict(huber=0.0, replay_valid_only=False, buffer_validity="task")
 # how the defaults reach the target (RESULTS.md, "Reach the target"), the same for every method: RapTB's eta goes to 0
 # over the first half of the run (so the second half trains TB, whose fixed point is R/Z, while the first keeps the
 # dense early credit), and the learning rate follows a cosine to 0. --paper restores the paper's constant eta and lr.
@@ -37,7 +39,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def by_task(key):
     """A flag's value for the default task, then the built-in tasks' own (their `defaults`), for --help."""
-    values = {name: rewards.builtin_task(name).defaults.get(key, PAPER_DEFAULTS.get(key))
+    values = {name: rewards.builtin_task(name).defaults.get(key, {**PAPER_DEFAULTS, **GENERAL_DEFAULTS}.get(key))
               for name in rewards.BUILTIN}
     default = values.pop("smiles")
     others = ", ".join(f"{name} {v}" for name, v in values.items() if v != default)
@@ -94,9 +96,9 @@ def make_parser():
     a("--subtb-lam", type=float, default=1.0, help="window / prefix weight lambda of SubTB and RapTB")
     a("--eps-absorb", type=float, default=1e-6, help="RapTB: a prefix absorbs when its |u| is at most this")
     a("--horizon", type=int, default=None, help="RapTB: the horizon K of its prefixes (default: each row's length)")
-    a("--huber", type=float, default=0.0, help="each residual's square becomes its Huber loss beyond this many nats "
+    a("--huber", type=float, default=None, help="each residual's square becomes its Huber loss beyond this many nats "
       "(0: squares, the paper's), so no row pulls harder than a residual of this size: replayed solutions tens of nats "
-      "off no longer drown the rows that hold other prompts in place; the fixed point is the same")
+      f"off no longer drown the rows that hold other prompts in place; the fixed point is the same ({by_task('huber')})")
     a("--no-detach", action="store_true", help="ablation: let the aux term send gradient to log P(stop)")
     a("--no-absorb", action="store_true", help="ablation: RapTB without absorbed targets")
     # the RL baselines (rloo, grpo, dpg; METHOD.md §9): on-policy at temperature 1, no replay
@@ -151,7 +153,7 @@ def make_parser():
       "condition's k samples (VarGrad), which is log Z(c) - KL(q||p*) in expectation, so biased low while q is "
       "far from p*; seen: no learned logZ, log(1 + the sum of R - P_ref over the distinct objects drawn so far), "
       "exact once every object with S > 0 has been drawn and a lower bound before, 0 for a prompt without a solution "
-      "(kappa 1; METHOD.md §11.2)")
+      "(kappa 1; METHOD.md §11.2; the Game of 24's default)")
     a("--samples-per-prompt", type=int, default=None, help="k: each batch holds batch-size / k conditions x k "
       "samples (default: the whole batch; with conditions 8); --log-z batch needs k >= 2 to compare samples")
     a("--log-z-init", type=conventions.log_z_init, default="estimate",
@@ -196,7 +198,7 @@ def fill_defaults(args, task, explicit=()):
         if getattr(args, key) is None:
             setattr(args, key, value)
     # the task's own (SMILES: its prior, 2..10 tokens; Expr24: 3..9 and its budget), else the paper's optimisation
-    for key, value in {**PAPER_DEFAULTS, **task.defaults}.items():
+    for key, value in {**PAPER_DEFAULTS, **GENERAL_DEFAULTS, **task.defaults}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     # the loss's: the RL baselines need their own samples at temperature 1, the oracle exact samples of p*

@@ -1,6 +1,6 @@
 """The Game of 24 (METHOD.md §11.3-10.4): the counts by an independent enumeration, the splits, the state mask, the
-shipped reference, the exact per-prompt meter, training with a logZ head (kill and resume exact) and sample.py per
-prompt, also over two processes."""
+shipped reference, the exact per-prompt meter, the defaults, training with a logZ head or the seen logZ (kill and
+resume exact) and sample.py per prompt, also over two processes."""
 import csv
 import itertools
 import json
@@ -146,6 +146,17 @@ def argparse_like():
 def read_log(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def test_the_defaults_are_the_measured_objective_settings_and_the_authors_keep_theirs():
+    """The Game of 24's defaults (task.py, RESULTS.md): logZ from the solutions drawn, residuals bounded at 1 nat, a
+    buffer of solutions only; --conventions authors learns logZ(c) with squares; a flag given wins over both."""
+    settings = lambda *flags: (lambda a: (a.log_z_mode, a.huber, a.replay_valid_only, a.buffer_validity))(
+        train.get_args(["--task", "game24", "--out", "/tmp/unused", *flags]))
+    assert settings() == ("seen", 1.0, True, "score")
+    assert settings("--conventions", "authors") == ("head", 0.0, True, "score")  # the authors' SubM: valid items only
+    assert settings("--log-z", "head", "--huber", "0", "--no-replay-valid-only") == ("head", 0.0, False, "score")
+    assert train.get_args(["--task", "expr24", "--out", "/tmp/unused"]).huber == 0.0  # other tasks: squares
 
 
 @pytest.mark.parametrize("log_z", ["head", "seen"])

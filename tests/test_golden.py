@@ -5,7 +5,12 @@ is meant to move the numbers, and say which and why in the commit.
 Exactly is per kind of CPU: another vendor's or vector width's kernels sum in another order, which moves the last
 bits (SMILES, the Game of 24) or, through the 600 warm-up steps of Expr24's scratch model, its samples. So a kind
 with its own record (tests/golden/<vendor>-<capability>/, e.g. AuthenticAMD-AVX2) is held to it, and any other kind
-to tests/golden/*.jsonl, recorded on the CPUs that CI ran on."""
+to tests/golden/*.jsonl within a tolerance. SMILES's and Expr24's were recorded on the CPUs that CI ran on; the Game
+of 24's, since its defaults changed, on an AMD CPU with torch's AVX2 kernels (ATEN_CPU_CAPABILITY=avx2: CI's CPUs
+cannot be re-recorded here, and CI's former record differed from the AMD AVX2 one by under 4e-4, relative). The
+tolerance is what a whole change of vector width moves in 20 steps of the Game of 24 (AVX2 against AVX-512 on one
+machine: 1.5% in grad_norm, 4e-3 in a residual's mean, the same samples); one sample's reward more or less (1/128)
+is beyond it."""
 import json
 import os
 
@@ -28,8 +33,9 @@ def cpu_kind():
 
 
 def golden_record(task):
+    """The record this CPU is held to, and whether exactly (its own kind's) or within the tolerance."""
     own = os.path.join(GOLDEN, cpu_kind(), f"{task}.jsonl")
-    return own if os.path.exists(own) else os.path.join(GOLDEN, f"{task}.jsonl")
+    return (own, True) if os.path.exists(own) else (os.path.join(GOLDEN, f"{task}.jsonl"), False)
 
 
 def read_rows(path):
@@ -42,4 +48,6 @@ def test_golden_run(task, tmp_path):
     assert torch.get_num_threads() == 1  # the record was made on one thread: sums in another order differ in the last bit
     out = tmp_path / task
     assert train.main(["--task", task, "--steps", "20", "--seed", "0", "--eval-every", "0", "--out", str(out)]) == 0
-    assert read_rows(out / "metrics.jsonl") == read_rows(golden_record(task))
+    record, exact = golden_record(task)
+    rows, expected = read_rows(out / "metrics.jsonl"), read_rows(record)
+    assert rows == expected if exact else rows == [pytest.approx(r, rel=2e-2, abs=5e-3) for r in expected]
