@@ -131,9 +131,12 @@ def flag_problem(args, task):
     if k < 1 or args.batch_size % k:
         return f"--samples-per-prompt {k} must divide --batch-size {args.batch_size}"
     if args.log_z_mode == "seen" and (args.kappa != 1 or args.log_probs == "raw"):
-        return "--log-z seen needs --kappa 1 and normalised log-probs: it counts on P_ref summing to 1 over the objects"
+        return ("--log-z seen (the Game of 24's default) needs --kappa 1 and normalised log-probs: it counts on P_ref "
+                "summing to 1 over the objects; give --log-z head otherwise")
     if args.log_z_mode == "seen" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         return "--log-z seen counts one process's draws: under torchrun give --log-z head"
+    if args.anchor != 1 and args.log_z_mode != "seen":
+        return "--anchor weighs the rows of prompts with no solution drawn yet, which only --log-z seen counts"
     if args.log_z_mode == "batch" and k < 2:
         return "--log-z batch needs --samples-per-prompt >= 2 (one sample's estimate is its own log R - log q)"
     if args.eval_prompts < 0:
@@ -328,6 +331,10 @@ class SeenLogZ(torch.nn.Module):
 
     def values(self, conditions):
         return [float(np.logaddexp(0.0, self.log_sum.get(c, -np.inf))) for c in conditions]
+
+    def row_weights(self, conditions, weight):
+        """--anchor: `weight` for the rows of a condition with no object counted yet, 1 for the others."""
+        return torch.tensor([1.0 if c in self.found else weight for c in conditions])
 
     def get_extra_state(self):
         return dict(found=[[c, [list(x) for x in xs]] for c, xs in self.found.items()],

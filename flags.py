@@ -99,6 +99,10 @@ def make_parser():
     a("--huber", type=float, default=None, help="each residual's square becomes its Huber loss beyond this many nats "
       "(0: squares, the paper's), so no row pulls harder than a residual of this size: replayed solutions tens of nats "
       f"off no longer drown the rows that hold other prompts in place; the fixed point is the same ({by_task('huber')})")
+    a("--anchor", type=float, default=1.0, metavar="W", help="with --log-z seen: the rows of a prompt with no "
+      "object of positive score drawn yet (its logZ is exactly 0, so the reference is its target so far) weigh W in "
+      "the loss, the others 1, so that the prompts without a solution hold their place while the shared model "
+      "learns the rest; a weight does not move a row's zero, so the fixed point is the same (1: off)")
     a("--no-detach", action="store_true", help="ablation: let the aux term send gradient to log P(stop)")
     a("--no-absorb", action="store_true", help="ablation: RapTB without absorbed targets")
     # the RL baselines (rloo, grpo, dpg; METHOD.md §9): on-policy at temperature 1, no replay
@@ -251,7 +255,7 @@ def number_problem(args):
     for name in ("p_replay_start", "p_replay_end", "temp_prob", "epsilon", "alpha", "gamma", "subtb_lam", "absorb_end", "eta_anneal"):
         if not 0 <= getattr(args, name) <= 1:
             return f"--{name.replace('_', '-')} must be in [0, 1]"
-    for name in ("t_lo_start", "t_lo_end", "t_hi_start", "t_hi_end", "lr", "lr_logz", "beta"):
+    for name in ("t_lo_start", "t_lo_end", "t_hi_start", "t_hi_end", "lr", "lr_logz", "beta", "anchor"):
         if not getattr(args, name) > 0:
             return f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})"
     for name in ("grad_clip", "score_timeout"):

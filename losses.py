@@ -105,6 +105,11 @@ def _penalty(d, huber):
     return d ** 2 if huber <= 0 else 2 * F.huber_loss(d, torch.zeros_like(d), reduction="none", delta=huber)
 
 
+def _weighted(per_row, row_weight):
+    """Each row's loss times its weight (--anchor), or as it is without weights."""
+    return per_row if row_weight is None else per_row * row_weight.to(per_row.dtype)
+
+
 def _tb_stats(d_tb, log_pterm, state, tau):
     d = d_tb.detach()
     return {"tb_loss": (d ** 2).mean(), "tb_res_mean": d.mean(), "tb_res_std": d.std(unbiased=False),
@@ -131,16 +136,17 @@ def _suffix_targets(u, h, k, alpha, beta, rho, usable=None):
 
 # ----------------------------------------------------------------------------- objectives
 
-def tb_loss(log_pf, log_pterm, log_r, lengths, log_z, huber=0.0):
+def tb_loss(log_pf, log_pterm, log_r, lengths, log_z, huber=0.0, row_weight=None):
     """Trajectory balance: mean_b d_TB^2, d_TB = logZ + sum_{k<tau} log_pf[k] + log_pterm[tau] - log_r[tau]
-    (huber > 0: each residual's square replaced by its Huber loss, _penalty, here and in every objective below)."""
+    (huber > 0: each residual's square replaced by its Huber loss, _penalty, here and in every objective below;
+    row_weight [B]: row b's terms weigh row_weight[b], here and below, the normaliser unchanged)."""
     log_pf, log_pterm, log_r, log_z = _prepare(log_pf, log_pterm, log_r, log_z)
     k, tau, step, state = _positions(log_pf, lengths)
     d_tb = _tb_residual(log_pf, log_pterm, log_r, log_z, step, state, tau)
-    return _penalty(d_tb, huber).mean(), _tb_stats(d_tb, log_pterm, state, tau)
+    return _weighted(_penalty(d_tb, huber), row_weight).mean(), _tb_stats(d_tb, log_pterm, state, tau)
 
 
-def subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0, root="lmin", huber=0.0):
+def subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0, root="lmin", huber=0.0, row_weight=None):
     """Modified SubTB (Hu et al. 2024), no logZ:
         delta_t = log_r[t] + log_pf[t] + log_pterm[t+1] - log_r[t+1] - log_pterm[t],  C_k = sum_{t<k} delta_t
         loss = sum_b sum_{i<j<=tau} lam^(j-i-1) (C_j - C_i)^2 / sum_b sum_{i<j<=tau} lam^(j-i-1)
@@ -166,13 +172,13 @@ def subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0, root="lmin
         i, j = k[0][:, None], k[0][None, :]
         window = live[:, :, None] & live[:, None, :] & (i < j)
         w = torch.where(window, lam ** (j - i - 1).clamp(min=0).to(g.dtype), 0.0)
-        total = (w * _penalty(g[:, None, :] - g[:, :, None], huber)).sum()
+        total = (w * _penalty(g[:, None, :] - g[:, :, None], huber)).sum((1, 2))
         weight = w.sum()
     elif lam == 1.0:
         g = _prefix_residual(log_pf, log_pterm, log_r, step, live)  # C_j - C_i = G_j - G_i
         mean = torch.where(live, g, 0.0).sum(1) / n.clamp(min=1)
         centred = torch.where(live, g - mean[:, None], 0.0)
-        total = (n * (centred ** 2).sum(1)).sum()
+        total = n * (centred ** 2).sum(1)
         weight = (n * (n - 1) / 2).sum()
     else:
         # x = -log F at usable states, 0 elsewhere: any finite value telescopes away between usable states
@@ -184,9 +190,9 @@ def subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0, root="lmin
         p_delta = (start @ upper) * delta  # P_t = sum over usable i <= t of lam^(t-i)
         q_delta = (end @ upper.T) * delta  # Q_s = sum over usable j > s of lam^(j-s-1)
         cross = (p_delta @ toeplitz) * q_delta
-        total = (p_delta * q_delta).sum() + 2 * cross.sum()
+        total = (p_delta * q_delta).sum(1) + 2 * cross.sum(1)
         weight = (start * (end @ upper.T)).sum()  # sum over usable i < j of lam^(j-i-1)
-    loss = total / weight.clamp(min=1)  # any window set has an adjacent window (weight 1): exact unless empty
+    loss = _weighted(total, row_weight).sum() / weight.clamp(min=1)  # any window set has an adjacent window (weight 1)
     stats = {"n_windows": (n * (n - 1) / 2).sum().detach(),
              "log_pterm_tau": _at(torch.where(state, log_pterm.detach(), 0.0), tau).mean()}
     return loss, stats
@@ -194,7 +200,7 @@ def subtb_loss(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0, root="lmin
 
 def raptb_loss(log_pf, log_pterm, log_r, u, lengths, log_z, *, eta=0.25, gamma=0.99, alpha=0.5, beta=5.0,
                rho=0.1, k_min=2, lam=1.0, eps_absorb=1e-6, horizon=None, detach_pterm=True, absorb=1.0,
-               min_len=0, root="lmin", huber=0.0):
+               min_len=0, root="lmin", huber=0.0, row_weight=None):
     """Rooted Absorbed Prefix TB (METHOD.md §3):
         loss  = mean_b( d_TB^2 + eta * 1[active_b] * aux_b )
         aux_b = sum_k w_k Cab_k^2 / sum_k w_k over k_min <= k <= h,  w_k = lam^(k - k_min)
@@ -235,7 +241,7 @@ def raptb_loss(log_pf, log_pterm, log_r, u, lengths, log_z, *, eta=0.25, gamma=0
     active = eligible.any(1)
     aux = torch.where(eligible, w * _penalty(c_ab, huber), 0.0).sum(1) / w.sum(1).clamp(min=1)
     # 7.
-    loss = (_penalty(d_tb, huber) + eta * torch.where(active, aux, 0.0)).mean()
+    loss = _weighted(_penalty(d_tb, huber) + eta * torch.where(active, aux, 0.0), row_weight).mean()
 
     stats = _tb_stats(d_tb, log_pterm, state, tau)
     n_active = active.sum().clamp(min=1)
@@ -246,7 +252,7 @@ def raptb_loss(log_pf, log_pterm, log_r, u, lengths, log_z, *, eta=0.25, gamma=0
     return loss, stats
 
 
-def avgprefixtb_loss(log_pf, log_pterm, log_r, lengths, log_z, min_len=0, huber=0.0):
+def avgprefixtb_loss(log_pf, log_pterm, log_r, lengths, log_z, min_len=0, huber=0.0, row_weight=None):
     """AvgPrefixTB (paper ablation): TB residual at every prefix with its raw stop reward, logZ kept,
         loss = mean_b mean_{min_len <= k <= tau} (logZ + sum_{t<k} log_pf[t] + log_pterm[k] - log_r[k])^2
     i.e. every prefix k = 0..tau (from min_len with a minimum length) counts as a terminal object,
@@ -257,10 +263,10 @@ def avgprefixtb_loss(log_pf, log_pterm, log_r, lengths, log_z, min_len=0, huber=
     res = _per_row(log_z, log_pf) + _prefix_residual(log_pf, log_pterm, log_r, step, live)
     per_traj = torch.where(live, _penalty(res, huber), 0.0).sum(1) / live.sum(1).clamp(min=1)
     d_tb = _tb_residual(log_pf, log_pterm, log_r, log_z, step, state, tau)
-    return per_traj.mean(), _tb_stats(d_tb, log_pterm, state, tau)
+    return _weighted(per_traj, row_weight).mean(), _tb_stats(d_tb, log_pterm, state, tau)
 
 
-def rootsubtb_loss(log_pf, log_pterm, log_r, lengths, log_z, lam=1.0, min_len=0, huber=0.0):
+def rootsubtb_loss(log_pf, log_pterm, log_r, lengths, log_z, lam=1.0, min_len=0, huber=0.0, row_weight=None):
     """RootSubTBLogZ (paper ablation): SubTB restricted to windows rooted at s_0 with the root flow
     replaced by the learned logZ, no absorption, no detach. Residual at prefix k:
         r_k = logZ + sum_{t<k} log_pf[t] + log_pterm[k] - log_r[k]
@@ -273,7 +279,7 @@ def rootsubtb_loss(log_pf, log_pterm, log_r, lengths, log_z, lam=1.0, min_len=0,
     live = _usable(k, state, log_pterm, min_len)
     res = _per_row(log_z, log_pf) + _prefix_residual(log_pf, log_pterm, log_r, step, live)
     w = torch.where(live, lam ** (k - min_len).clamp(min=0).to(res.dtype), 0.0)
-    loss = torch.where(live, w * _penalty(res, huber), 0.0).sum() / w.sum().clamp(min=1)
+    loss = _weighted(torch.where(live, w * _penalty(res, huber), 0.0).sum(1), row_weight).sum() / w.sum().clamp(min=1)
     d_tb = _tb_residual(log_pf, log_pterm, log_r, log_z, step, state, tau)
     return loss, _tb_stats(d_tb, log_pterm, state, tau)
 

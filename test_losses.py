@@ -50,11 +50,16 @@ def pen(d, huber=0.0):
     return d ** 2 if huber <= 0 or abs(d) <= huber else 2 * huber * abs(d) - huber ** 2
 
 
-def ref_tb(log_pf, log_pterm, log_r, lengths, log_z, huber=0.0):
+def wt(row_weight, b):
+    """Row b's weight (--anchor): every term of the row is multiplied by it, the normaliser is not."""
+    return 1.0 if row_weight is None else row_weight[b]
+
+
+def ref_tb(log_pf, log_pterm, log_r, lengths, log_z, huber=0.0, row_weight=None):
     total = 0.0
     for b, tau in enumerate(lengths.tolist()):
         d = log_z + sum(log_pf[b, t] for t in range(tau)) + log_pterm[b, tau] - log_r[b, tau]
-        total = total + pen(d, huber)
+        total = total + wt(row_weight, b) * pen(d, huber)
     return total / len(lengths)
 
 
@@ -62,25 +67,26 @@ def ref_delta(log_pf, log_pterm, log_r, b, t):
     return log_r[b, t] + log_pf[b, t] + log_pterm[b, t + 1] - log_r[b, t + 1] - log_pterm[b, t]
 
 
-def ref_subtb(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0, huber=0.0):
+def ref_subtb(log_pf, log_pterm, log_r, lengths, lam=1.0, min_len=0, huber=0.0, row_weight=None):
     num, den = 0.0, 0.0
     for b, tau in enumerate(lengths.tolist()):
         for i in range(min_len, tau + 1):
             for j in range(i + 1, tau + 1):
                 res = sum(ref_delta(log_pf, log_pterm, log_r, b, t) for t in range(i, j))
-                num = num + lam ** (j - i - 1) * pen(res, huber)
+                num = num + wt(row_weight, b) * lam ** (j - i - 1) * pen(res, huber)
                 den = den + lam ** (j - i - 1)
     return num / den if den > 0 else torch.zeros(())
 
 
 def ref_raptb(log_pf, log_pterm, log_r, u, lengths, log_z, eta=0.25, gamma=0.99, alpha=0.5, beta=5.0, rho=0.1,
-              k_min=2, lam=1.0, eps_absorb=1e-6, horizon=None, detach_pterm=True, absorb=1.0, min_len=0, huber=0.0):
+              k_min=2, lam=1.0, eps_absorb=1e-6, horizon=None, detach_pterm=True, absorb=1.0, min_len=0, huber=0.0,
+              row_weight=None):
     pterm_aux = log_pterm.detach() if detach_pterm else log_pterm
     u = u.detach().tolist()
     total = 0.0
     for b, tau in enumerate(lengths.tolist()):
         d_tb = log_z + sum(log_pf[b, t] for t in range(tau)) + log_pterm[b, tau] - log_r[b, tau]
-        total = total + pen(d_tb, huber)
+        total = total + wt(row_weight, b) * pen(d_tb, huber)
         h = tau if horizon is None else min(tau, horizon)
         k_lo = max(k_min, min_len + 1)
         num, den = 0.0, 0.0
@@ -97,7 +103,7 @@ def ref_raptb(log_pf, log_pterm, log_r, u, lengths, log_z, eta=0.25, gamma=0.99,
             num = num + lam ** (k - k_lo) * pen(c_ab, huber)
             den = den + lam ** (k - k_lo)
         if den > 0:  # inactive trajectories (no eligible prefix) get no aux term
-            total = total + eta * num / den
+            total = total + wt(row_weight, b) * eta * num / den
     return total / len(lengths)
 
 
@@ -105,19 +111,20 @@ def ref_prefix_res(log_pf, log_pterm, log_r, log_z, b, k):
     return log_z + sum(log_pf[b, t] for t in range(k)) + log_pterm[b, k] - log_r[b, k]
 
 
-def ref_avgprefixtb(log_pf, log_pterm, log_r, lengths, log_z, min_len=0, huber=0.0):
+def ref_avgprefixtb(log_pf, log_pterm, log_r, lengths, log_z, min_len=0, huber=0.0, row_weight=None):
     total = 0.0
     for b, tau in enumerate(lengths.tolist()):
         ks = range(min_len, tau + 1)
-        total = total + sum(pen(ref_prefix_res(log_pf, log_pterm, log_r, log_z, b, k), huber) for k in ks) / len(ks)
+        terms = sum(pen(ref_prefix_res(log_pf, log_pterm, log_r, log_z, b, k), huber) for k in ks) / len(ks)
+        total = total + wt(row_weight, b) * terms
     return total / len(lengths)
 
 
-def ref_rootsubtb(log_pf, log_pterm, log_r, lengths, log_z, lam=1.0, min_len=0, huber=0.0):
+def ref_rootsubtb(log_pf, log_pterm, log_r, lengths, log_z, lam=1.0, min_len=0, huber=0.0, row_weight=None):
     num, den = 0.0, 0.0
     for b, tau in enumerate(lengths.tolist()):
         for k in range(min_len, tau + 1):
-            num = num + lam ** (k - min_len) * pen(ref_prefix_res(log_pf, log_pterm, log_r, log_z, b, k), huber)
+            num = num + wt(row_weight, b) * lam ** (k - min_len) * pen(ref_prefix_res(log_pf, log_pterm, log_r, log_z, b, k), huber)
             den = den + lam ** (k - min_len)
     return num / den
 
@@ -205,6 +212,20 @@ def test_huber_matches_reference(fn, ref, knobs):
     assert_same(loss, ref(**take(ref, huber=1.0)), (log_pf, log_pterm, log_r))
     assert loss < fn(**take(fn))[0]  # residuals beyond 1 nat exist, so the Huber loss is the smaller
     torch.testing.assert_close(fn(**take(fn, huber=1e6))[0], fn(**take(fn))[0], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("huber", [0.0, 1.0])
+@pytest.mark.parametrize("fn,ref,knobs", HUBER, ids=lambda x: getattr(x, "__name__", None))
+def test_row_weights_match_reference(fn, ref, knobs, huber):
+    """--anchor: each row's terms weigh its weight, the normaliser unchanged; weights of 1 change no bit."""
+    batch = make_batch(seed=10, min_len=knobs.get("min_len", 0))
+    log_pf, log_pterm, log_r, u, lengths, log_z = batch
+    weights = torch.linspace(0.5, 16.0, len(lengths), dtype=log_pf.dtype)
+    given = dict(log_pf=log_pf, log_pterm=log_pterm, log_r=log_r, u=u, lengths=lengths, log_z=log_z, huber=huber, **knobs)
+    take = lambda f, **more: {k: v for k, v in {**given, **more}.items() if k in inspect.signature(f).parameters}
+    loss, _ = fn(**take(fn, row_weight=weights))
+    assert_same(loss, ref(**take(ref, row_weight=weights)), (log_pf, log_pterm, log_r))
+    assert torch.equal(fn(**take(fn, row_weight=torch.ones_like(weights)))[0], fn(**take(fn))[0])
 
 
 @pytest.mark.parametrize("lam", [1.0, 0.9])

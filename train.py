@@ -208,6 +208,8 @@ def micro_batch(training, frac, coin, knobs, kept):
         args, training.log_z, policy, conds, tokens, log_pf, log_pterm, log_r, log_ref, lengths)
     # the loss, through the one entry point of every objective
     rl = {}  # what an RL baseline takes beyond the batch (GRPO's reference pass, each row's group)
+    if args.anchor != 1 and not oracle_rows:  # --anchor: the rows of prompts with no solution drawn yet weigh more
+        knobs = dict(knobs, row_weight=training.log_z.row_weights(conds, args.anchor).to(log_pf.device))
     if args.loss in rl_losses.LOSSES:
         rl = rl_losses.batch_knobs(args.loss, policy, tokens, lengths, final, conds)
     loss, stats = losses.compute_loss(args.loss, log_pf, log_pterm, log_r, u, lengths, log_z, **knobs, **rl)

@@ -224,7 +224,8 @@ def test_the_batch_estimate_trains_q_to_the_target_of_every_prompt(tiny_gpt2):
 def test_the_seen_log_z_is_exact_once_every_object_is_drawn_and_below_it_before(tiny_gpt2, tmp_path):
     """--log-z seen (kappa = 1): log R = log P_ref + lam S with S = 0 on about half the objects and on every object of
     one prompt. Half the objects drawn: below log Z(c); all of them: log Z(c); drawn again: unchanged; the prompt
-    without a positive score: exactly 0. The state survives a checkpoint's weights-only load."""
+    without a positive score: exactly 0, and --anchor's weight on its rows. The state survives a checkpoint's
+    weights-only load."""
     policy, task = tree_policy(tiny_gpt2)
     tokens, lengths, conds, texts = every_object(policy, PROMPTS)
     with torch.no_grad():
@@ -242,6 +243,7 @@ def test_the_seen_log_z_is_exact_once_every_object_is_drawn_and_below_it_before(
     for c in ("CC", "CO"):
         assert below[c] < full[c] - 0.01 and abs(full[c] - exact[c]) < 1e-5, (c, below[c], full[c], exact[c])
     assert full["CN"] == below["CN"] == 0.0 and abs(exact["CN"]) < 1e-5
+    assert seen.row_weights(["CN", "CC", "CN", "XX"], 16.0).tolist() == [16.0, 1.0, 16.0, 16.0]  # --anchor 16
     torch.save(seen.state_dict(), tmp_path / "state.pt")
     loaded = conditions.SeenLogZ("cpu")
     loaded.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))

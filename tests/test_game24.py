@@ -159,6 +159,15 @@ def test_the_defaults_are_the_measured_objective_settings_and_the_authors_keep_t
     assert train.get_args(["--task", "expr24", "--out", "/tmp/unused"]).huber == 0.0  # other tasks: squares
 
 
+def test_anchor_trains_and_sets_each_rows_weight(tmp_path, monkeypatch):
+    """--anchor 16: the loss sees weight 16 on the rows of prompts with no solution drawn, 1 on the others."""
+    seen_weights, real = [], losses.compute_loss
+    monkeypatch.setattr(losses, "compute_loss", lambda *a, **k: seen_weights.append(k["row_weight"]) or real(*a, **k))
+    assert train.main([*FAST, "--anchor", "16", "--replay", "oracle", "--out", str(tmp_path / "run")]) == 0
+    weights = torch.cat(seen_weights)
+    assert set(weights.tolist()) == {1.0, 16.0}  # replayed exact samples: solutions, so both kinds of prompt
+
+
 @pytest.mark.parametrize("log_z", ["head", "seen"])
 def test_a_game24_run_resumes_bit_identically(tmp_path, ctrl_c_after_step, log_z):
     args = [*FAST, "--log-z", log_z, "--eval-every", "2", "--eval-prompts", "1",
