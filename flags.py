@@ -21,7 +21,7 @@ from tasks.smiles.task import PAPER_SCAFFOLD
 # the paper's optimisation settings (SMILES), used for every flag left unset that the task's defaults do not set
 PAPER_DEFAULTS = dict(steps=5000, batch_size=32, grad_accum=4, lr=1e-4, buffer_size=200)
 # the other flags a task's `defaults` may set (the Game of 24 sets them all), at their value for every other task
-GENERAL_DEFAULTS = dict(huber=0.0, replay_valid_only=False, buffer_validity="task")
+GENERAL_DEFAULTS = dict(huber=0.0, anchor=1.0, replay_valid_only=False, buffer_validity="task")
 # how the defaults reach the target (RESULTS.md, "Reach the target"), the same for every method: RapTB's eta goes to 0
 # over the first half of the run (so the second half trains TB, whose fixed point is R/Z, while the first keeps the
 # dense early credit), and the learning rate follows a cosine to 0. --paper restores the paper's constant eta and lr.
@@ -99,10 +99,11 @@ def make_parser():
     a("--huber", type=float, default=None, help="each residual's square becomes its Huber loss beyond this many nats "
       "(0: squares, the paper's), so no row pulls harder than a residual of this size: replayed solutions tens of nats "
       f"off no longer drown the rows that hold other prompts in place; the fixed point is the same ({by_task('huber')})")
-    a("--anchor", type=float, default=1.0, metavar="W", help="with --log-z seen: the rows of a prompt with no "
+    a("--anchor", type=float, default=None, metavar="W", help="with --log-z seen: the rows of a prompt with no "
       "object of positive score drawn yet (its logZ is exactly 0, so the reference is its target so far) weigh W in "
       "the loss, the others 1, so that the prompts without a solution hold their place while the shared model "
-      "learns the rest; a weight does not move a row's zero, so the fixed point is the same (1: off)")
+      f"learns the rest; a weight does not move a row's zero, so the fixed point is the same (1: off; "
+      f"{by_task('anchor')}; 1 with another logZ)")
     a("--no-detach", action="store_true", help="ablation: let the aux term send gradient to log P(stop)")
     a("--no-absorb", action="store_true", help="ablation: RapTB without absorbed targets")
     # the RL baselines (rloo, grpo, dpg; METHOD.md §9): on-policy at temperature 1, no replay
@@ -221,6 +222,8 @@ def fill_defaults(args, task, explicit=()):
         args.samples_per_prompt = min(args.batch_size, 8) if conditional else args.batch_size
     # --conventions authors: the authors' value of every convention flag not given
     conventions.apply(args, explicit)
+    if args.log_z_mode != "seen" and "anchor" not in explicit:  # a task's anchor counts on the seen logZ
+        args.anchor = 1.0
     if args.eta_end is None:  # --paper: eta throughout
         args.eta_end = args.eta
 

@@ -149,14 +149,17 @@ def read_log(out):
 
 
 def test_the_defaults_are_the_measured_objective_settings_and_the_authors_keep_theirs():
-    """The Game of 24's defaults (task.py, RESULTS.md): logZ from the solutions drawn, residuals bounded at 1 nat, a
-    buffer of solutions only; --conventions authors learns logZ(c) with squares; a flag given wins over both."""
-    settings = lambda *flags: (lambda a: (a.log_z_mode, a.huber, a.replay_valid_only, a.buffer_validity))(
+    """The Game of 24's defaults (task.py, RESULTS.md): logZ from the solutions drawn, the rows of prompts without
+    one weighing 16, residuals bounded at 4 nats, a buffer of solutions only; --conventions authors learns logZ(c)
+    with squares and --log-z head without the anchor; a flag given wins over all."""
+    settings = lambda *flags: (lambda a: (a.log_z_mode, a.anchor, a.huber, a.replay_valid_only, a.buffer_validity))(
         train.get_args(["--task", "game24", "--out", "/tmp/unused", *flags]))
-    assert settings() == ("seen", 1.0, True, "score")
-    assert settings("--conventions", "authors") == ("head", 0.0, True, "score")  # the authors' SubM: valid items only
-    assert settings("--log-z", "head", "--huber", "0", "--no-replay-valid-only") == ("head", 0.0, False, "score")
-    assert train.get_args(["--task", "expr24", "--out", "/tmp/unused"]).huber == 0.0  # other tasks: squares
+    assert settings() == ("seen", 16.0, 4.0, True, "score")
+    assert settings("--conventions", "authors") == ("head", 1.0, 0.0, True, "score")  # their SubM: valid items only
+    assert settings("--log-z", "head", "--no-replay-valid-only") == ("head", 1.0, 4.0, False, "score")  # no anchor
+    assert settings("--anchor", "4", "--huber", "0") == ("seen", 4.0, 0.0, True, "score")
+    other = train.get_args(["--task", "expr24", "--out", "/tmp/unused"])
+    assert (other.anchor, other.huber) == (1.0, 0.0)  # other tasks: no weights, squares
 
 
 def test_anchor_trains_and_sets_each_rows_weight(tmp_path, monkeypatch):

@@ -7,10 +7,11 @@ bits (SMILES, the Game of 24) or, through the 600 warm-up steps of Expr24's scra
 with its own record (tests/golden/<vendor>-<capability>/, e.g. AuthenticAMD-AVX2) is held to it, and any other kind
 to tests/golden/*.jsonl within a tolerance. SMILES's and Expr24's were recorded on the CPUs that CI ran on; the Game
 of 24's, since its defaults changed, on an AMD CPU with torch's AVX2 kernels (ATEN_CPU_CAPABILITY=avx2: CI's CPUs
-cannot be re-recorded here, and CI's former record differed from the AMD AVX2 one by under 4e-4, relative). The
-tolerance is what a whole change of vector width moves in 20 steps of the Game of 24 (AVX2 against AVX-512 on one
-machine: 1.5% in grad_norm, 4e-3 in a residual's mean, the same samples); one sample's reward more or less (1/128)
-is beyond it."""
+cannot be re-recorded here, and CI's former record differed from the AMD AVX2 one by under 4e-4, relative). Within
+the tolerance, what the samples decide (the reward, validity, length, replay, the counts) and the schedules agree to
+1e-4, the rest (the loss's and the gradient's numbers) to 20%: another kind's last bits can tip one draw between two
+strings of the same reward, which moves that step's gradient norm by up to 13% (AVX-512 against AVX2 here), and one
+sample's reward more or less (1/128) is beyond it."""
 import json
 import os
 
@@ -21,6 +22,7 @@ import train
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 TIMINGS = {"cpu_seconds", "eval_seconds"}
+DRAWN = {"reward", "validity", "length", "replay", "objects_scored", "prefixes_scored", "step", "k_min", "eta", "lr"}
 
 
 def cpu_kind():
@@ -50,4 +52,10 @@ def test_golden_run(task, tmp_path):
     assert train.main(["--task", task, "--steps", "20", "--seed", "0", "--eval-every", "0", "--out", str(out)]) == 0
     record, exact = golden_record(task)
     rows, expected = read_rows(out / "metrics.jsonl"), read_rows(record)
-    assert rows == expected if exact else rows == [pytest.approx(r, rel=2e-2, abs=5e-3) for r in expected]
+    assert rows == expected if exact else rows == [within_tolerance(r) for r in expected]
+
+
+def within_tolerance(row):
+    """A recorded row as another kind of CPU may reproduce it: the drawn quantities closely, the rest within 20%."""
+    return {k: pytest.approx(v, rel=1e-4, abs=1e-6) if k in DRAWN else pytest.approx(v, rel=0.2, abs=1e-2)
+            for k, v in row.items()}

@@ -66,14 +66,14 @@ class Game24Task(Task):
     # A replay buffer of 64 per prompt holds every solution of the prompt that has the most (54), and its SubM
     # refresh, one greedy selection per prompt of a batch, costs about (64 / 200)^3 of the paper's 200, which
     # would take the default run past 30 minutes as the buffers fill (RESULTS.md)
-    # The objective's settings, for every GFlowNet objective, chosen by measurement (RESULTS.md, "Cover the modes: a
-    # logZ from what the run has drawn"): logZ(c) from the solutions drawn so far (--log-z seen, exactly 0 for a
-    # prompt without one), residuals bounded at 1 nat (--huber 1) and a buffer of solutions only. 5 seeds: 0.53 of
-    # the oracle's reduction over all train prompts, where a learned logZ, squares and a buffer of every sample got
-    # -0.14; without any one of the three a run learns close to nothing or wrecks the prompts without a solution
+    # The objective's settings, for every GFlowNet objective, chosen by measurement (RESULTS.md, "Cover the modes:
+    # hold the prompts without a solution in place"): logZ(c) from the solutions drawn so far (--log-z seen, exactly
+    # 0 for a prompt without one), the rows of prompts with no solution drawn weighing 16 (--anchor 16), residuals
+    # bounded at 4 nats (--huber 4) and a buffer of solutions only. Without the anchor the solvable prompts' rows
+    # drag the others away; without the seen logZ or the buffer a run learns close to nothing
     defaults = dict(model="prior_game24", min_len=GAME24_LENGTH, max_len=GAME24_LENGTH, lr=3e-3, batch_size=128,
                     grad_accum=1, steps=9000, samples_per_prompt=8, buffer_size=64,
-                    huber=1.0, log_z_mode="seen", replay_valid_only=True, buffer_validity="score")
+                    log_z_mode="seen", anchor=16.0, huber=4.0, replay_valid_only=True, buffer_validity="score")
     charset = frozenset(GAME24_DIGITS + EXPR24_OPS)
     max_token_chars = 1
 
