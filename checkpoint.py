@@ -194,7 +194,7 @@ def resume_or_start(args, get_args, explicit=None):
 def before_flags(saved):
     """A checkpoint written before these flags existed was trained without them: resume it that way."""
     return dict(eta_end=saved.get("eta", 0.25), absorb_end=1.0, eta_anneal=1.0, lr_schedule="constant",
-                no_smiles_mask=True)
+                no_smiles_mask=True, huber=0.0, anchor=1.0, replay_valid_only=False, buffer_validity="task")
 
 
 def saved_settings(saved, defaults):

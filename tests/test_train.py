@@ -176,7 +176,8 @@ def test_cli_prints_one_line_not_a_traceback(tmp_path):
 
 
 NEWER_FLAGS = ("eta_end", "absorb_end", "eta_anneal", "lr_schedule", "log_probs", "prefix_root",
-               "log_z_mode", "log_z_dtype", "epsilon", "score_timeout", "replay_min_items", "anneal_span")
+               "log_z_mode", "log_z_dtype", "epsilon", "score_timeout", "replay_min_items", "anneal_span", "huber",
+               "anchor", "replay_valid_only", "buffer_validity")
 
 
 def test_a_checkpoint_older_than_the_flags_resumes_and_samples(tiny_gpt2, tmp_path, capsys):
@@ -189,5 +190,6 @@ def test_a_checkpoint_older_than_the_flags_resumes_and_samples(tiny_gpt2, tmp_pa
     torch.save(state, os.path.join(ckpt, "state.pt"))
     resumed = checkpoint.saved_settings(state["args"], vars(train.make_parser().parse_args([])))
     assert (resumed.lr_schedule, resumed.eta_end, resumed.log_probs, resumed.epsilon) == ("constant", 0.25, "masked", 0.0)
+    assert (resumed.huber, resumed.anchor, resumed.replay_valid_only, resumed.buffer_validity) == (0.0, 1.0, False, "task")
     assert sample.main([str(tmp_path), "--n", "4", "--fidelity-n", "0"]) == 0
     assert train.main(["--resume", "--out", str(tmp_path), "--steps", "3"]) == 0
