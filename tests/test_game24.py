@@ -162,6 +162,23 @@ def test_the_defaults_are_the_measured_objective_settings_and_the_authors_keep_t
     assert (other.anchor, other.huber) == (1.0, 0.0)  # other tasks: no weights, squares
 
 
+def test_raptb_with_subm_and_tb_with_rp_are_one_run_here(tmp_path):
+    """RESULTS.md ("the Game of 24 at 18,000 steps"): no proper prefix can stop, so RapTB is TB, and a buffer of 64
+    holds every solution of any prompt (at most 54), so SubM, which only chooses when its ground set overflows,
+    keeps what RP keeps. The two runs write the same record but for RapTB's own diagnostics."""
+    assert max(map(len, game24.game24_solutions().values())) < game24.Game24Task.defaults["buffer_size"]
+    records = []
+    for loss, replay in (("raptb", "subm"), ("tb", "rp")):
+        out = tmp_path / loss
+        # every sample enters the buffer here, so that 6 small steps replay (fewer than 64 per prompt all the same)
+        assert train.main([*FAST, "--steps", "6", "--no-replay-valid-only", "--loss", loss, "--replay", replay,
+                           "--out", str(out)]) == 0
+        records.append([{k: v for k, v in r.items() if k not in tracking.TIMINGS} for r in read_log(out)])
+    raptb, tb = records
+    assert any(r.get("replay") == 1.0 for r in tb)
+    assert [{k: r[k] for k in t} for r, t in zip(raptb, tb)] == tb
+
+
 def test_anchor_trains_and_sets_each_rows_weight(tmp_path, monkeypatch):
     """--anchor 16: the loss sees weight 16 on the rows of prompts with no solution drawn, 1 on the others."""
     seen_weights, real = [], losses.compute_loss
