@@ -273,6 +273,9 @@ def run_problem(args):
         return "--resume continues the run in --out and --overwrite deletes it: give one of them"
     if args.charset == "":
         return "--charset '' allows no character: name the characters a token may use, or leave it out for any"
+    if args.loss == "subtb" and args.min_len == args.max_len and args.prefix_root == "lmin":
+        return (f"--loss subtb has no window when every object has {args.max_len} tokens: no proper prefix can stop, "
+                f"so its loss is 0: use tb")
 
 
 def device_problem(name):
