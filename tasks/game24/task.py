@@ -61,7 +61,7 @@ class Game24Task(Task):
     # one fixed length (the stop only after the fourth digit): no proper prefix is an object, so RapTB's rooted
     # prefixes and SubTB's windows are empty here (RapTB is TB; METHOD.md §11.3)
     # Optimisation, the same for every objective: 18,000 steps of 128 (16 prompts x 8) at lr 3e-3 (cosine). The
-    # oracle (--loss oracle) takes the train prompts from q(Sol|c) 0.017 to about 0.96 in about 9 CPU minutes;
+    # oracle (--loss oracle) takes the train prompts from q(Sol|c) 0.017 to 0.97 in about 10 CPU minutes;
     # half as many steps get it to 0.83 but leave the GFlowNet runs at 0.72 of its reduction (RESULTS.md)
     # A replay buffer of 64 per prompt holds every solution of the prompt that has the most (54), and its SubM
     # refresh, one greedy selection per prompt of a batch, costs about (64 / 200)^3 of the paper's 200, which
