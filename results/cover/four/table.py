@@ -1,0 +1,31 @@
+"""The table of RESULTS.md's "Expr24 with four numbers": each run's KL(p*||q) at steps 9,000 / 18,000 / 27,000 (the
+last step it measured, for the stopped ones) and its oracle efficiency there, against the mean of the oracle's seeds
+(results/oracle/x*_expr24_4numbers_*.jsonl) at the same step.
+
+    python results/cover/four/table.py
+"""
+import glob
+import json
+import os
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def curve(path):
+    rows = [json.loads(line) for line in open(path)]
+    key = "train_kl_target_q" if any("train_kl_target_q" in r for r in rows) else "kl_target_q"
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+oracle_runs = [curve(p) for p in sorted(glob.glob(os.path.join(HERE, "..", "..", "oracle", "x*_expr24_4numbers_*.jsonl")))]
+oracle = {s: float(np.mean([c[s] for c in oracle_runs])) for s in oracle_runs[0]}
+print(f"the reference {oracle[0]:.3f}; the oracle ({len(oracle_runs)} seeds) " +
+      " / ".join(f"{oracle[s]:.3f}" for s in (9000, 18000, 27000)) + " at 9,000 / 18,000 / 27,000")
+for path in sorted(glob.glob(os.path.join(HERE, "*.jsonl"))):
+    c = curve(path)
+    last = max(c)
+    at = " / ".join(f"{c[s]:.2f}" if s in c else "—" for s in (9000, 18000, 27000))
+    eff = (c[0] - c[last]) / (c[0] - oracle[last])
+    print(f"{os.path.basename(path)[:-6]}: KL(p*||q) {at}; efficiency {eff:.2f} at step {last}")
