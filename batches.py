@@ -226,6 +226,20 @@ def local_search(args, task, policy, batch, temperature):
                           lengths=torch.where(better[:, 0], new_lengths, lengths), known=known)
 
 
+def explore_with_reference(args, task, policy, conditions=None):
+    """--explore-ref N: N objects drawn from the reference P_ref (with conditions, the batch's conditions in turn),
+    scored, as buffer items, with their rows for the seen logZ: (items, conditions, (tokens, lengths, log R, log
+    P_ref)). They enter no loss, so no objective's fixed point moves; they only reach the buffer, where replay trains
+    on them off-policy. The reference keeps drawing what a narrowed policy no longer does."""
+    who = args.explore_ref if conditions is None else [conditions[i % len(conditions)] for i in range(args.explore_ref)]
+    rows = None if conditions is None else who
+    with torch.no_grad():
+        tokens, lengths, _ = policy.sample(who, reference=True)
+        log_r, _, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, None, rows)
+    items = to_items(task, tokens, lengths, texts, final, log_ref, scores, rows)
+    return buffer_items(args, items, scores, log_r, lengths), rows, (tokens, lengths, log_r, log_ref)
+
+
 def draw_conditions(args, task, rng):
     """m = batch_size / k training conditions (without replacement when the split has enough), k rows each."""
     train = task.conditions["train"]

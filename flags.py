@@ -134,6 +134,10 @@ def make_parser():
       "sample backs up K tokens, the policy regrows them, and the regrown object replaces it where its log R is at "
       "least as high; off-policy, so the GFlowNet objectives keep R/Z as their fixed point (a second sampling pass "
       "and two more reward passes per on-policy batch); 0: off")
+    a("--explore-ref", type=int, default=0, metavar="N", help="exploration: each batch, N more objects drawn from "
+      "the reference, which only enter the replay buffer (and --log-z seen's sum), no loss, so no fixed point moves: "
+      "they find the solutions a narrowing policy stops drawing, which P_ref finds least likely (on Expr24 with four "
+      "numbers, all of a run's distance from p*; RESULTS.md); costs N samples and reward passes per batch; 0: off")
     a("--t-lo-start", type=float, default=0.8, help="a tempered batch's temperature is uniform in [lo, hi]: lo at the "
       "start ...")
     a("--t-lo-end", type=float, default=1.0, help="... lo at the end (linear in between)")
@@ -247,7 +251,7 @@ def number_problem(args):
     if args.max_len < args.min_len or args.min_len < 0 or args.max_len < 1:
         return f"need 0 <= --min-len <= --max-len and --max-len >= 1 (got {args.min_len} and {args.max_len})"
     for name in ("kappa", "eps_absorb", "k_min_start", "k_min_end", "seed", "eta", "eta_end", "rho", "weight_decay",
-                 "eval_every", "local_search", "huber"):
+                 "eval_every", "local_search", "huber", "explore_ref"):
         if (getattr(args, name) or 0) < 0:  # eval_every None: the default schedule
             return f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})"
     if args.horizon is not None and args.horizon < 1:
@@ -273,6 +277,8 @@ def run_problem(args):
         return "--resume continues the run in --out and --overwrite deletes it: give one of them"
     if args.charset == "":
         return "--charset '' allows no character: name the characters a token may use, or leave it out for any"
+    if args.explore_ref and args.replay in ("none", "oracle"):
+        return f"--explore-ref only fills the replay buffer, and --replay {args.replay} keeps none: give rp, prt or subm"
     if args.loss == "subtb" and args.min_len == args.max_len and args.prefix_root == "lmin":
         return (f"--loss subtb has no window when every object has {args.max_len} tokens: no proper prefix can stop, "
                 f"so its loss is 0: use tb")

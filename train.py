@@ -35,8 +35,8 @@ import model as modellib
 import oracle
 import rewards
 import rl_losses
-from batches import (buffer_items, by_row, estimate_log_z, final_scores, get_batch, linear, loss_log_probs, row_tasks,
-                     score_rows, scored, to_items)
+from batches import (buffer_items, by_row, estimate_log_z, explore_with_reference, final_scores, get_batch, linear,
+                     loss_log_probs, row_tasks, score_rows, scored, to_items)
 from checkpoint import (drop_lines_after, failure, non_finite_loss, restore, resume_due, resume_or_start, run_lock,
                         save_checkpoint, stop_on_ctrl_c, stop_requested)
 from distributed import average_across_ranks, enable_grad_ckpt, fsdp_average_and_clip, setup_distributed, shard, shared_coin
@@ -220,6 +220,11 @@ def micro_batch(training, frac, coin, knobs, kept):
     if batch.source == "policy" and training.buffer is not None:
         items = to_items(task, tokens, lengths, texts, final, log_ref, scores, conds)
         training.buffer.add(buffer_items(args, items, scores, log_r, lengths), **by_row(conds))
+    if args.explore_ref:  # reference draws that only fill the buffer (and the seen logZ)
+        found, rows, drawn = explore_with_reference(args, task, policy, conds)
+        training.buffer.add(found, **by_row(rows))
+        if args.log_z_mode == "seen":
+            training.log_z.add(rows, *drawn)
     valid = torch.tensor([t.is_valid(x) for t, x in zip(row_tasks(task, conds, len(texts)), texts)], dtype=torch.float)
     return dict(loss=loss.item(), reward=final.mean().item(), validity=valid.mean().item(),
                 length=lengths.float().mean().item(), replay=float(batch.source in ("replay", "exact")),

@@ -1,9 +1,14 @@
-"""Exploration (--epsilon, --local-search; METHOD.md §5): the samplers do exactly what they state, the trainer
-refuses them for the on-policy RL losses, and on an enumerable tree TB's exact expected gradient under each explored
-sampler still ends at p* (off-policy TB is unbiased while every object can be drawn)."""
+"""Exploration (--epsilon, --local-search, --explore-ref; METHOD.md §5): the samplers do exactly what they state,
+the trainer refuses them for the on-policy RL losses, and on an enumerable tree TB's exact expected gradient under
+each explored sampler still ends at p* (off-policy TB is unbiased while every object can be drawn). --explore-ref
+changes no sampler: its reference draws reach the buffer and no loss."""
+import os
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import checkpoint
 import train
 from test_fixed_points import SparseTree
 from test_model import make_policy
@@ -119,3 +124,28 @@ def test_epsilon_trains_and_is_refused_for_on_policy_losses(tiny_gpt2, tmp_path,
     assert train.main([*common, "--epsilon", "1.5", "--out", str(tmp_path / "c")]) == 2
     assert train.main([*common, "--local-search", "2", "--out", str(tmp_path / "d")]) == 0
     assert train.main([*common, "--local-search", "2", "--loss", "dpg", "--out", str(tmp_path / "e")]) == 2
+
+
+def test_reference_draws_fill_the_buffer_and_no_loss(tiny_gpt2, tmp_path, capsys):
+    """--explore-ref N: one step of one batch with and without it trains the same weights (the draws come after the
+    batch's loss, and no loss reads them); the buffer, and --log-z seen's objects, hold the draws besides the batch's
+    own; without a buffer, one line."""
+    common = ["--model", tiny_gpt2, "--steps", "1", "--batch-size", "4", "--max-len", "4", "--min-len", "1",
+              "--eval-every", "0", "--grad-accum", "1", "--replay", "rp", "--buffer-size", "100"]
+    runs = {}
+    for name, extra in (("plain", []), ("explored", ["--explore-ref", "16"])):
+        assert train.main([*common, *extra, "--out", str(tmp_path / name)]) == 0
+        ckpt = checkpoint.find_checkpoint(str(tmp_path / name))
+        runs[name] = (load_file(os.path.join(ckpt, "model.safetensors")),
+                      checkpoint.load_state(ckpt)["ranks"][0]["buffer"]["text"])
+    (plain, plain_buffer), (explored, explored_buffer) = runs["plain"], runs["explored"]
+    assert all(torch.equal(plain[k], explored[k]) for k in plain)
+    assert set(plain_buffer) < set(explored_buffer) and len(set(explored_buffer)) > len(set(plain_buffer))
+    seen = {}
+    for name, extra in (("seen", []), ("seen-explored", ["--explore-ref", "64"])):  # --log-z seen counts them too
+        assert train.main([*common, *extra, "--log-z", "seen", "--kappa", "1", "--out", str(tmp_path / name)]) == 0
+        found = checkpoint.load_state(checkpoint.find_checkpoint(str(tmp_path / name)))["log_z"]["_extra_state"]["found"]
+        seen[name] = sum(len(objects) for _, objects in found)
+    assert seen["seen-explored"] > seen["seen"]
+    assert train.main([*common[:-4], "--explore-ref", "8", "--loss", "rloo", "--out", str(tmp_path / "rl")]) == 2
+    assert "--explore-ref only fills the replay buffer" in capsys.readouterr().err
