@@ -220,15 +220,17 @@ def micro_batch(training, frac, coin, knobs, kept):
     if batch.source == "policy" and training.buffer is not None:
         items = to_items(task, tokens, lengths, texts, final, log_ref, scores, conds)
         training.buffer.add(buffer_items(args, items, scores, log_r, lengths), **by_row(conds))
-    if args.explore_ref:  # reference draws that only fill the buffer (and the seen logZ)
+    cost = scored(batch.source, lengths)
+    if args.explore_ref:  # reference draws that only fill the buffer (and the seen logZ), scored like a batch
         found, rows, drawn = explore_with_reference(args, task, policy, conds)
         training.buffer.add(found, **by_row(rows))
         if args.log_z_mode == "seen":
             training.log_z.add(rows, *drawn)
+        cost = {k: v + scored("policy", drawn[1])[k] for k, v in cost.items()}
     valid = torch.tensor([t.is_valid(x) for t, x in zip(row_tasks(task, conds, len(texts)), texts)], dtype=torch.float)
     return dict(loss=loss.item(), reward=final.mean().item(), validity=valid.mean().item(),
                 length=lengths.float().mean().item(), replay=float(batch.source in ("replay", "exact")),
-                **scored(batch.source, lengths), log_pstop_final=log_pterm.detach().gather(1, lengths[:, None]).mean().item(),
+                **cost, log_pstop_final=log_pterm.detach().gather(1, lengths[:, None]).mean().item(),
                 **{k: float(v) for k, v in stats.items()},
                 **({} if conds is None or oracle_rows else dict(log_z=log_z.detach().mean().item())))
 

@@ -2,6 +2,7 @@
 the trainer refuses them for the on-policy RL losses, and on an enumerable tree TB's exact expected gradient under
 each explored sampler still ends at p* (off-policy TB is unbiased while every object can be drawn). --explore-ref
 changes no sampler: its reference draws reach the buffer and no loss."""
+import json
 import os
 
 import pytest
@@ -138,6 +139,9 @@ def test_reference_draws_fill_the_buffer_and_no_loss(tiny_gpt2, tmp_path, capsys
         ckpt = checkpoint.find_checkpoint(str(tmp_path / name))
         runs[name] = (load_file(os.path.join(ckpt, "model.safetensors")),
                       checkpoint.load_state(ckpt)["ranks"][0]["buffer"]["text"])
+    scored = [json.loads(line)["objects_scored"] for name in ("plain", "explored")
+              for line in open(tmp_path / name / "metrics.jsonl") if '"loss"' in line]
+    assert scored == [4.0, 20.0]  # the task's cost counts the draws too
     (plain, plain_buffer), (explored, explored_buffer) = runs["plain"], runs["explored"]
     assert all(torch.equal(plain[k], explored[k]) for k in plain)
     assert set(plain_buffer) < set(explored_buffer) and len(set(explored_buffer)) > len(set(plain_buffer))
