@@ -415,13 +415,14 @@ def measure_conditions(policy, task, conditions, kappa, lam, n=256, learned=None
 
 def summarise_split(rows, split):
     """The split's averages: every AVERAGED key over all its conditions, q(Sol|c) over the solvable ones (0 by
-    definition elsewhere), and the number of conditions; keys are prefixed with the split's name."""
+    definition elsewhere; a row measured from its solution list, as Expr24's one condition, has solutions), and the
+    number of conditions; keys are prefixed with the split's name."""
     out = {f"{split}_n_conditions": len(rows)}
     for key in AVERAGED:
         values = [r[key] for r in rows if r.get(key) is not None]
         if values:
             out[f"{split}_{key}"] = float(np.mean(values))
-    solvable = [r["q_solution_mass"] for r in rows if r.get("n_solutions")]
+    solvable = [r["q_solution_mass"] for r in rows if "q_solution_mass" in r and r.get("n_solutions", 1)]
     if solvable:
         out[f"{split}_q_solution_mass"] = float(np.mean(solvable))
         out[f"{split}_n_solvable"] = len(solvable)

@@ -220,3 +220,14 @@ def test_the_printout_says_when_a_few_samples_decide_the_estimate():
     assert "from score-0 samples" in text and ("note:" in text) == tracking.dominated(f)
     clean = fidelity.fidelity(draws(rng, arrays[2] - np.logaddexp.reduce(arrays[2]), 1000, arrays), ref)
     assert "note:" not in tracking.format_distance(clean)  # the target itself: nothing dominates
+
+
+def test_a_split_averages_q_sol_over_solvable_conditions_and_solution_lists():
+    """q(Sol|c) averages over the conditions with solutions; a row measured from its solution list (Expr24's one
+    condition under --log-z seen) has no n_solutions key and counts, where it used to print '-'."""
+    rows = [dict(kl_target_q=1.0, q_solution_mass=0.5, n_solutions=3),    # an enumerated prompt with solutions
+            dict(kl_target_q=2.0, q_solution_mass=0.0, n_solutions=0),    # one without: left out of q(Sol|c)
+            dict(kl_target_q=3.0, q_solution_mass=0.9)]                   # measured from its solution list
+    out = fidelity.summarise_split(rows, "train")
+    assert out["train_q_solution_mass"] == pytest.approx(0.7) and out["train_n_solvable"] == 2
+    assert out["train_kl_target_q"] == pytest.approx(2.0) and out["train_n_conditions"] == 3

@@ -150,3 +150,24 @@ def test_oracle_efficiency_reads_a_grid_against_its_oracle(tmp_path, capsys):
     assert cells[6].startswith("-0.25 ± ")  # efficiencies (5 - 3) / 4 = 0.5 and (5 - 9) / 4 = -1
     assert cells[8] == "3: 1, 5: 0"  # means over the seeds (2 and 0 of 3 characters, 1 and 0 of 5), to the unit
     assert cells[9] == "1/2: 3000 (6000 s)"  # half of the oracle's 4-nat reduction: KL <= 3, first at step 3000
+
+
+def test_oracle_efficiency_reads_one_condition_measured_either_way(tmp_path, capsys):
+    """--split train: a run measured per condition (train_ keys, Expr24 under --log-z seen) against an oracle measured
+    as a whole (no prefix), the same one condition; q(Sol) over the runs that report it."""
+    from research import oracle_efficiency
+
+    def run(name, kls, prefix):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        (d / "run.json").write_text(json.dumps({"done": True}))
+        rows = [{"step": s, "loss": 1.0, "cpu_seconds": 1.0} for s in range(1, 3)]
+        rows += [{"step": s, prefix + "kl_target_q": k, prefix + "kl_q_target": k, prefix + "tv_target": 0.5}
+                 for s, k in zip((0, 2), kls)]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    run("Oracle-s0", (5.0, 1.0), "")
+    run("TB-s0", (5.0, 2.0), "train_")
+    oracle_efficiency.main([str(tmp_path), "--split", "train"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| TB |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "—" and cells[6] == "0.75"  # no q(Sol) reported; (5 - 2) / (5 - 1)
