@@ -122,7 +122,9 @@ def make_parser():
       "gradients need their own samples); oracle, a diagnostic: replayed batches are exact samples of p* (a task "
       "that enumerates its target), which separates what an objective learns from what its sampler finds")
     a("--buffer-size", type=int, default=None,
-      help=f"items the replay buffer keeps, per prompt with conditions ({by_task('buffer_size')})")
+      help=f"items the replay buffer keeps, per prompt with conditions ({by_task('buffer_size')}); SubM's "
+           "greedy refresh of a full buffer slows fast as it grows: at 4,096 a step took 10-24 s (Expr24, "
+           "RESULTS.md)")
     a("--p-replay-start", type=float, default=0.5, help="probability that a batch is replayed, at the start ...")
     a("--p-replay-end", type=float, default=0.25, help="... and at the end, linear in between")
     a("--temp-prob", type=float, default=None, help="probability of a tempered on-policy batch "
