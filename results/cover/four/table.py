@@ -1,12 +1,15 @@
 """The table of RESULTS.md's "Expr24 with four numbers": each run's KL(p*||q) at steps 9,000 / 18,000 / 27,000 (the
 last step it measured, for the stopped ones) and its oracle efficiency there, against the mean of the oracle's seeds
-(results/oracle/x*_expr24_4numbers_*.jsonl) at the same step.
+(results/oracle/x*_expr24_4numbers_*.jsonl) at the same step; then, per arm with several seeds (D7: RapTB, B7: TB,
+G7: the recipe without --explore-ref), KL(p*||q) at each evaluation, mean ± 95% interval.
 
     python results/cover/four/table.py
 """
 import glob
 import json
 import os
+import re
+import sys
 
 import numpy as np
 
@@ -29,3 +32,20 @@ for path in sorted(glob.glob(os.path.join(HERE, "*.jsonl"))):
     at = " / ".join(f"{c[s]:.2f}" if s in c else "—" for s in (9000, 18000, 27000))
     eff = (c[0] - c[last]) / (c[0] - oracle[last])
     print(f"{os.path.basename(path)[:-6]}: KL(p*||q) {at}; efficiency {eff:.2f} at step {last}")
+
+# per arm (a run's name before its seed: D7, B7, ...), KL(p*||q) at every evaluation, mean ± 95% interval over seeds
+sys.path.insert(0, os.path.join(HERE, "..", "..", ".."))
+from research.reproduce import mean_ci  # noqa: E402
+
+arms = {}
+for path in sorted(glob.glob(os.path.join(HERE, "*.jsonl"))):
+    name = os.path.basename(path)[:-6]
+    if not name.endswith("_stopped"):
+        arms.setdefault(re.sub(r"s\d+$", "", name), []).append(curve(path))
+for arm, curves in arms.items():
+    if len(curves) > 1:
+        cells = []
+        for s in (3000, 6000, 9000, 12000, 18000, 27000):
+            m = mean_ci([c[s] for c in curves if s in c])
+            cells.append(f"{m['mean']:.2f} ± {m['ci']:.2f}")
+        print(f"{arm} ({len(curves)} seeds) KL(p*||q) at 3,000 / 6,000 / 9,000 / 12,000 / 18,000 / 27,000: " + " / ".join(cells))
