@@ -226,7 +226,8 @@ def micro_batch(training, frac, coin, knobs, kept):
         training.buffer.add(found, **by_row(rows))
         if args.log_z_mode == "seen":
             training.log_z.add(rows, *drawn)
-        cost = {k: v + scored("policy", drawn[1])[k] for k, v in cost.items()}
+        extra = scored("policy", drawn[1])
+        cost = {k: v + extra[k] for k, v in cost.items()}
     valid = torch.tensor([t.is_valid(x) for t, x in zip(row_tasks(task, conds, len(texts)), texts)], dtype=torch.float)
     return dict(loss=loss.item(), reward=final.mean().item(), validity=valid.mean().item(),
                 length=lengths.float().mean().item(), replay=float(batch.source in ("replay", "exact")),

@@ -26,22 +26,20 @@ oracle_runs = [curve(p) for p in sorted(glob.glob(os.path.join(HERE, "..", "..",
 oracle = {s: float(np.mean([c[s] for c in oracle_runs])) for s in oracle_runs[0]}
 print(f"the reference {oracle[0]:.3f}; the oracle ({len(oracle_runs)} seeds) " +
       " / ".join(f"{oracle[s]:.3f}" for s in (9000, 18000, 27000)) + " at 9,000 / 18,000 / 27,000")
+arms = {}  # a run's name before its seed (D7, B7, ...) -> its seeds' curves; the stopped runs left out
 for path in sorted(glob.glob(os.path.join(HERE, "*.jsonl"))):
-    c = curve(path)
+    name, c = os.path.basename(path)[:-6], curve(path)
     last = max(c)
     at = " / ".join(f"{c[s]:.2f}" if s in c else "—" for s in (9000, 18000, 27000))
     eff = (c[0] - c[last]) / (c[0] - oracle[last])
-    print(f"{os.path.basename(path)[:-6]}: KL(p*||q) {at}; efficiency {eff:.2f} at step {last}")
+    print(f"{name}: KL(p*||q) {at}; efficiency {eff:.2f} at step {last}")
+    if not name.endswith("_stopped"):
+        arms.setdefault(re.sub(r"s\d+$", "", name), []).append(c)
 
-# per arm (a run's name before its seed: D7, B7, ...), KL(p*||q) at every evaluation, mean ± 95% interval over seeds
+# per arm, KL(p*||q) at every evaluation, mean ± 95% interval over seeds
 sys.path.insert(0, os.path.join(HERE, "..", "..", ".."))
 from research.reproduce import mean_ci  # noqa: E402
 
-arms = {}
-for path in sorted(glob.glob(os.path.join(HERE, "*.jsonl"))):
-    name = os.path.basename(path)[:-6]
-    if not name.endswith("_stopped"):
-        arms.setdefault(re.sub(r"s\d+$", "", name), []).append(curve(path))
 for arm, curves in arms.items():
     if len(curves) > 1:
         cells = []
