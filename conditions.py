@@ -10,9 +10,9 @@ Rows whose prompts have the same number of tokens are sampled and teacher-forced
 and the GPT-2 fast decoder still applies. Prompts of different lengths go in separate passes.
 
 Batches, scores and the loss are train.py's and batches.py's, the same for both kinds of task: a condition is a
-property of a row. What is here is what only a task with conditions needs: the policy over conditions, logZ per
-condition and one buffer per condition. A task without conditions comes here only with --log-z head|batch, which
-runs it as a task with one condition, its --prompt.
+property of a row. What is here is what only a task with conditions needs: the policy over conditions and logZ per
+condition (the buffer per condition is replay.ConditionalBuffer). A task without conditions comes here only with
+--log-z head|batch|seen|ref, which runs it as a task with one condition, its --prompt.
 """
 import inspect
 import math
@@ -25,7 +25,9 @@ import model as modellib
 import rewards
 from batches import draw_conditions, score_rows
 from distributed import average_across_ranks
-from replay import buffer_options, keeps_buffer, make_buffer
+from replay import ConditionalBuffer, buffer_options, keeps_buffer
+
+SEEN_MODES = ("seen", "ref")  # the logZ modes that count what the run has drawn (SeenLogZ)
 
 
 def is_conditional(task):
@@ -119,7 +121,7 @@ def with_prompt_files(task, train=None, heldout=None):
 
 
 def runs_conditional(args, task):
-    return is_conditional(task) or args.log_z_mode in ("head", "batch", "seen")
+    return is_conditional(task) or args.log_z_mode in ("head", "batch") + SEEN_MODES
 
 
 def flag_problem(args, task):
@@ -130,13 +132,16 @@ def flag_problem(args, task):
         return "--log-z scalar: each condition has its own Z(c); use --log-z head or --log-z batch"
     if k < 1 or args.batch_size % k:
         return f"--samples-per-prompt {k} must divide --batch-size {args.batch_size}"
-    if args.log_z_mode == "seen" and (args.kappa != 1 or args.log_probs == "raw"):
-        return ("--log-z seen (the Game of 24's default) needs --kappa 1 and normalised log-probs: it counts on P_ref "
-                "summing to 1 over the objects; give --log-z head otherwise")
-    if args.log_z_mode == "seen" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        return "--log-z seen counts one process's draws: under torchrun give --log-z head"
-    if args.anchor != 1 and args.log_z_mode != "seen":
-        return "--anchor weighs the rows of prompts with no solution drawn yet, which only --log-z seen counts"
+    mode = args.log_z_mode
+    if mode in SEEN_MODES and (args.kappa != 1 or args.log_probs == "raw"):
+        return (f"--log-z {mode} needs --kappa 1 and normalised log-probs: it counts on P_ref summing to 1 over the "
+                "objects; give --log-z head otherwise")
+    if mode in SEEN_MODES and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return f"--log-z {mode} counts one process's draws: under torchrun give --log-z head"
+    if mode == "ref" and not args.explore_ref:
+        return "--log-z ref averages over the reference's draws: give --explore-ref N (N > 0) too"
+    if args.anchor != 1 and mode not in SEEN_MODES:
+        return "--anchor weighs the rows of prompts with no solution drawn yet, which only --log-z seen or ref counts"
     if args.log_z_mode == "batch" and k < 2:
         return "--log-z batch needs --samples-per-prompt >= 2 (one sample's estimate is its own log R - log q)"
     if args.eval_prompts < 0:
@@ -310,14 +315,19 @@ class SeenLogZ(torch.nn.Module):
     """--log-z seen: logZ(c) from the objects the run has drawn for c; nothing is learned (METHOD.md §11.2). With
     kappa = 1 and P_ref summing to 1, Z(c) = 1 + sum_x (R(x|c) - P_ref(x|c)), where only objects with R != P_ref
     (S != 0) count. So logZ(c) = log(1 + the sum over the drawn objects with R > P_ref) is exact once every such
-    object has been drawn and, with S >= 0, a lower bound before; a prompt without a solution has exactly 0. Its one
-    parameter is unused: it keeps logZ's optimiser group. The objects and sums ride in checkpoints (extra state)."""
+    object has been drawn and, with S >= 0, a lower bound before; a prompt without a solution has exactly 0.
+    --log-z ref also reads the same identity as Z(c) = E_{x ~ P_ref}[R / P_ref] (add_reference): the mean of
+    R / P_ref - 1 over the reference's draws is an unbiased estimate of the sum with bounded weights, near it long
+    before every solution is drawn, and logZ(c) takes the larger of the two. Its one parameter is unused: it keeps
+    logZ's optimiser group. The objects and sums ride in checkpoints (extra state)."""
 
     def __init__(self, device):
         super().__init__()
         self.unused = torch.nn.Parameter(torch.zeros((), device=device))
         self.found = {}  # condition -> the objects (token tuples) with R > P_ref drawn so far
         self.log_sum = {}  # condition -> log of their sum of R - P_ref
+        self.n_ref = {}  # --log-z ref: condition -> the reference's draws counted, repeats too (each is a sample)
+        self.log_excess = {}  # condition -> log of the sum over them of R / P_ref - 1 (0 for an object with S = 0)
 
     def add(self, conditions, tokens, lengths, log_r, log_ref):
         """Count the rows' objects not counted yet: log(R - P_ref) = log R + log(1 - P_ref / R)."""
@@ -329,24 +339,36 @@ class SeenLogZ(torch.nn.Module):
                 self.found.setdefault(c, set()).add(x)
                 self.log_sum[c] = float(np.logaddexp(self.log_sum.get(c, -np.inf), lr + np.log(-np.expm1(lp - lr))))
 
+    def add_reference(self, conditions, tokens, lengths, log_r, log_ref):
+        """add, for draws of the reference, which also count towards the mean: log(R / P_ref - 1) = log expm1(u)."""
+        u = (log_r - log_ref).gather(1, lengths[:, None]).squeeze(1).double().tolist()
+        for c, u_x in zip(conditions, u):
+            self.n_ref[c] = self.n_ref.get(c, 0) + 1
+            if u_x > 0:
+                self.log_excess[c] = float(np.logaddexp(self.log_excess.get(c, -np.inf), u_x + np.log(-np.expm1(-u_x))))
+        self.add(conditions, tokens, lengths, log_r, log_ref)
+
     def values(self, conditions):
-        return [float(np.logaddexp(0.0, self.log_sum.get(c, -np.inf))) for c in conditions]
+        mean = {c: v - math.log(self.n_ref[c]) for c, v in self.log_excess.items()}
+        return [float(np.logaddexp(0.0, max(self.log_sum.get(c, -np.inf), mean.get(c, -np.inf)))) for c in conditions]
 
     def row_weights(self, conditions, weight):
         """--anchor: `weight` for the rows of a condition with no object counted yet, 1 for the others."""
         return torch.tensor([1.0 if c in self.found else weight for c in conditions])
 
     def get_extra_state(self):
-        return dict(found=[[c, [list(x) for x in xs]] for c, xs in self.found.items()],
-                    log_sum=[[c, v] for c, v in self.log_sum.items()])
+        return {name: [[c, [list(x) for x in v] if name == "found" else v] for c, v in getattr(self, name).items()]
+                for name in ("found", "log_sum", "n_ref", "log_excess")}
 
     def set_extra_state(self, state):
         try:
             found = {c: {tuple(int(t) for t in x) for x in xs} for c, xs in state["found"]}
             log_sum = {c: float(v) for c, v in state["log_sum"]}
+            n_ref = {c: int(n) for c, n in state.get("n_ref", [])}  # a checkpoint from before --log-z ref: none
+            log_excess = {c: float(v) for c, v in state.get("log_excess", [])}
         except (KeyError, TypeError, ValueError):
             raise modellib.ModelError("corrupt checkpoint: its --log-z seen state is not what train.py writes") from None
-        self.found, self.log_sum = found, log_sum
+        self.found, self.log_sum, self.n_ref, self.log_excess = found, log_sum, n_ref, log_excess
 
 
 def row_log_z(args, log_z, policy, conditions, tokens, log_pf, log_pterm, log_r, log_ref, lengths):
@@ -354,7 +376,7 @@ def row_log_z(args, log_z, policy, conditions, tokens, log_pf, log_pterm, log_r,
     seen (this batch included)."""
     if args.log_z_mode == "batch":
         return batch_log_z(conditions, log_pf, log_pterm, log_r, lengths)
-    if args.log_z_mode == "seen":
+    if args.log_z_mode in SEEN_MODES:
         log_z.add(conditions, tokens, lengths, log_r, log_ref)
         return torch.tensor(log_z.values(conditions), dtype=torch.float32, device=log_r.device)
     return log_z(policy.prompt_states(conditions))
@@ -363,7 +385,7 @@ def row_log_z(args, log_z, policy, conditions, tokens, log_pf, log_pterm, log_r,
 def make_condition_log_z(args, policy):
     """The learned part of logZ and its parameters (logZ's own optimiser group): the head, the seen objects, or for
     --log-z batch the unused scalar that keeps the optimiser's and the checkpoint's layout."""
-    if args.log_z_mode == "seen":
+    if args.log_z_mode in SEEN_MODES:
         log_z = SeenLogZ(policy.device)
         return log_z, list(log_z.parameters())
     if args.log_z_mode == "head":
@@ -394,57 +416,9 @@ def init_log_z(args, log_z, task, policy):
 
 def learned_log_z(args, log_z, policy, conditions):
     """logZ(c) of the learned head, or of the seen objects, for each condition (None without either), for the meter."""
-    if args.log_z_mode == "seen":
+    if args.log_z_mode in SEEN_MODES:
         return log_z.values(conditions)
     if args.log_z_mode != "head":
         return [None] * len(conditions)
     with torch.no_grad():
         return log_z(policy.prompt_states(conditions)).tolist()
-
-
-# ----------------------------------------------------------------------------- replay, one buffer per condition
-
-class ConditionalBuffer:
-    """One replay buffer (replay.make_buffer) per condition: an item is deduplicated, selected (SubM's f, RP's
-    ranking) and replayed only among the items of its own condition, each condition with the full capacity."""
-
-    kind = "conditional"
-
-    def __init__(self, kind, capacity, similarity, **options):
-        self.options = dict(kind=kind, capacity=capacity, similarity=similarity, **options)
-        self.buffers = {}
-
-    def _buffer(self, condition):
-        if condition not in self.buffers:
-            self.buffers[condition] = make_buffer(**self.options)
-        return self.buffers[condition]
-
-    def __len__(self):
-        return sum(len(b) for b in self.buffers.values())
-
-    def add(self, items, conditions):
-        for c in dict.fromkeys(conditions):
-            self._buffer(c).add([it for it, x in zip(items, conditions) if x == c])
-
-    def sample(self, m, k, rng):
-        """m conditions that hold items (without replacement when there are enough), k items of each."""
-        ready = [c for c, b in self.buffers.items() if len(b)]
-        if not ready:
-            raise ValueError("sampling from an empty replay buffer")
-        picks = rng.choice(len(ready), size=m, replace=m > len(ready))
-        items, conditions = [], []
-        for i in picks:
-            items += self.buffers[ready[i]].sample(k, rng)
-            conditions += [ready[i]] * k
-        return items, conditions
-
-    def state_dict(self):
-        return dict(kind=self.kind, options=dict(self.options), conditions=list(self.buffers),
-                    buffers=[b.state_dict() for b in self.buffers.values()])
-
-    def load_state_dict(self, d):
-        assert d["kind"] == self.kind, f"state of a {d['kind']!r} buffer loaded into {self.kind!r}"
-        self.options, self.buffers = dict(d["options"]), {}
-        for c, state in zip(d["conditions"], d["buffers"]):
-            self._buffer(c).load_state_dict(state)
-

@@ -95,7 +95,7 @@ def authors_settings(args):
              buffer_reward="prefix-sum" if args.replay in ("rp", "prt") else "final" if expr24 else "max-prefix")
     if expr24:
         s["expr24_target"] = "authors"
-    if args.log_z_mode == "seen":  # a task's default (the Game of 24); the authors learn logZ(c)
+    if args.log_z_mode in ("seen", "ref"):  # seen: a task's default (the Game of 24); the authors learn logZ(c)
         s["log_z_mode"] = "head"
     s.update(AUTHORS_PER_METHOD.get((args.task, args.loss, None), {}))
     s.update(AUTHORS_PER_METHOD.get((args.task, args.loss, args.replay), {}))

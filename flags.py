@@ -99,7 +99,7 @@ def make_parser():
     a("--huber", type=float, default=None, help="each residual's square becomes its Huber loss beyond this many nats "
       "(0: squares, the paper's), so no row pulls harder than a residual of this size: replayed solutions tens of nats "
       f"off no longer drown the rows that hold other prompts in place; the fixed point is the same ({by_task('huber')})")
-    a("--anchor", type=float, default=None, metavar="W", help="with --log-z seen: the rows of a prompt with no "
+    a("--anchor", type=float, default=None, metavar="W", help="with --log-z seen or ref: the rows of a prompt with no "
       "object of positive score drawn yet (its logZ is exactly 0, so the reference is its target so far) weigh W in "
       "the loss, the others 1, so that the prompts without a solution hold their place while the shared model "
       f"learns the rest; a weight does not move a row's zero, so the fixed point is the same (1: off; "
@@ -158,13 +158,14 @@ def make_parser():
     a("--paper", action="store_true", help="the paper's settings for every flag left unset: constant eta and learning "
       "rate (the defaults differ only there; see OURS and PAPER at the top of train.py; --conventions authors "
       "implies them)")
-    a("--log-z", dest="log_z_mode", default=None, choices=["scalar", "head", "batch", "seen"],
+    a("--log-z", dest="log_z_mode", default=None, choices=["scalar", "head", "batch", "seen", "ref"],
       help="logZ: one learned scalar (default for a single prompt); head: logZ(c) learned from the prompt's last "
       "hidden state (default with conditions); batch: no learned logZ, the mean of log R - log q over each "
       "condition's k samples (VarGrad), which is log Z(c) - KL(q||p*) in expectation, so biased low while q is "
       "far from p*; seen: no learned logZ, log(1 + the sum of R - P_ref over the distinct objects drawn so far), "
       "exact once every object with S > 0 has been drawn and a lower bound before, 0 for a prompt without a solution "
-      "(kappa 1; METHOD.md §11.2; the Game of 24's default)")
+      "(kappa 1; METHOD.md §11.2; the Game of 24's default); ref: seen, or where larger the mean of R / P_ref over "
+      "every --explore-ref draw, an unbiased estimate of Z near log Z long before every solution is drawn")
     a("--samples-per-prompt", type=int, default=None, help="k: each batch holds batch-size / k conditions x k "
       "samples (default: the whole batch; with conditions 8); --log-z batch needs k >= 2 to compare samples")
     a("--log-z-init", type=conventions.log_z_init, default="estimate",
@@ -228,7 +229,7 @@ def fill_defaults(args, task, explicit=()):
         args.samples_per_prompt = min(args.batch_size, 8) if conditional else args.batch_size
     # --conventions authors: the authors' value of every convention flag not given
     conventions.apply(args, explicit)
-    if args.log_z_mode != "seen" and "anchor" not in explicit:  # a task's anchor counts on the seen logZ
+    if args.log_z_mode not in ("seen", "ref") and "anchor" not in explicit:  # a task's anchor counts on the seen logZ
         args.anchor = 1.0
     if args.eta_end is None:  # --paper: eta throughout
         args.eta_end = args.eta

@@ -57,17 +57,40 @@ class ReplayBuffer:
         self.items = []
         self._fps = {}  # fingerprint by text: a molecule sampled again is not parsed again
         self._last_sim = None  # (items, their similarity matrix) of the last refresh; holds the items, so ids stay unique
+        self._by_key = None  # (the items list, key -> item) of the last add, so the next looks up only its own keys
 
     def __len__(self):
         return len(self.items)
 
     def add(self, items):
-        incumbents = {id(it) for it in self.items}
-        ground = self._dedupe(self.items + list(items))  # new items that lose to a duplicate are never fingerprinted
-        if self.valid_only:
-            ground = [it for it in ground if it.valid]
-        ground = [it if id(it) in incumbents else self._enter(it) for it in ground]
-        self.items = ground if len(ground) <= self.capacity else self._select(ground)
+        """Dedupe against the buffer by key (a higher score wins, the incumbent on ties), gate the newcomers by
+        validity, and choose when over capacity. Only the newcomers' keys are looked up, so adding a batch to a
+        buffer of 100,000 items costs the batch, not the buffer."""
+        by_key = self._key_index()
+        winners = {}  # key -> (position in `items`, item): each key's best newcomer, if it beats the incumbent
+        for pos, it in enumerate(items):
+            best = winners[it.key][1] if it.key in winners else by_key.get(it.key)
+            if best is None or it.score > best.score:
+                winners[it.key] = (pos, it)
+        replaced = [key for key in winners if key in by_key]
+        kept = [it for it in self.items if it.key not in winners] if replaced else list(self.items)
+        new = [it for _, it in sorted(winners.values(), key=lambda w: w[0])]
+        new = [self._enter(it) for it in new if it.valid or not self.valid_only]  # losers are never fingerprinted
+        ground = kept + new  # incumbents first, then the newcomers in batch order
+        if len(ground) > self.capacity:
+            self.items, self._by_key = self._select(ground), None
+            return
+        for key in replaced:
+            del by_key[key]
+        by_key.update((it.key, it) for it in new)
+        self.items, self._by_key = ground, (ground, by_key)
+
+    def _key_index(self):
+        """key -> item over the buffer: kept from the last add while self.items is still that add's list."""
+        last = self._by_key
+        if last is not None and last[0] is self.items and len(last[1]) == len(self.items):
+            return last[1]
+        return {it.key: it for it in self.items}
 
     def sample(self, n, rng):
         """n items drawn uniformly with replacement."""
@@ -92,15 +115,6 @@ class ReplayBuffer:
                 fp = morgan_fp(item.text, item.valid) if self.similarity == "tanimoto" else bigram_fp(item.text)
                 self._fps[key] = fp
         return replace(item, tokens=tuple(item.tokens), fp=fp)
-
-    @staticmethod
-    def _dedupe(ground):
-        best = {}
-        for i, it in enumerate(ground):
-            j = best.get(it.key)
-            if j is None or it.score > ground[j].score:
-                best[it.key] = i
-        return [ground[i] for i in sorted(best.values())]
 
     def _sim(self, items):
         """The similarity matrix of `items`, equal to tanimoto_matrix / jaccard_matrix of their fingerprints: the
@@ -274,6 +288,55 @@ BUFFERS = {"subm": SubMBuffer, "rp": RPBuffer, "prt": PRTBuffer}
 def make_buffer(kind, capacity=200, similarity="tanimoto", **options):
     """kind in "rp", "prt", "subm"; similarity "tanimoto" (SMILES) or "bigram" (text)."""
     return BUFFERS[kind](capacity=capacity, similarity=similarity, **options)
+
+
+# -----------------------------------------------------------------------------
+# one buffer per condition (conditions.py, METHOD.md §11)
+
+class ConditionalBuffer:
+    """One replay buffer (replay.make_buffer) per condition: an item is deduplicated, selected (SubM's f, RP's
+    ranking) and replayed only among the items of its own condition, each condition with the full capacity."""
+
+    kind = "conditional"
+
+    def __init__(self, kind, capacity, similarity, **options):
+        self.options = dict(kind=kind, capacity=capacity, similarity=similarity, **options)
+        self.buffers = {}
+
+    def _buffer(self, condition):
+        if condition not in self.buffers:
+            self.buffers[condition] = make_buffer(**self.options)
+        return self.buffers[condition]
+
+    def __len__(self):
+        return sum(len(b) for b in self.buffers.values())
+
+    def add(self, items, conditions):
+        for c in dict.fromkeys(conditions):
+            self._buffer(c).add([it for it, x in zip(items, conditions) if x == c])
+
+    def sample(self, m, k, rng):
+        """m conditions that hold items (without replacement when there are enough), k items of each."""
+        ready = [c for c, b in self.buffers.items() if len(b)]
+        if not ready:
+            raise ValueError("sampling from an empty replay buffer")
+        picks = rng.choice(len(ready), size=m, replace=m > len(ready))
+        items, conditions = [], []
+        for i in picks:
+            items += self.buffers[ready[i]].sample(k, rng)
+            conditions += [ready[i]] * k
+        return items, conditions
+
+    def state_dict(self):
+        return dict(kind=self.kind, options=dict(self.options), conditions=list(self.buffers),
+                    buffers=[b.state_dict() for b in self.buffers.values()])
+
+    def load_state_dict(self, d):
+        assert d["kind"] == self.kind, f"state of a {d['kind']!r} buffer loaded into {self.kind!r}"
+        self.options, self.buffers = dict(d["options"]), {}
+        for c, state in zip(d["conditions"], d["buffers"]):
+            self._buffer(c).load_state_dict(state)
+
 
 
 def keeps_buffer(args):

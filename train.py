@@ -226,6 +226,8 @@ def micro_batch(training, frac, coin, knobs, kept):
         training.buffer.add(found, **by_row(rows))
         if args.log_z_mode == "seen":
             training.log_z.add(rows, *drawn)
+        elif args.log_z_mode == "ref":
+            training.log_z.add_reference(rows, *drawn)
         extra = scored("policy", drawn[1])
         cost = {k: v + extra[k] for k, v in cost.items()}
     valid = torch.tensor([t.is_valid(x) for t, x in zip(row_tasks(task, conds, len(texts)), texts)], dtype=torch.float)

@@ -55,7 +55,7 @@ def step_phases():
             (batches, "prefix_scores", "reward"), (modellib.Policy, "log_ref_stop", "reference"),
             (conditions.ConditionalPolicy, "log_ref_stop", "reference"), (train, "loss_log_probs", "forward"),
             (conditions, "row_log_z", "logZ"), (losses, "compute_loss", "loss"), (torch.Tensor, "backward", "backward"),
-            (replay.ReplayBuffer, "add", "refresh"), (conditions.ConditionalBuffer, "add", "refresh"),
+            (replay.ReplayBuffer, "add", "refresh"), (replay.ConditionalBuffer, "add", "refresh"),
             (train, "optimizer_step", "optimiser"), (train, "train_step", "step")]
 
 

@@ -3,6 +3,7 @@ batch estimate against exact Z on an enumerable conditional tree, per-condition 
 left alone."""
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 import conditions
 import losses
 import model as modellib
+import replay
 import rewards
 import train
 from test_losses import assert_same, make_batch, ref_avgprefixtb, ref_prefix_res, ref_raptb, ref_tb
@@ -250,11 +252,48 @@ def test_the_seen_log_z_is_exact_once_every_object_is_drawn_and_below_it_before(
     assert loaded.values(PROMPTS) == seen.values(PROMPTS) and loaded.found == seen.found
 
 
+def test_the_ref_log_z_is_an_unbiased_estimate_from_the_references_draws(tiny_gpt2, tmp_path):
+    """--log-z ref: on the tree, n draws of each prompt from its P_ref give a mean of R / P_ref within 5 standard
+    errors of Z(c), the error computed exactly from the weights' variance under P_ref; a prompt without a positive
+    score stays at exactly 0; a prompt never drawn from the reference keeps its seen value; and the estimate never
+    sits below the seen sum. The state survives a checkpoint's weights-only load."""
+    policy, task = tree_policy(tiny_gpt2)
+    tokens, lengths, conds, texts = every_object(policy, PROMPTS)
+    with torch.no_grad():
+        log_ref = sequence_log_q(policy, tokens, lengths, conds)
+    s = torch.tensor([0.0 if c == "CN" else task.given(c).score(t) for c, t in zip(conds, texts)], dtype=torch.float64)
+    log_r = log_ref + 3.0 * torch.where(s > 0.5, s, 0.0)
+    at_end = lambda v: torch.zeros(len(v), MAX_LEN + 1, dtype=torch.float64).scatter(1, lengths[:, None], v[:, None])
+    ref, n = conditions.SeenLogZ("cpu"), 4000
+    gen = torch.Generator().manual_seed(0)
+    for c in ("CC", "CN"):  # "CO" is never drawn from the reference, only seen in a batch
+        rows = torch.tensor([i for i, x in enumerate(conds) if x == c])
+        draws = rows[torch.multinomial(log_ref[rows].exp(), n, replacement=True, generator=gen)]
+        ref.add_reference([c] * n, tokens[draws], lengths[draws], at_end(log_r)[draws], at_end(log_ref)[draws])
+    co = torch.tensor([i for i, x in enumerate(conds) if x == "CO"][:3])
+    ref.add(["CO"] * 3, tokens[co], lengths[co], at_end(log_r)[co], at_end(log_ref)[co])
+    values = dict(zip(PROMPTS, ref.values(PROMPTS)))
+    rows = torch.tensor([i for i, x in enumerate(conds) if x == "CC"])
+    w, p = (log_r[rows] - log_ref[rows]).exp(), log_ref[rows].exp()
+    z, var = (p * w).sum().item(), (p * w ** 2).sum().item() - (p * w).sum().item() ** 2
+    assert var > 0 and abs(math.exp(values["CC"]) - z) < 5 * math.sqrt(var / n), (values["CC"], math.log(z))
+    assert values["CN"] == 0.0
+    seen = conditions.SeenLogZ("cpu")
+    seen.add(["CO"] * 3, tokens[co], lengths[co], at_end(log_r)[co], at_end(log_ref)[co])
+    assert values["CO"] == seen.values(["CO"])[0] > 0
+    ref.log_excess["CC"] = -50.0  # an estimate below what has been drawn: the seen sum holds
+    assert ref.values(["CC"]) == [float(np.logaddexp(0.0, ref.log_sum["CC"]))]
+    torch.save(ref.state_dict(), tmp_path / "state.pt")
+    loaded = conditions.SeenLogZ("cpu")
+    loaded.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert loaded.values(PROMPTS) == ref.values(PROMPTS) and loaded.n_ref == ref.n_ref
+
+
 # ----------------------------------------------------------------------------- replay per condition
 
 def test_replay_keeps_each_condition_apart(tmp_path):
     from replay import Item
-    buffer = conditions.ConditionalBuffer("subm", capacity=3, similarity="bigram")
+    buffer = replay.ConditionalBuffer("subm", capacity=3, similarity="bigram")
     items = [Item(tokens=(i,), text=t, key=t, score=s, valid=True, length=1)
              for i, (t, s) in enumerate([("a", 1.0), ("a", 0.5), ("b", 0.2), ("c", 0.1), ("d", 0.9)])]
     buffer.add(items, ["x", "y", "x", "x", "x"])  # 'a' twice, but in two conditions: both kept
@@ -265,7 +304,7 @@ def test_replay_keeps_each_condition_apart(tmp_path):
     assert conds[0::2] == conds[1::2]  # k items of each drawn condition, side by side
     state = buffer.state_dict()
     torch.save(state, tmp_path / "b.pt")
-    again = conditions.ConditionalBuffer("rp", 1, "tanimoto")
+    again = replay.ConditionalBuffer("rp", 1, "tanimoto")
     again.load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True))
     assert {c: [it.text for it in b.items] for c, b in again.buffers.items()} == \
         {c: [it.text for it in b.items] for c, b in buffer.buffers.items()}

@@ -151,5 +151,11 @@ def test_reference_draws_fill_the_buffer_and_no_loss(tiny_gpt2, tmp_path, capsys
         found = checkpoint.load_state(checkpoint.find_checkpoint(str(tmp_path / name)))["log_z"]["_extra_state"]["found"]
         seen[name] = sum(len(objects) for _, objects in found)
     assert seen["seen-explored"] > seen["seen"]
+    # --log-z ref counts every draw for its estimate of Z; without draws to count, one line
+    assert train.main([*common, "--explore-ref", "64", "--log-z", "ref", "--kappa", "1", "--out", str(tmp_path / "ref")]) == 0
+    state = checkpoint.load_state(checkpoint.find_checkpoint(str(tmp_path / "ref")))["log_z"]["_extra_state"]
+    assert [n for _, n in state["n_ref"]] == [64]
+    assert train.main([*common, "--log-z", "ref", "--kappa", "1", "--out", str(tmp_path / "ref2")]) == 2
+    assert "--log-z ref averages over the reference's draws" in capsys.readouterr().err
     assert train.main([*common[:-4], "--explore-ref", "8", "--loss", "rloo", "--out", str(tmp_path / "rl")]) == 2
     assert "--explore-ref only fills the replay buffer" in capsys.readouterr().err

@@ -104,9 +104,9 @@ def assert_equal(x, y):
     (["--huber=-1"], "--huber must be >= 0"),
     (["--task", "game24", "--anchor", "0"], "--anchor must be positive"),
     (["--task", "game24", "--loss", "subtb"], "--loss subtb has no window"),
-    (["--task", "game24", "--log-z", "head", "--anchor", "4"], "only --log-z seen counts"),
-    (["--task", "game24", "--kappa", "0.5"], "--log-z seen (the Game of 24's default) needs --kappa 1"),
-    (["--task", "game24", "--log-z", "seen", "--log-probs", "raw"], "--log-z seen (the Game of 24's default) needs --kappa 1"),
+    (["--task", "game24", "--log-z", "head", "--anchor", "4"], "only --log-z seen or ref counts"),
+    (["--task", "game24", "--kappa", "0.5"], "--log-z seen needs --kappa 1"),
+    (["--task", "game24", "--log-z", "seen", "--log-probs", "raw"], "--log-z seen needs --kappa 1"),
 ])
 def test_bad_flags_are_one_line(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as e:

@@ -1,6 +1,7 @@
 """Tests for replay.py. Reference values come from independent code written here: f(S) straight
 from the METHOD.md §4 formula, brute-force greedy and exhaustive search over it, RDKit's own Tanimoto."""
 
+import dataclasses
 import io
 import itertools
 import math
@@ -244,6 +245,39 @@ def test_dedupe_keeps_the_better_duplicate():
         # equal score: the incumbent stays
         buf.add([Item((5, 5), MOLS[1], MOLS[1], 0.6, True, 2)])
         assert {it.key: it for it in buf.items}[MOLS[1]].tokens == (1, 2)
+
+
+def slow_add(buf, items):
+    """The buffer's add written the obvious way: dedupe the whole ground set (incumbents first), gate, choose."""
+    best = {}
+    ground = buf.items + list(items)
+    for i, it in enumerate(ground):
+        if it.key not in best or it.score > ground[best[it.key]].score:
+            best[it.key] = i
+    ground = [ground[i] for i in sorted(best.values()) if ground[i].valid or not buf.valid_only]
+    ground = [it if it.fp is not None else buf._enter(it) for it in ground]
+    buf.items = ground if len(ground) <= buf.capacity else buf._select(ground)
+
+
+@pytest.mark.parametrize("kind", ["subm", "rp", "prt"])
+def test_add_equals_the_slow_add(kind):
+    """add looks up only the newcomers' keys; over random batches with duplicates within and across batches, equal
+    and better scores, invalid items and overflow, it keeps what deduping the whole ground set keeps, in order."""
+    rng = np.random.default_rng(5)
+    for valid_only in (False, True):
+        fast, slow = (make_buffer(kind, capacity=9, valid_only=valid_only) for _ in range(2))
+        for _ in range(40):
+            batch = [mol_item(int(i), float(rng.integers(0, 4)) / 4, valid=bool(rng.uniform() < 0.8),
+                              length=int(rng.integers(1, 8))) for i in rng.integers(0, 14, 6)]
+            batch = [dataclasses.replace(it, tokens=(int(rng.integers(100)),)) for it in batch]  # told apart
+            fast.add(batch)
+            slow_add(slow, batch)
+            assert [(it.key, it.tokens) for it in fast.items] == [(it.key, it.tokens) for it in slow.items]
+        fast.items = fast.items[:3]  # replaced from outside: the key index is rebuilt
+        slow.items = slow.items[:3]
+        fast.add(batch)
+        slow_add(slow, batch)
+        assert [(it.key, it.tokens) for it in fast.items] == [(it.key, it.tokens) for it in slow.items]
 
 
 def test_validity_gate():
