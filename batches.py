@@ -228,16 +228,29 @@ def local_search(args, task, policy, batch, temperature):
 
 def explore_with_reference(args, task, policy, conditions=None):
     """--explore-ref N: N objects drawn from the reference P_ref (with conditions, the batch's conditions in turn),
-    scored, as buffer items, with their rows for the seen logZ: (items, conditions, (tokens, lengths, log R, log
-    P_ref)). They enter no loss, so no objective's fixed point moves; they only reach the buffer, where replay trains
-    on them off-policy. The reference keeps drawing what a narrowed policy no longer does."""
+    scored, as buffer items. They enter no loss, so no objective's fixed point moves; they only reach the buffer,
+    where replay trains on them off-policy, and the seen logZ. The reference keeps drawing what a narrowed policy no
+    longer does. Only the draws that can enter the buffer or the seen sum (a positive score, or past the buffer's
+    validity gate) are scored at every prefix and passed through the reference; on a sparse target the others, nearly
+    all, cost their sampling and one final score. Returns the items, their rows for the seen logZ (conditions,
+    (tokens, lengths, log R, log P_ref)) and every draw's condition (--log-z ref's count)."""
     who = args.explore_ref if conditions is None else [conditions[i % len(conditions)] for i in range(args.explore_ref)]
-    rows = None if conditions is None else who
+    every = None if conditions is None else who  # each draw's condition
     with torch.no_grad():
         tokens, lengths, _ = policy.sample(who, reference=True)
+        texts, final = final_scores(task, policy, tokens, lengths, every)
+        keep = [True] * len(texts) if not args.replay_valid_only else (final > 0).tolist()
+        if args.replay_valid_only and args.buffer_validity != "score":
+            keep = [k or t.is_valid(x) for k, t, x in zip(keep, row_tasks(task, every, len(texts)), texts)]
+        idx = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=tokens.device)
+        rows = None if every is None else [every[i] for i in idx.tolist()]
+        tokens, lengths = tokens[idx], lengths[idx]
+        if not len(idx):  # nothing to score: empty rows of the right widths
+            T = tokens.shape[1] + 1
+            return [], rows, (tokens, lengths, torch.zeros(0, T), torch.zeros(0, T)), every
         log_r, _, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, None, rows)
     items = to_items(task, tokens, lengths, texts, final, log_ref, scores, rows)
-    return buffer_items(args, items, scores, log_r, lengths), rows, (tokens, lengths, log_r, log_ref)
+    return buffer_items(args, items, scores, log_r, lengths), rows, (tokens, lengths, log_r, log_ref), every
 
 
 def draw_conditions(args, task, rng):

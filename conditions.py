@@ -339,11 +339,14 @@ class SeenLogZ(torch.nn.Module):
                 self.found.setdefault(c, set()).add(x)
                 self.log_sum[c] = float(np.logaddexp(self.log_sum.get(c, -np.inf), lr + np.log(-np.expm1(lp - lr))))
 
-    def add_reference(self, conditions, tokens, lengths, log_r, log_ref):
-        """add, for draws of the reference, which also count towards the mean: log(R / P_ref - 1) = log expm1(u)."""
+    def add_reference(self, drawn, conditions, tokens, lengths, log_r, log_ref):
+        """Count the reference's draws (`drawn`: each draw's condition), and add the rows of those among them with
+        R > P_ref (the others add 0 to either sum) to the mean and, like add, to the seen sum:
+        log(R / P_ref - 1) = log expm1(u)."""
+        for c in drawn:
+            self.n_ref[c] = self.n_ref.get(c, 0) + 1
         u = (log_r - log_ref).gather(1, lengths[:, None]).squeeze(1).double().tolist()
         for c, u_x in zip(conditions, u):
-            self.n_ref[c] = self.n_ref.get(c, 0) + 1
             if u_x > 0:
                 self.log_excess[c] = float(np.logaddexp(self.log_excess.get(c, -np.inf), u_x + np.log(-np.expm1(-u_x))))
         self.add(conditions, tokens, lengths, log_r, log_ref)

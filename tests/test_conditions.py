@@ -269,7 +269,7 @@ def test_the_ref_log_z_is_an_unbiased_estimate_from_the_references_draws(tiny_gp
     for c in ("CC", "CN"):  # "CO" is never drawn from the reference, only seen in a batch
         rows = torch.tensor([i for i, x in enumerate(conds) if x == c])
         draws = rows[torch.multinomial(log_ref[rows].exp(), n, replacement=True, generator=gen)]
-        ref.add_reference([c] * n, tokens[draws], lengths[draws], at_end(log_r)[draws], at_end(log_ref)[draws])
+        ref.add_reference([c] * n, [c] * n, tokens[draws], lengths[draws], at_end(log_r)[draws], at_end(log_ref)[draws])
     co = torch.tensor([i for i, x in enumerate(conds) if x == "CO"][:3])
     ref.add(["CO"] * 3, tokens[co], lengths[co], at_end(log_r)[co], at_end(log_ref)[co])
     values = dict(zip(PROMPTS, ref.values(PROMPTS)))

@@ -159,3 +159,26 @@ def test_reference_draws_fill_the_buffer_and_no_loss(tiny_gpt2, tmp_path, capsys
     assert "--log-z ref averages over the reference's draws" in capsys.readouterr().err
     assert train.main([*common[:-4], "--explore-ref", "8", "--loss", "rloo", "--out", str(tmp_path / "rl")]) == 2
     assert "--explore-ref only fills the replay buffer" in capsys.readouterr().err
+
+
+def test_reference_draws_score_only_what_can_enter_the_buffer(tiny_gpt2):
+    """With a buffer of positive scores only, the draws that cannot enter it are never scored at every prefix: the
+    same seed gives the same items (tokens, reference log-probs, prefix scores) as scoring every draw and gating
+    after."""
+    import batches
+
+    flags = ["--model", tiny_gpt2, "--max-len", "4", "--min-len", "1", "--explore-ref", "48", "--replay", "rp"]
+    args = train.get_args([*flags, "--replay-valid-only", "--buffer-validity", "score"])
+    task = train.build_task(args)
+    policy = train.build_policy(args, task)
+    out = {}
+    for gated in (True, False):
+        args.replay_valid_only = gated
+        torch.manual_seed(0)
+        items, _, rows, _ = batches.explore_with_reference(args, task, policy)
+        out[gated] = [it for it in items if it.score > 0], rows
+    (gated_items, gated_rows), (all_items, all_rows) = out[True], out[False]
+    assert 0 < len(gated_items) < len(all_rows[0]) == 48
+    assert [(it.tokens, it.log_ref.tolist(), it.prefix_scores.tolist()) for it in gated_items] == \
+        [(it.tokens, it.log_ref.tolist(), it.prefix_scores.tolist()) for it in all_items]
+    assert len(gated_rows[0]) == len(gated_items)
