@@ -137,9 +137,10 @@ def make_parser():
       "least as high; off-policy, so the GFlowNet objectives keep R/Z as their fixed point (a second sampling pass "
       "and two more reward passes per on-policy batch); 0: off")
     a("--explore-ref", type=int, default=0, metavar="N", help="exploration: each batch, N more objects drawn from "
-      "the reference, which only enter the replay buffer (and --log-z seen's sum), no loss, so no fixed point moves: "
-      "they find the solutions a narrowing policy stops drawing, which P_ref finds least likely (on Expr24 with four "
-      "numbers, all of a run's distance from p*; RESULTS.md); costs N samples and reward passes per batch; 0: off")
+      "the reference, which only enter the replay buffer (and --log-z seen's sum, ref's mean), no loss, so no fixed "
+      "point moves: they find the solutions a narrowing policy stops drawing, which P_ref finds least likely (on Expr24 "
+      "with four numbers, all of a run's distance from p*; RESULTS.md); costs N samples and final scores per batch "
+      "(prefix scores only for what can enter the buffer); 0: off")
     a("--t-lo-start", type=float, default=0.8, help="a tempered batch's temperature is uniform in [lo, hi]: lo at the "
       "start ...")
     a("--t-lo-end", type=float, default=1.0, help="... lo at the end (linear in between)")

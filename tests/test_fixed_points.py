@@ -241,3 +241,24 @@ def table(steps=3000):
 
 if __name__ == "__main__":
     table(*map(int, sys.argv[1:]))
+
+
+def test_subtb_is_balanced_at_the_reference_wherever_no_solution_is_reached():
+    """Why SubTB (no logZ) does not learn Expr24 (RESULTS.md): with kappa = 1, log R(s_k T) = log P_ref(s_k T) at
+    every prefix of score 0, so at q = P_ref each window of a trajectory without a solution is balanced exactly
+    (loss and gradient 0), while TB's residual there is logZ. Only the windows that end at a solution pull."""
+    torch.manual_seed(0)
+    B, T = 6, 8
+    logits = torch.randn(B, T, 2, requires_grad=True)  # q = P_ref: the step's two choices, go on or stop
+    log_go, log_stop = torch.log_softmax(logits, -1).unbind(-1)
+    lengths = torch.tensor([7, 5, 3, 7, 6, 7])
+    log_r = (torch.cumsum(log_go, 1) - log_go + log_stop).detach()  # log P_ref(s_k T): score 0 everywhere
+    loss, _ = compute_loss("subtb", log_go, log_stop, log_r, torch.zeros(B, T), lengths, None, huber=4.0)
+    loss.backward()
+    assert loss.item() < 1e-10 and logits.grad.abs().max().item() < 1e-5  # float32 rounding of the cumsum
+    tb, _ = compute_loss("tb", log_go, log_stop, log_r, torch.zeros(B, T), lengths, torch.tensor(44.0))
+    assert abs(tb.item() - 44.0 ** 2) < 1e-3  # every TB residual is logZ
+    solved = log_r.clone()
+    solved[0, 7] += 50.0  # row 0 ends at a solution: only the windows ending there pull
+    loss, _ = compute_loss("subtb", log_go, log_stop, solved, torch.zeros(B, T), lengths, None, huber=4.0)
+    assert loss.item() > 1
