@@ -30,7 +30,13 @@ MEASURED = ("kl_target_q", "kl_q_target", "tv_target", "q_solution_mass", "log_z
 
 def read_run(run_dir, split):
     """The exact measurements of one run ({step: row}) and the training CPU s spent by each step."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    return read_records(os.path.join(run_dir, "metrics.jsonl"), split)
+
+
+def read_records(path, split):
+    """read_run of a metrics.jsonl by its path (a run's own, or one kept in results/): every row's measurements under
+    `split` ("train_" or ""), also when the run measured its one condition as a whole."""
+    with open(path) as f:
         rows = [json.loads(line) for line in f]
     kl = split + "kl_target_q"
     if split and not any(kl in r for r in rows):  # one condition measured as a whole (the oracle of Expr24)

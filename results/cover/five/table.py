@@ -1,31 +1,24 @@
-"""The table of RESULTS.md's "Five numbers: what the run draws decides": each run's KL(p*||q) and q(Sol) at every
-evaluation, and its oracle efficiency at its last one, against the oracle of results/oracle/e6 (one seed, the same
-model, batch and schedule, exact samples of p*) at the same step.
+"""The table of RESULTS.md's "five numbers, where the draws decide": each run's KL(p*||q) and q(Sol) at every
+evaluation, its oracle efficiency at its last one, against the oracle of results/oracle/e6 (one seed: the same model,
+batch and schedule, exact samples of p*) at the same step, and its training CPU s.
 
     python results/cover/five/table.py
 """
 import glob
-import json
 import os
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", ".."))
+from research.oracle_efficiency import read_records  # noqa: E402
 
-
-def curve(path):
-    """step -> (KL(p*||q), q(Sol)) at each evaluation; the keys with or without train_ (a run measured per condition)."""
-    out = {}
-    for row in map(json.loads, open(path)):
-        p = "train_" if "train_kl_target_q" in row else ""
-        if p + "kl_target_q" in row:
-            out[row["step"]] = (row[p + "kl_target_q"], row.get(p + "q_solution_mass"))
-    return out
-
-
-oracle = curve(os.path.join(HERE, "..", "..", "oracle", "e6_w64_b128_lr3e-3_27k.jsonl"))
-print("oracle: " + " / ".join(f"{s}: {kl:.2f}" for s, (kl, _) in oracle.items()))
+oracle, _ = read_records(os.path.join(HERE, "..", "..", "oracle", "e6_w64_b128_lr3e-3_27k.jsonl"), "train_")
+print("oracle: " + " / ".join(f"{s}: {r['train_kl_target_q']:.2f}" for s, r in oracle.items()))
 for path in sorted(glob.glob(os.path.join(HERE, "*.jsonl"))):
-    c = curve(path)
-    last = max(c)
-    efficiency = (c[0][0] - c[last][0]) / (c[0][0] - oracle[last][0])
-    cells = " / ".join(f"{s}: {kl:.2f}" + (f" ({q:.3f})" if q is not None else "") for s, (kl, q) in c.items() if s)
-    print(f"{os.path.basename(path)[:-6]}: {cells}; efficiency {efficiency:.2f} at step {last}")
+    evals, spent = read_records(path, "train_")
+    last, kl = max(evals), {s: r["train_kl_target_q"] for s, r in evals.items()}
+    efficiency = (kl[0] - kl[last]) / (kl[0] - oracle[last]["train_kl_target_q"])
+    q_sol = evals[last].get("train_q_solution_mass")
+    print(f"{os.path.basename(path)[:-6]}: " + " / ".join(f"{s}: {v:.2f}" for s, v in kl.items() if s) +
+          f"; q(Sol) {q_sol if q_sol is None else round(q_sol, 3)}; efficiency {efficiency:.2f} at step {last}; "
+          f"{max(spent.values()):.0f} CPU s")

@@ -6,7 +6,6 @@ G7: the recipe without --explore-ref), KL(p*||q) at each evaluation, mean ± 95%
     python results/cover/four/table.py
 """
 import glob
-import json
 import os
 import re
 import sys
@@ -16,10 +15,13 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+sys.path.insert(0, os.path.join(HERE, "..", "..", ".."))
+from research.oracle_efficiency import read_records  # noqa: E402
+from research.reproduce import mean_ci  # noqa: E402
+
+
 def curve(path):
-    rows = [json.loads(line) for line in open(path)]
-    key = "train_kl_target_q" if any("train_kl_target_q" in r for r in rows) else "kl_target_q"
-    return {r["step"]: r[key] for r in rows if key in r}
+    return {step: row["train_kl_target_q"] for step, row in read_records(path, "train_")[0].items()}
 
 
 oracle_runs = [curve(p) for p in sorted(glob.glob(os.path.join(HERE, "..", "..", "oracle", "x*_expr24_4numbers_*.jsonl")))]
@@ -37,9 +39,6 @@ for path in sorted(glob.glob(os.path.join(HERE, "*.jsonl"))):
         arms.setdefault(re.sub(r"s\d+$", "", name), []).append(c)
 
 # per arm, KL(p*||q) at every evaluation, mean ± 95% interval over seeds
-sys.path.insert(0, os.path.join(HERE, "..", "..", ".."))
-from research.reproduce import mean_ci  # noqa: E402
-
 for arm, curves in arms.items():
     if len(curves) > 1:
         cells = []
