@@ -24,12 +24,17 @@ def drawn_texts(policy, settings):
     return set(policy.texts(torch.tensor(rows, dtype=torch.long), torch.tensor([len(t) for t in found])))
 
 
+def load_run(run):
+    """A finished run's settings, task and policy (with its reference), on the CPU."""
+    ckpt, settings = sample.run_settings(argparse.Namespace(ckpt=run, task=None, any_task=False, device="cpu",
+                                                            trust_remote_code=False))
+    task = train.build_task(settings)
+    return settings, task, train.build_policy(settings, task, ckpt, with_reference=True)
+
+
 def main():
     for run in sys.argv[1:]:
-        ckpt, settings = sample.run_settings(argparse.Namespace(ckpt=run, task=None, any_task=False, device="cpu",
-                                                                trust_remote_code=False))
-        task = train.build_task(settings)
-        policy = train.build_policy(settings, task, ckpt, with_reference=True)
+        settings, task, policy = load_run(run)
         solutions = task.solutions(policy.min_len, policy.max_len)
         log_q = np.asarray(fidelity.solution_log_probs(policy, solutions), np.float64)
         log_ref = np.asarray(fidelity.reference_solution_log_probs(policy, solutions), np.float64)

@@ -4,23 +4,19 @@ solution itself (p* asks -log P_ref(Sol), 5.16 nats with four numbers):
 
     python results/cover/four/stops.py RUN [RUN ...]
 """
-import argparse
 import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
-import sample  # noqa: E402
-import train  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..", "..", "..")]
+from found_split import load_run  # noqa: E402
 
 
 def main():
     for run in sys.argv[1:]:
-        ckpt, settings = sample.run_settings(argparse.Namespace(ckpt=run, task=None, any_task=False, device="cpu",
-                                                                trust_remote_code=False))
-        task = train.build_task(settings)
-        policy = train.build_policy(settings, task, ckpt, with_reference=True)
+        _, task, policy = load_run(run)
         solutions = [s for s in task.solutions(policy.min_len, policy.max_len) if len(s) == 7]
         rows = [policy.tokenizer.convert_tokens_to_ids(list(s)) for s in solutions]
         tokens = torch.tensor([r + [policy.eos] * (policy.max_len - len(r)) for r in rows])
