@@ -73,7 +73,7 @@ class ReplayBuffer:
             if best is None or it.score > best.score:
                 winners[it.key] = (pos, it)
         replaced = [key for key in winners if key in by_key]
-        kept = [it for it in self.items if it.key not in winners] if replaced else list(self.items)
+        kept = [it for it in self.items if it.key not in winners] if replaced else self.items
         new = [it for _, it in sorted(winners.values(), key=lambda w: w[0])]
         new = [self._enter(it) for it in new if it.valid or not self.valid_only]  # losers are never fingerprinted
         ground = kept + new  # incumbents first, then the newcomers in batch order
