@@ -174,7 +174,7 @@ class ConditionalPolicy:
 
     def __init__(self, policy, task, template=""):
         self.policy, self.task, self.template = policy, task, template
-        self._ids, self._masks, self.ref_cache = {}, {}, {}  # ref_cache: fidelity's log P_ref per condition
+        self._ids, self._masks = {}, {}
 
     def __getattr__(self, name):
         return getattr(self.policy, name)

@@ -299,12 +299,13 @@ def encode_texts(policy, texts):
 
 
 def reference_solution_log_probs(policy, solutions):
-    """log P_ref(x) of every solution, by one teacher-forced pass made once per policy and solution set and kept
-    (the reference never changes): the meter and the oracle's sampler share it."""
-    cache = policy.__dict__.setdefault("_solution_ref_log_probs", {})
-    if solutions not in cache:
-        cache[solutions] = solution_log_probs(policy, solutions, reference=True)
-    return cache[solutions]
+    """log P_ref(x) of every solution, by one teacher-forced pass made once per prompt, task mask and solution set
+    and kept (the reference never changes) in the cache every view of the policy shares: the meter and the oracle's
+    sampler read it, and each evaluation of a run after the first skips the pass."""
+    key = (tuple(policy.prompt.shape), tuple(policy.prompt.flatten().tolist()), policy.task_mask, solutions)
+    if key not in policy.ref_cache:
+        policy.ref_cache[key] = solution_log_probs(policy, solutions, reference=True)
+    return policy.ref_cache[key]
 
 
 def measure(policy, task, kappa, lam, n=256, log_z_learned=None, seed=0, exact=True):
@@ -380,11 +381,8 @@ def exact_condition(policy, task, condition, kappa, lam):
 
 
 def condition_reference_log_probs(policy, condition, objects):
-    """log P_ref(x | c) of every listed object of a condition, one teacher-forced pass per condition, kept (the meter
-    and the oracle's sampler share it)."""
-    if condition not in policy.ref_cache:
-        policy.ref_cache[condition] = solution_log_probs(policy.view([condition]), objects, reference=True)
-    return policy.ref_cache[condition]
+    """log P_ref(x | c) of every listed object of a condition, one teacher-forced pass per condition, kept."""
+    return reference_solution_log_probs(policy.view([condition]), objects)
 
 
 def measure_conditions(policy, task, conditions, kappa, lam, n=256, learned=None, seed=0):

@@ -133,6 +133,7 @@ class Policy:
         self.action_texts = texts + [""]  # "" = the stop's text
         self.task_mask = state_mask_for(state_mask, self.action_texts, max_len)
         self.prompt = torch.tensor(self.encode_prompt(prompt), device=device)
+        self.ref_cache = {}  # fidelity's log P_ref of listed objects, shared by every view (with_prompts copies)
 
     def encode_prompt(self, prompt):
         """BOS (EOS for a tokenizer without one) + the prompt's tokens, as a list of ids."""

@@ -346,3 +346,12 @@ def bench_expr24(batch=64, repeats=15):
     policy = policies["grammar mask"]
     t_mask = median_time(lambda: policy.allowed_actions(tokens, int(lengths.max()), lengths), repeats)
     print(f"mask function alone, all {int(lengths.max()) + 1} states of the batch: {t_mask * 1e3:.2f} ms")
+    from tasks.expr24.task import evaluate_expression, solution_set
+    texts, _ = task.random_objects(1024, np.random.default_rng(0)), solution_set()  # the set made before timing
+
+    def by_value():
+        evaluate_expression.cache_clear()  # --explore-ref's draws are nearly all new texts
+        return [float(evaluate_expression(t) == 24) for t in texts]
+    t_value, t_set = median_time(by_value, repeats), median_time(lambda: task.score_batch(texts), repeats)
+    print(f"scoring 1024 draws (--explore-ref 1024, every step): exact Fraction value {t_value * 1e3:.1f} ms, "
+          f"the solution set {t_set * 1e3:.2f} ms ({t_value / t_set:.0f}x)")

@@ -124,6 +124,16 @@ def test_full_enumeration_structure():
     assert task.solutions(6, 7) == tuple(s for s in solutions if len(s) == 7)
 
 
+def test_score_is_the_exact_value_test():
+    """score reads the solution set; it says what the exact evaluation says, in and out of the grammar."""
+    task, rng = Expr24Task(), np.random.default_rng(0)
+    texts = task.random_objects(3000, rng) + list(expr24_solutions()[::97]) + \
+        ["", "24", "3*8+", "3**8", "8*3*1*1*1*1", "6/0*4", "3x8", " 3*8", "4*6/1"]
+    assert {task.score(t) for t in texts} == {0.0, 1.0}
+    for text in texts:
+        assert task.score(text) == float(evaluate_expression(text) == 24), text
+
+
 # ----------------------------------------------------------------------------- metrics
 
 def fake(text, task=Expr24Task()):

@@ -237,3 +237,20 @@ def test_replay_oracle_puts_exact_samples_in_the_replays_place(tmp_path, quick_w
     capsys.readouterr()  # the run's progress bars
     assert "cannot enumerate" in one_line_error(capsys, ["--task", "smiles", "--replay", "oracle"])
     assert "--replay oracle" in one_line_error(capsys, ["--task", "smiles", "--replay", "oracle"])
+
+
+def test_reference_pass_over_the_solutions_is_made_once_for_every_view(expr24_policy, monkeypatch):
+    """The reference never changes, so its pass over a solution list is kept in the cache every view of the policy
+    shares (each evaluation works on a new view); another prompt is another pass, with its own log-probs."""
+    policy, solutions = expr24_policy, rewards.load_task("expr24").solutions(3, 5)
+    expected = fidelity.solution_log_probs(policy, solutions, reference=True)
+    calls = []
+    real = fidelity.solution_log_probs
+    monkeypatch.setattr(fidelity, "solution_log_probs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    policy.ref_cache.clear()
+    for view in (policy, policy.with_prompts(policy.prompt, policy.task_mask), policy):
+        np.testing.assert_array_equal(fidelity.reference_solution_log_probs(view, solutions), expected)
+    assert len(calls) == 1
+    other = policy.with_prompts(torch.tensor(policy.encode_prompt("3"), dtype=torch.long), policy.task_mask)
+    assert not np.allclose(fidelity.reference_solution_log_probs(other, solutions), expected)
+    assert len(calls) == 2
