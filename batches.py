@@ -232,12 +232,15 @@ def explore_with_reference(args, task, policy, conditions=None):
     where replay trains on them off-policy, and the seen logZ. The reference keeps drawing what a narrowed policy no
     longer does. Only the draws that can enter the buffer or the seen sum (a positive score, or past the buffer's
     validity gate) are scored at every prefix and passed through the reference; on a sparse target the others, nearly
-    all, cost their sampling and one final score. Returns the items, their rows for the seen logZ (conditions,
-    (tokens, lengths, log R, log P_ref)) and every draw's condition (--log-z ref's count)."""
+    all, cost their sampling and one final score. With --explore-from uniform the draws come from the masked uniform
+    policy U instead, which needs no network pass. Returns the items, their rows for the seen logZ (conditions,
+    (tokens, lengths, log R, log P_ref)), every draw's condition (--log-z ref's count) and the rows' log U(x) (None
+    for reference draws, whose proposal is P_ref itself)."""
     who = args.explore_ref if conditions is None else [conditions[i % len(conditions)] for i in range(args.explore_ref)]
     every = None if conditions is None else who  # each draw's condition
+    uniform = args.explore_from == "uniform"
     with torch.no_grad():
-        tokens, lengths, _ = policy.sample(who, reference=True)
+        tokens, lengths, log_u = policy.sample(who, reference=not uniform, uniform=uniform)
         texts, final = final_scores(task, policy, tokens, lengths, every)
         keep = [True] * len(texts) if not args.replay_valid_only else (final > 0).tolist()
         if args.replay_valid_only and args.buffer_validity != "score":
@@ -245,12 +248,13 @@ def explore_with_reference(args, task, policy, conditions=None):
         idx = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=tokens.device)
         rows = None if every is None else [every[i] for i in idx.tolist()]
         tokens, lengths = tokens[idx], lengths[idx]
+        log_u = log_u[idx].sum(1).double() if uniform else None
         if not len(idx):  # nothing to score: empty rows of the right widths
             T = tokens.shape[1] + 1
-            return [], rows, (tokens, lengths, torch.zeros(0, T), torch.zeros(0, T)), every
+            return [], rows, (tokens, lengths, torch.zeros(0, T), torch.zeros(0, T)), every, log_u
         log_r, _, texts, final, log_ref, scores = score_rows(args, task, policy, tokens, lengths, None, rows)
     items = to_items(task, tokens, lengths, texts, final, log_ref, scores, rows)
-    return buffer_items(args, items, scores, log_r, lengths), rows, (tokens, lengths, log_r, log_ref), every
+    return buffer_items(args, items, scores, log_r, lengths), rows, (tokens, lengths, log_r, log_ref), every, log_u
 
 
 def draw_conditions(args, task, rng):

@@ -223,7 +223,7 @@ class ConditionalPolicy:
             by_length.setdefault(len(self.prompt_ids(c)), []).append(i)
         return [torch.tensor(rows) for rows in by_length.values()]
 
-    def sample(self, conditions, temperature=1.0, reference=False, epsilon=0.0, prefix=None):
+    def sample(self, conditions, temperature=1.0, reference=False, epsilon=0.0, prefix=None, uniform=False):
         """One sample per entry of `conditions`: tokens [n, L_max], lengths [n], log_q [n, T] (Policy.sample)."""
         n, T = len(conditions), self.policy.max_len + 1
         tokens = torch.full((n, self.policy.max_len), self.policy.eos, device=self.policy.device)
@@ -231,7 +231,7 @@ class ConditionalPolicy:
         log_q = torch.zeros(n, T, device=self.policy.device)
         for rows in self.groups(conditions):
             t, l, q = self.view([conditions[i] for i in rows]).sample(len(rows), temperature, reference, epsilon,
-                                                                       None if prefix is None else prefix[rows])
+                                                                       None if prefix is None else prefix[rows], uniform)
             rows = rows.to(tokens.device)
             tokens[rows], lengths[rows], log_q[rows] = t, l, q
         return tokens, lengths, log_q
@@ -339,16 +339,20 @@ class SeenLogZ(torch.nn.Module):
                 self.found.setdefault(c, set()).add(x)
                 self.log_sum[c] = float(np.logaddexp(self.log_sum.get(c, -np.inf), lr + np.log(-np.expm1(lp - lr))))
 
-    def add_reference(self, drawn, conditions, tokens, lengths, log_r, log_ref):
+    def add_reference(self, drawn, conditions, tokens, lengths, log_r, log_ref, log_proposal=None):
         """Count the reference's draws (`drawn`: each draw's condition), and add the rows of those among them with
         R > P_ref (the others add 0 to either sum) to the mean and, like add, to the seen sum:
-        log(R / P_ref - 1) = log expm1(u)."""
+        log(R / P_ref - 1) = log expm1(u). Draws from another proposal Q with the same support (--explore-from
+        uniform; `log_proposal`: the rows' log Q(x)) are weighted by P_ref / Q, the mean of (R - P_ref) / Q."""
         for c in drawn:
             self.n_ref[c] = self.n_ref.get(c, 0) + 1
-        u = (log_r - log_ref).gather(1, lengths[:, None]).squeeze(1).double().tolist()
-        for c, u_x in zip(conditions, u):
+        at_end = lambda v: v.gather(1, lengths[:, None]).squeeze(1).double()
+        u = at_end(log_r - log_ref)
+        shift = torch.zeros_like(u) if log_proposal is None else at_end(log_ref) - log_proposal.to(u)
+        for c, u_x, s in zip(conditions, u.tolist(), shift.tolist()):
             if u_x > 0:
-                self.log_excess[c] = float(np.logaddexp(self.log_excess.get(c, -np.inf), u_x + np.log(-np.expm1(-u_x))))
+                log_w = s + u_x + np.log(-np.expm1(-u_x))
+                self.log_excess[c] = float(np.logaddexp(self.log_excess.get(c, -np.inf), log_w))
         self.add(conditions, tokens, lengths, log_r, log_ref)
 
     def values(self, conditions):

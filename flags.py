@@ -141,6 +141,10 @@ def make_parser():
       "point moves: they find the solutions a narrowing policy stops drawing, which P_ref finds least likely (on Expr24 "
       "with four numbers, all of a run's distance from p*; RESULTS.md); costs N samples and final scores per batch "
       "(prefix scores only for what can enter the buffer); 0: off")
+    a("--explore-from", choices=("reference", "uniform"), default="reference", help="where --explore-ref's draws come "
+      "from: the reference P_ref (a network pass per token), or the masked uniform policy U (uniform over the actions "
+      "the task's mask allows at each state; no network pass, so thousands of draws cost what a few hundred reference "
+      "draws do); --log-z ref then weights each draw by P_ref / U, still unbiased (U has P_ref's support)")
     a("--t-lo-start", type=float, default=0.8, help="a tempered batch's temperature is uniform in [lo, hi]: lo at the "
       "start ...")
     a("--t-lo-end", type=float, default=1.0, help="... lo at the end (linear in between)")
@@ -281,6 +285,8 @@ def run_problem(args):
         return "--resume continues the run in --out and --overwrite deletes it: give one of them"
     if args.charset == "":
         return "--charset '' allows no character: name the characters a token may use, or leave it out for any"
+    if args.explore_from != "reference" and not args.explore_ref:
+        return f"--explore-from {args.explore_from} says where --explore-ref's draws come from: give --explore-ref N too"
     if args.explore_ref and args.replay in ("none", "oracle"):
         return f"--explore-ref only fills the replay buffer, and --replay {args.replay} keeps none: give rp, prt or subm"
     if args.loss == "subtb" and args.min_len == args.max_len and args.prefix_root == "lmin":

@@ -232,14 +232,17 @@ class Policy:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     @torch.no_grad()
-    def sample(self, n, temperature=1.0, reference=False, epsilon=0.0, prefix=None):
+    def sample(self, n, temperature=1.0, reference=False, epsilon=0.0, prefix=None, uniform=False):
         """Sample n sequences with a KV cache at `temperature` (masked logits / temperature); from the reference
-        P_ref instead of the policy with `reference` (the fidelity meter's second proposal). With `epsilon`, each
+        P_ref instead of the policy with `reference` (the fidelity meter's second proposal); from the masked
+        uniform policy U, no network pass, with `uniform` (--explore-from uniform). With `epsilon`, each
         step takes a uniformly random allowed action with that probability (exploration: the sampler is then
         (1 - epsilon) q + epsilon U at every state, full support under the mask). With `prefix` ([n, c] action
         token ids), each row continues that prefix instead of starting empty (local search's regrowth).
         Returns tokens [n, L_max] (EOS past tau), lengths [n], and log_q [n, T]: the log-prob of each chosen
         action under the temperature-1 sampler (for checks and for the CSV's log-prob column)."""
+        if uniform:
+            return self._sample(None, n, 1.0, 0.0, prefix)
         if reference:
             with self._adapters_off() if self.reference is None else contextlib.nullcontext():
                 return self._sample(self.reference or self.model, n, temperature, epsilon, prefix)
@@ -259,12 +262,12 @@ class Policy:
         # a plain GPT-2 on CPU decodes with its own static KV cache and the action rows of the LM head only;
         # anything else (LoRA, FSDP, other architectures, GPU) runs the network's forward with HF's cache
         decoder = GPT2Decoder.for_model(net, n, self.prompt.shape[-1] + self.max_len, self.actions) \
-            if self.fast_gpt2 else None
+            if self.fast_gpt2 and net is not None else None
         if decoder is not None:  # the length bounds: 0 / -inf per state k, read off action_log_probs itself
             probe = torch.zeros(T, len(self.action_of), device=self.device)
             bias = torch.zeros(T, len(self.actions), device=self.device).masked_fill_(
                 self.action_log_probs(probe, torch.arange(T, device=self.device)).isneginf(), float("-inf"))
-        ids, past, cache_name = self.prompt.expand(n, -1), None, cache_argument(net)
+        ids, past, cache_name = self.prompt.expand(n, -1), None, net and cache_argument(net)
         start = 0 if prefix is None else prefix.shape[1]
         if start:  # the prefix is read in the first forward, then sampling goes on from state s_start
             tokens[:, :start] = prefix
@@ -273,7 +276,9 @@ class Policy:
             if k == self.max_len:  # the stop is forced whatever the logits (METHOD.md §1): q(T | s_Lmax) = 1, so the
                 break  # rows still going end here with what they hold (tau = L_max, log q = 0), and no forward runs
             allowed = None
-            if decoder is not None:  # [n, A] logits of the action columns
+            if net is None:  # the masked uniform policy: equal logits, so the masks alone decide
+                logits = torch.zeros(n, len(self.action_of), device=self.device)
+            elif decoder is not None:  # [n, A] logits of the action columns
                 logits = decoder(ids)
             else:
                 with self._autocast():

@@ -222,12 +222,12 @@ def micro_batch(training, frac, coin, knobs, kept):
         training.buffer.add(buffer_items(args, items, scores, log_r, lengths), **by_row(conds))
     cost = scored(batch.source, lengths)
     if args.explore_ref:  # reference draws that only fill the buffer (and the seen logZ), scored like a batch
-        found, rows, scored_rows, drawn = explore_with_reference(args, task, policy, conds)
+        found, rows, scored_rows, drawn, log_u = explore_with_reference(args, task, policy, conds)
         training.buffer.add(found, **by_row(rows))
         if args.log_z_mode == "seen":
             training.log_z.add(rows, *scored_rows)
         elif args.log_z_mode == "ref":
-            training.log_z.add_reference(drawn, rows, *scored_rows)
+            training.log_z.add_reference(drawn, rows, *scored_rows, log_proposal=log_u)
         cost = dict(objects_scored=cost["objects_scored"] + args.explore_ref,
                     prefixes_scored=cost["prefixes_scored"] + scored("policy", scored_rows[1])["prefixes_scored"])
     valid = torch.tensor([t.is_valid(x) for t, x in zip(row_tasks(task, conds, len(texts)), texts)], dtype=torch.float)

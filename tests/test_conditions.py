@@ -281,6 +281,18 @@ def test_the_ref_log_z_is_an_unbiased_estimate_from_the_references_draws(tiny_gp
     seen = conditions.SeenLogZ("cpu")
     seen.add(["CO"] * 3, tokens[co], lengths[co], at_end(log_r)[co], at_end(log_ref)[co])
     assert values["CO"] == seen.values(["CO"])[0] > 0
+    # --explore-from uniform: draws from another proposal Q with P_ref's support (here one that favours the solutions),
+    # weighted by P_ref / Q; unweighted, the same draws would estimate 1 + E_Q[R / P_ref - 1], far from Z
+    logits = torch.randn(len(rows), generator=gen, dtype=torch.float64) + 2 * s[rows]
+    other, q = conditions.SeenLogZ("cpu"), torch.softmax(logits, 0)
+    picks = torch.multinomial(q, n, replacement=True, generator=gen)
+    other.add_reference(["CC"] * n, ["CC"] * n, tokens[rows[picks]], lengths[rows[picks]], at_end(log_r)[rows[picks]],
+                        at_end(log_ref)[rows[picks]], log_proposal=q.log()[picks])
+    w_q = (log_r[rows].exp() - p) / q  # (R - P_ref) / Q of every object
+    var_q = (q * w_q ** 2).sum().item() - (q * w_q).sum().item() ** 2
+    assert var_q > 0 and abs(math.exp(other.values(["CC"])[0]) - z) < 5 * math.sqrt(var_q / n)
+    unweighted = 1 + (q * (w - 1)).sum().item()
+    assert abs(unweighted - z) > 10 * math.sqrt(var_q / n)  # measured: 11.7 standard errors off
     ref.log_excess["CC"] = -50.0  # an estimate below what has been drawn: the seen sum holds
     assert ref.values(["CC"]) == [float(np.logaddexp(0.0, ref.log_sum["CC"]))]
     torch.save(ref.state_dict(), tmp_path / "state.pt")

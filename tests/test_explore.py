@@ -157,6 +157,13 @@ def test_reference_draws_fill_the_buffer_and_no_loss(tiny_gpt2, tmp_path, capsys
     assert [n for _, n in state["n_ref"]] == [64]
     assert train.main([*common, "--log-z", "ref", "--kappa", "1", "--out", str(tmp_path / "ref2")]) == 2
     assert "--log-z ref averages over the reference's draws" in capsys.readouterr().err
+    # the masked uniform policy's draws instead (no network pass), counted like the reference's; alone, one line
+    uniform = ["--explore-ref", "64", "--explore-from", "uniform", "--log-z", "ref", "--kappa", "1"]
+    assert train.main([*common, *uniform, "--out", str(tmp_path / "uniform")]) == 0
+    state = checkpoint.load_state(checkpoint.find_checkpoint(str(tmp_path / "uniform")))["log_z"]["_extra_state"]
+    assert [n for _, n in state["n_ref"]] == [64]
+    assert train.main([*common, "--explore-from", "uniform", "--out", str(tmp_path / "uniform2")]) == 2
+    assert "--explore-from uniform says where --explore-ref's draws come from" in capsys.readouterr().err
     assert train.main([*common[:-4], "--explore-ref", "8", "--loss", "rloo", "--out", str(tmp_path / "rl")]) == 2
     assert "--explore-ref only fills the replay buffer" in capsys.readouterr().err
 
@@ -175,7 +182,7 @@ def test_reference_draws_score_only_what_can_enter_the_buffer(tiny_gpt2):
     for gated in (True, False):
         args.replay_valid_only = gated
         torch.manual_seed(0)
-        items, _, rows, _ = batches.explore_with_reference(args, task, policy)
+        items, _, rows, _, _ = batches.explore_with_reference(args, task, policy)
         out[gated] = [it for it in items if it.score > 0], rows
     (gated_items, gated_rows), (all_items, all_rows) = out[True], out[False]
     assert 0 < len(gated_items) < len(all_rows[0]) == 48

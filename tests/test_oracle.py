@@ -1,6 +1,7 @@
 """The oracle (--loss oracle, oracle.py): its exact gradient flow reaches p*, its sampler draws exactly from p*
 (Expr24 with L_max 5, the Game of 24 per prompt), it trains end to end, and a task it cannot serve is one line."""
 import functools
+import itertools
 import json
 import math
 
@@ -254,3 +255,29 @@ def test_reference_pass_over_the_solutions_is_made_once_for_every_view(expr24_po
     other = policy.with_prompts(torch.tensor(policy.encode_prompt("3"), dtype=torch.long), policy.task_mask)
     assert not np.allclose(fidelity.reference_solution_log_probs(other, solutions), expected)
     assert len(calls) == 2
+
+
+def test_the_masked_uniform_sampler_draws_each_expression_with_its_probability(expr24_policy):
+    """--explore-from uniform: every step uniform over the actions the grammar and the length bounds allow, with no
+    network pass; each draw's log-prob is that product exactly, and the draws follow it (all 15,600 expressions)."""
+    policy, n = expr24_policy, 40000
+    torch.manual_seed(0)
+    tokens, lengths, log_u = policy.sample(n, uniform=True)
+
+    # a digit is 1 of 10 (1 of 9 after '/'), an operator 1 of 4 at k = 1 (the stop is below L_min) and 1 of 5 with
+    # the stop at k = 3, and the stop is forced at L_max = 5
+    def log_uniform(text):
+        p = 1.0
+        for k, c in enumerate(text):
+            p /= (9 if text[k - 1] == "/" else 10) if k % 2 == 0 else (4 if k == 1 else 5)
+        return math.log(p * (0.2 if len(text) == 3 else 1.0))
+
+    texts = policy.texts(tokens, lengths)
+    np.testing.assert_allclose(log_u.sum(1).double().numpy(), [log_uniform(t) for t in texts], atol=1e-5)
+    every = ["".join(d + o for d, o in zip(digits, ops + ("",))) for m in (2, 3)
+             for digits in itertools.product("0123456789", repeat=m) for ops in itertools.product("+-*/", repeat=m - 1)]
+    every = [t for t in every if "/0" not in t]
+    p = np.exp([log_uniform(t) for t in every])
+    assert len(every) == 15600 and abs(p.sum() - 1) < 1e-9
+    index = {t: i for i, t in enumerate(every)}
+    assert chi_square_in_random_bins(np.array([index[t] for t in texts]), p) < CHI2_19_DOF_AT_1E4
