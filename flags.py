@@ -21,7 +21,8 @@ from tasks.smiles.task import PAPER_SCAFFOLD
 # the paper's optimisation settings (SMILES), used for every flag left unset that the task's defaults do not set
 PAPER_DEFAULTS = dict(steps=5000, batch_size=32, grad_accum=4, lr=1e-4, buffer_size=200)
 # the other flags a task's `defaults` may set (the Game of 24 sets them all), at their value for every other task
-GENERAL_DEFAULTS = dict(huber=0.0, anchor=1.0, replay_valid_only=False, buffer_validity="task")
+GENERAL_DEFAULTS = dict(huber=0.0, anchor=1.0, replay_valid_only=False, buffer_validity="task", explore_ref=0,
+                        explore_from="reference")
 # how the defaults reach the target (RESULTS.md, "Reach the target"), the same for every method: RapTB's eta goes to 0
 # over the first half of the run (so the second half trains TB, whose fixed point is R/Z, while the first keeps the
 # dense early credit), and the learning rate follows a cosine to 0. --paper restores the paper's constant eta and lr.
@@ -37,10 +38,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def task_defaults(task, loss, replay=None):
+    """A task's `defaults`, with its `gflownet_defaults` (a recipe of buffer, exploration and logZ) for a GFlowNet
+    loss with a buffer: the RL baselines and the oracle train on their own samples, and --replay none or oracle keeps
+    no buffer to explore for, so they take none of the recipe."""
+    bufferless = loss in rl_losses.LOSSES or loss == "oracle" or replay in ("none", "oracle")
+    return {**task.defaults, **({} if bufferless else getattr(task, "gflownet_defaults", {}))}
+
+
 def by_task(key):
     """A flag's value for the default task, then the built-in tasks' own (their `defaults`), for --help."""
-    values = {name: rewards.builtin_task(name).defaults.get(key, {**PAPER_DEFAULTS, **GENERAL_DEFAULTS}.get(key))
-              for name in rewards.BUILTIN}
+    values = {name: task_defaults(rewards.builtin_task(name), "raptb").get(
+        key, {**PAPER_DEFAULTS, **GENERAL_DEFAULTS}.get(key)) for name in rewards.BUILTIN}
     default = values.pop("smiles")
     others = ", ".join(f"{name} {v}" for name, v in values.items() if v != default)
     return f"default {default}" + (f"; {others}" if others else "")
@@ -118,7 +127,7 @@ def make_parser():
       "more reuse each reward call, 1 is on-policy and leaves the clip inert")
     # exploration and replay
     a("--replay", default=None, choices=["none", "rp", "prt", "subm", "oracle"],
-      help="the replay buffer (default subm for the GFlowNet losses; none for rloo, grpo, dpg and oracle, whose "
+      help="the replay buffer (default subm for the GFlowNet losses, Expr24's rp; none for rloo, grpo, dpg and oracle, whose "
       "gradients need their own samples); oracle, a diagnostic: replayed batches are exact samples of p* (a task "
       "that enumerates its target), which separates what an objective learns from what its sampler finds")
     a("--buffer-size", type=int, default=None,
@@ -136,15 +145,16 @@ def make_parser():
       "sample backs up K tokens, the policy regrows them, and the regrown object replaces it where its log R is at "
       "least as high; off-policy, so the GFlowNet objectives keep R/Z as their fixed point (a second sampling pass "
       "and two more reward passes per on-policy batch); 0: off")
-    a("--explore-ref", type=int, default=0, metavar="N", help="exploration: each batch, N more objects drawn from "
+    a("--explore-ref", type=int, default=None, metavar="N", help="exploration: each batch, N more objects drawn from "
       "the reference, which only enter the replay buffer (and --log-z seen's sum, ref's mean), no loss, so no fixed "
       "point moves: they find the solutions a narrowing policy stops drawing, which P_ref finds least likely (on Expr24 "
       "with four numbers, all of a run's distance from p*; RESULTS.md); costs N samples and final scores per batch "
-      "(prefix scores only for what can enter the buffer); 0: off")
-    a("--explore-from", choices=("reference", "uniform"), default="reference", help="where --explore-ref's draws come "
+      f"(prefix scores only for what can enter the buffer); 0: off ({by_task('explore_ref')}, GFlowNet losses)")
+    a("--explore-from", choices=("reference", "uniform"), default=None, help="where --explore-ref's draws come "
       "from: the reference P_ref (a network pass per token), or the masked uniform policy U (uniform over the actions "
       "the task's mask allows at each state; no network pass, so thousands of draws cost what a few hundred reference "
-      "draws do); --log-z ref then weights each draw by P_ref / U, still unbiased (U has P_ref's support)")
+      f"draws do); --log-z ref then weights each draw by P_ref / U, still unbiased (U has P_ref's support) "
+      f"({by_task('explore_from')})")
     a("--t-lo-start", type=float, default=0.8, help="a tempered batch's temperature is uniform in [lo, hi]: lo at the "
       "start ...")
     a("--t-lo-end", type=float, default=1.0, help="... lo at the end (linear in between)")
@@ -164,7 +174,7 @@ def make_parser():
       "rate (the defaults differ only there; see OURS and PAPER at the top of train.py; --conventions authors "
       "implies them)")
     a("--log-z", dest="log_z_mode", default=None, choices=["scalar", "head", "batch", "seen", "ref"],
-      help="logZ: one learned scalar (default for a single prompt); head: logZ(c) learned from the prompt's last "
+      help="logZ: one learned scalar (default for a single prompt; Expr24's GFlowNet losses: ref); head: logZ(c) learned from the prompt's last "
       "hidden state (default with conditions); batch: no learned logZ, the mean of log R - log q over each "
       "condition's k samples (VarGrad), which is log Z(c) - KL(q||p*) in expectation, so biased low while q is "
       "far from p*; seen: no learned logZ, log(1 + the sum of R - P_ref over the distinct objects drawn so far), "
@@ -215,13 +225,20 @@ def fill_defaults(args, task, explicit=()):
         if getattr(args, key) is None:
             setattr(args, key, value)
     # the task's own (SMILES: its prior, 2..10 tokens; Expr24: 3..9 and its budget), else the paper's optimisation
-    for key, value in {**PAPER_DEFAULTS, **GENERAL_DEFAULTS, **task.defaults}.items():
+    for key, value in {**PAPER_DEFAULTS, **GENERAL_DEFAULTS, **task_defaults(task, args.loss, args.replay)}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     # the loss's: the RL baselines need their own samples at temperature 1, the oracle exact samples of p*
     own_samples = args.loss in rl_losses.LOSSES or args.loss == "oracle"
     if args.replay is None:
         args.replay = "none" if own_samples else "subm"
+    if not args.explore_ref:  # --explore-ref 0 under a recipe: where its draws come from and the logZ they make go too
+        if "explore_from" not in explicit:
+            args.explore_from = "reference"
+        if args.log_z_mode == "ref" and "log_z_mode" not in explicit:
+            args.log_z_mode = "seen"  # the same identity without the draws' mean
+    if args.replay == "subm" and "buffer_size" not in explicit:  # a task's buffer for RP (Expr24's 131,072) would
+        args.buffer_size = min(args.buffer_size, PAPER_DEFAULTS["buffer_size"])  # take SubM's refresh seconds a step
     if args.temp_prob is None:
         args.temp_prob = 0.0 if own_samples else 0.666
     if args.grpo_beta is None and args.lam > 0:

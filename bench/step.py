@@ -346,6 +346,11 @@ def bench_expr24(batch=64, repeats=15):
     policy = policies["grammar mask"]
     t_mask = median_time(lambda: policy.allowed_actions(tokens, int(lengths.max()), lengths), repeats)
     print(f"mask function alone, all {int(lengths.max()) + 1} states of the batch: {t_mask * 1e3:.2f} ms")
+    ref = modellib.Policy(net, tokenizer, allowed, 3, 9, reference=modellib.frozen_copy(net), state_mask=task.state_mask)
+    t_ref = median_time(lambda: ref.sample(1024, reference=True), 5)
+    t_uniform = median_time(lambda: ref.sample(4096, uniform=True), 5)
+    print(f"--explore-ref's draws: 1,024 from the reference {t_ref * 1e3:.0f} ms, 4,096 from the masked uniform policy "
+          f"(--explore-from uniform) {t_uniform * 1e3:.0f} ms ({t_ref / t_uniform:.1f}x)")
     from tasks.expr24.task import evaluate_expression, solution_set
     texts, _ = task.random_objects(1024, np.random.default_rng(0)), solution_set()  # the set made before timing
 

@@ -214,6 +214,9 @@ def test_train_and_sample_from_scratch(tmp_path, replay, capsys, quick_warm_star
     csv_path = tmp_path / "s.csv"
     assert sample.main([str(out), "--n", "50", "--out", str(csv_path), "--fidelity-n", "0"]) == 0  # exact: test_fidelity
     metrics = json.load(open(tmp_path / "s_metrics.json"))
+    if replay == "subm":  # the GFlowNet recipe's --log-z ref counts per condition: Expr24 runs as one, the empty prompt
+        assert [c["prompt"] for c in metrics["conditions"]] == [""]
+        metrics = metrics["conditions"][0]
     assert metrics["n"] == 50 and metrics["n_solutions"] == len(expr24_solutions())
     assert 0 <= metrics["acc"] <= metrics["valid_frac"] == 1  # the grammar mask: every sample is an expression
     assert all(3 <= n <= 9 for n in map(int, metrics["len_all_hist"]))
@@ -490,3 +493,19 @@ def test_expr24_defaults_reach_train_py():
     smiles = train.get_args(["--task", "smiles"])  # a task without its own settings gets the paper's
     assert (smiles.steps, smiles.batch_size, smiles.grad_accum, smiles.lr) == (5000, 32, 4, 1e-4)
     assert train.get_args(["--task", "expr24", "--lr", "1e-4", "--steps", "7"]).lr == 1e-4  # flags win
+
+
+def test_the_gflownet_losses_take_the_recipe_and_runs_without_a_buffer_do_not():
+    """Expr24's GFlowNet defaults (task.py, RESULTS.md): a buffer keeping every solution drawn, 4,096 draws a step from
+    the masked uniform policy, --log-z ref, the anchor and bounded residuals. The RL baselines and the oracle train
+    on their own samples and --replay none keeps no buffer: none of it; --replay subm keeps the paper's 200 items."""
+    def settings(*flags):
+        a = train.get_args(["--task", "expr24", "--out", "/tmp/unused", *flags])
+        return a.replay, a.buffer_size, a.explore_ref, a.explore_from, a.log_z_mode, a.anchor, a.huber
+    recipe = ("rp", 131072, 4096, "uniform", "ref", 16.0, 4.0)
+    assert settings() == settings("--loss", "tb") == settings("--loss", "subtb") == recipe
+    for flags in (["--loss", "rloo"], ["--loss", "dpg"], ["--loss", "oracle"], ["--replay", "none"]):
+        assert settings(*flags) == (flags[1] if flags[0] == "--replay" else "none", 200, 0, "reference", "scalar", 1.0, 0.0)
+    assert settings("--replay", "subm")[:3] == ("subm", 200, 4096)
+    assert settings("--replay", "subm", "--buffer-size", "1000")[:2] == ("subm", 1000)
+    assert settings("--explore-ref", "0")[2:5] == (0, "reference", "seen")  # no draws: no proposal, the seen logZ

@@ -158,7 +158,7 @@ def test_the_defaults_are_the_measured_objective_settings_and_the_authors_keep_t
     assert settings("--conventions", "authors") == ("head", 1.0, 0.0, True, "score")  # their SubM: valid items only
     assert settings("--log-z", "head", "--no-replay-valid-only") == ("head", 1.0, 4.0, False, "score")  # no anchor
     assert settings("--anchor", "4", "--huber", "0") == ("seen", 4.0, 0.0, True, "score")
-    other = train.get_args(["--task", "expr24", "--out", "/tmp/unused"])
+    other = train.get_args(["--task", "smiles", "--out", "/tmp/unused"])
     assert (other.anchor, other.huber) == (1.0, 0.0)  # other tasks: no weights, squares
 
 
