@@ -120,9 +120,11 @@ def scored(source, lengths):
 
 def to_items(task, tokens, lengths, texts, final, log_ref=None, scores=None, conditions=None):
     """Buffer entries for an on-policy batch, each made by its row's task; with the batch's log_ref and prefix-score
-    rows (score_rows), which replaying them then reuses."""
-    refs = log_ref.detach().float().cpu().numpy() if log_ref is not None else [None] * len(texts)
-    rows = scores.detach().double().cpu().numpy() if scores is not None else [None] * len(texts)
+    rows (score_rows), which replaying them then reuses. Copied out of torch: an item holding a view of a torch
+    tensor keeps its storage, and those small storages, scattered among each step's big transient tensors, kept
+    the heap from shrinking (RSS grew 0.55 MB a step with 4,096 uniform draws into the buffer, 0.18 MB copied)."""
+    refs = log_ref.detach().float().cpu().numpy().copy() if log_ref is not None else [None] * len(texts)
+    rows = scores.detach().double().cpu().numpy().copy() if scores is not None else [None] * len(texts)
     return [make_item(t_, row, tau, t, s, ref, sc) for t_, row, tau, t, s, ref, sc in
             zip(row_tasks(task, conditions, len(texts)), tokens.tolist(), lengths.tolist(), texts, final.tolist(),
                 refs, rows)]
