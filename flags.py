@@ -38,11 +38,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def own_samples(loss):
+    """The RL baselines need their own samples at temperature 1, the oracle exact samples of p*: no replay."""
+    return loss in rl_losses.LOSSES or loss == "oracle"
+
+
 def task_defaults(task, loss, replay=None):
     """A task's `defaults`, with its `gflownet_defaults` (a recipe of buffer, exploration and logZ) for a GFlowNet
     loss with a buffer: the RL baselines and the oracle train on their own samples, and --replay none or oracle keeps
     no buffer to explore for, so they take none of the recipe."""
-    bufferless = loss in rl_losses.LOSSES or loss == "oracle" or replay in ("none", "oracle")
+    bufferless = own_samples(loss) or replay in ("none", "oracle")
     return {**task.defaults, **({} if bufferless else getattr(task, "gflownet_defaults", {}))}
 
 
@@ -127,9 +132,9 @@ def make_parser():
       "more reuse each reward call, 1 is on-policy and leaves the clip inert")
     # exploration and replay
     a("--replay", default=None, choices=["none", "rp", "prt", "subm", "oracle"],
-      help="the replay buffer (default subm for the GFlowNet losses, Expr24's rp; none for rloo, grpo, dpg and oracle, whose "
-      "gradients need their own samples); oracle, a diagnostic: replayed batches are exact samples of p* (a task "
-      "that enumerates its target), which separates what an objective learns from what its sampler finds")
+      help="the replay buffer (default subm for the GFlowNet losses, Expr24's rp; none for rloo, grpo, dpg and "
+      "oracle, whose gradients need their own samples); oracle, a diagnostic: replayed batches are exact samples of "
+      "p* (a task that enumerates its target), which separates what an objective learns from what its sampler finds")
     a("--buffer-size", type=int, default=None,
       help=f"items the replay buffer keeps, per prompt with conditions ({by_task('buffer_size')}); SubM's "
            "greedy refresh of a full buffer slows fast as it grows: at 4,096 a step took 10-24 s (Expr24, "
@@ -149,7 +154,8 @@ def make_parser():
       "the reference, which only enter the replay buffer (and --log-z seen's sum, ref's mean), no loss, so no fixed "
       "point moves: they find the solutions a narrowing policy stops drawing, which P_ref finds least likely (on Expr24 "
       "with four numbers, all of a run's distance from p*; RESULTS.md); costs N samples and final scores per batch "
-      f"(prefix scores only for what can enter the buffer); 0: off ({by_task('explore_ref')}, GFlowNet losses)")
+      f"(prefix scores only for what can enter the buffer); 0: off ({by_task('explore_ref')}, "
+      "GFlowNet losses)")
     a("--explore-from", choices=("reference", "uniform"), default=None, help="where --explore-ref's draws come "
       "from: the reference P_ref (a network pass per token), or the masked uniform policy U (uniform over the actions "
       "the task's mask allows at each state; no network pass, so thousands of draws cost what a few hundred reference "
@@ -174,13 +180,14 @@ def make_parser():
       "rate (the defaults differ only there; see OURS and PAPER at the top of train.py; --conventions authors "
       "implies them)")
     a("--log-z", dest="log_z_mode", default=None, choices=["scalar", "head", "batch", "seen", "ref"],
-      help="logZ: one learned scalar (default for a single prompt; Expr24's GFlowNet losses: ref); head: logZ(c) learned from the prompt's last "
-      "hidden state (default with conditions); batch: no learned logZ, the mean of log R - log q over each "
-      "condition's k samples (VarGrad), which is log Z(c) - KL(q||p*) in expectation, so biased low while q is "
-      "far from p*; seen: no learned logZ, log(1 + the sum of R - P_ref over the distinct objects drawn so far), "
-      "exact once every object with S > 0 has been drawn and a lower bound before, 0 for a prompt without a solution "
-      "(kappa 1; METHOD.md §11.2; the Game of 24's default); ref: seen, or where larger the mean of R / P_ref over "
-      "every --explore-ref draw, an unbiased estimate of Z near log Z long before every solution is drawn")
+      help="logZ: one learned scalar (default for a single prompt; Expr24's GFlowNet losses: ref); head: logZ(c) "
+      "learned from the prompt's last hidden state (default with conditions); batch: no learned logZ, the mean of "
+      "log R - log q over each condition's k samples (VarGrad), which is log Z(c) - KL(q||p*) in expectation, so "
+      "biased low while q is far from p*; seen: no learned logZ, log(1 + the sum of R - P_ref over the distinct "
+      "objects drawn so far), exact once every object with S > 0 has been drawn and a lower bound before, 0 for a "
+      "prompt without a solution (kappa 1; METHOD.md §11.2; the Game of 24's default); ref: seen, or where larger the "
+      "mean of R / P_ref over every --explore-ref draw, an unbiased estimate of Z near log Z long before every "
+      "solution is drawn")
     a("--samples-per-prompt", type=int, default=None, help="k: each batch holds batch-size / k conditions x k "
       "samples (default: the whole batch; with conditions 8); --log-z batch needs k >= 2 to compare samples")
     a("--log-z-init", type=conventions.log_z_init, default="estimate",
@@ -228,10 +235,9 @@ def fill_defaults(args, task, explicit=()):
     for key, value in {**PAPER_DEFAULTS, **GENERAL_DEFAULTS, **task_defaults(task, args.loss, args.replay)}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    # the loss's: the RL baselines need their own samples at temperature 1, the oracle exact samples of p*
-    own_samples = args.loss in rl_losses.LOSSES or args.loss == "oracle"
+    # the loss's (own_samples)
     if args.replay is None:
-        args.replay = "none" if own_samples else "subm"
+        args.replay = "none" if own_samples(args.loss) else "subm"
     if not args.explore_ref:  # --explore-ref 0 under a recipe: where its draws come from and the logZ they make go too
         if "explore_from" not in explicit:
             args.explore_from = "reference"
@@ -240,7 +246,7 @@ def fill_defaults(args, task, explicit=()):
     if args.replay == "subm" and "buffer_size" not in explicit:  # a task's buffer for RP (Expr24's 131,072) would
         args.buffer_size = min(args.buffer_size, PAPER_DEFAULTS["buffer_size"])  # take SubM's refresh seconds a step
     if args.temp_prob is None:
-        args.temp_prob = 0.0 if own_samples else 0.666
+        args.temp_prob = 0.0 if own_samples(args.loss) else 0.666
     if args.grpo_beta is None and args.lam > 0:
         args.grpo_beta = args.kappa / args.lam
     # conditions: logZ per prompt, k samples of each prompt per batch
@@ -303,7 +309,8 @@ def run_problem(args):
     if args.charset == "":
         return "--charset '' allows no character: name the characters a token may use, or leave it out for any"
     if args.explore_from != "reference" and not args.explore_ref:
-        return f"--explore-from {args.explore_from} says where --explore-ref's draws come from: give --explore-ref N too"
+        return (f"--explore-from {args.explore_from} says where --explore-ref's draws come from: "
+                "give --explore-ref N too")
     if args.explore_ref and args.replay in ("none", "oracle"):
         return f"--explore-ref only fills the replay buffer, and --replay {args.replay} keeps none: give rp, prt or subm"
     if args.loss == "subtb" and args.min_len == args.max_len and args.prefix_root == "lmin":
