@@ -78,8 +78,11 @@ def final_scores(task, policy, tokens, lengths, conditions=None):
     """Each row's text and the score S(x) of its finished object alone: no prefixes and no reference pass. It is
     all an oracle batch's log needs, since maximum likelihood reads no reward."""
     texts = policy.texts(tokens, lengths)
-    tasks = row_tasks(task, conditions, len(texts))
-    final = torch.tensor([t.score_batch([x])[0] for t, x in zip(tasks, texts)], dtype=torch.float64)
+    groups = [(task, list(range(len(texts))))] if conditions is None else \
+        [(task.given(c), rows.tolist()) for c, rows in row_groups(conditions)]
+    final = torch.zeros(len(texts), dtype=torch.float64)
+    for t, rows in groups:  # one call per task: --explore-ref's thousands of draws share one or a few
+        final[rows] = torch.tensor(t.score_batch([texts[i] for i in rows]), dtype=torch.float64)
     return texts, final.to(policy.device)
 
 

@@ -192,9 +192,10 @@ class ConditionalPolicy:
 
     def view(self, conditions):
         """A Policy for rows with these conditions (one per row, all of one prompt length)."""
+        distinct = list(dict.fromkeys(conditions))
+        if len(distinct) == 1:
+            return self.policy.with_prompts(torch.tensor(self.prompt_ids(distinct[0])), self._mask(distinct[0]))
         ids = torch.tensor([self.prompt_ids(c) for c in conditions])
-        if len(set(conditions)) == 1:
-            return self.policy.with_prompts(ids[0], self._mask(conditions[0]))
         rows_mask = getattr(self.task, "rows_mask", None)
         if rows_mask is not None:
             return self.policy.with_prompts(ids, rows_mask(self.policy.action_texts, conditions))
@@ -218,9 +219,9 @@ class ConditionalPolicy:
 
     def groups(self, conditions):
         """Row indices by prompt length, in order of first appearance."""
-        by_length = {}
+        length, by_length = {c: len(self.prompt_ids(c)) for c in dict.fromkeys(conditions)}, {}
         for i, c in enumerate(conditions):
-            by_length.setdefault(len(self.prompt_ids(c)), []).append(i)
+            by_length.setdefault(length[c], []).append(i)
         return [torch.tensor(rows) for rows in by_length.values()]
 
     def sample(self, conditions, temperature=1.0, reference=False, epsilon=0.0, prefix=None, uniform=False):
@@ -230,8 +231,9 @@ class ConditionalPolicy:
         lengths = torch.zeros(n, dtype=torch.long, device=self.policy.device)
         log_q = torch.zeros(n, T, device=self.policy.device)
         for rows in self.groups(conditions):
-            t, l, q = self.view([conditions[i] for i in rows]).sample(len(rows), temperature, reference, epsilon,
-                                                                       None if prefix is None else prefix[rows], uniform)
+            view = self.view([conditions[i] for i in rows.tolist()])
+            t, l, q = view.sample(len(rows), temperature, reference, epsilon, None if prefix is None else prefix[rows],
+                                  uniform)
             rows = rows.to(tokens.device)
             tokens[rows], lengths[rows], log_q[rows] = t, l, q
         return tokens, lengths, log_q

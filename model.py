@@ -160,13 +160,17 @@ class Policy:
         return self._masked_log_softmax(logits[..., self.actions].float(), k, allowed)
 
     def _masked_log_softmax(self, x, k, allowed):  # action_log_probs on the action columns x [..., A]
+        return torch.log_softmax(x.masked_fill(~self._action_mask(x, k, allowed), float("-inf")), -1)
+
+    def _action_mask(self, x, k, allowed):
+        """The actions action_log_probs leaves finite, a bool tensor shaped like x [..., A]."""
         k = torch.as_tensor(k, device=x.device)
         go = (k < self.max_len).unsqueeze(-1).expand_as(x[..., :-1])
         stop = (k >= self.min_len).unsqueeze(-1).expand_as(x[..., -1:])
         if allowed is not None:
             go = go & allowed[..., :-1]
             stop = stop & (allowed[..., -1:] | (k == self.max_len).unsqueeze(-1))
-        return torch.log_softmax(x.masked_fill(~torch.cat([go, stop], -1), float("-inf")), -1)
+        return torch.cat([go, stop], -1)
 
     def allowed_actions(self, tokens, depth, lengths):
         """The task mask at every state k = 0..depth of each row, [B, depth + 1, A]; None without one. States
@@ -276,29 +280,19 @@ class Policy:
             if k == self.max_len:  # the stop is forced whatever the logits (METHOD.md §1): q(T | s_Lmax) = 1, so the
                 break  # rows still going end here with what they hold (tau = L_max, log q = 0), and no forward runs
             allowed = None
-            if net is None:  # the masked uniform policy: equal logits, so the masks alone decide
-                logits = torch.zeros(n, len(self.action_of), device=self.device)
-            elif decoder is not None:  # [n, A] logits of the action columns
-                logits = decoder(ids)
-            else:
-                with self._autocast():
-                    out = net(input_ids=ids, **{cache_name: past}, use_cache=True)
-                past, logits = getattr(out, cache_name), out.logits[:, -1]
             if self.task_mask is not None:  # finished rows allow everything: what they draw is ignored
                 allowed = self.task_mask(self.action_of[tokens[:, :k]], k) | done[:, None]
-            if decoder is not None:  # what action_log_probs computes for k < L_max: x + 0 is x, x + -inf is masked,
-                logp = logits + bias[k]  # and so is what the task mask forbids
-                logp = torch.log_softmax(logp if allowed is None else logp.masked_fill_(~allowed, float("-inf")), -1)
+            if net is None:  # the masked uniform policy (temperature and epsilon leave it as it is)
+                a, log_qk = self._uniform_draw(n, k, allowed)
             else:
-                logp = self.action_log_probs(logits, k, allowed)
-            if allowed is not None and bool(logp.isneginf().all(-1).any()):
-                raise ValueError(f"the task's state mask and L_min leave no action at a state with {k} tokens")
-            probs = torch.softmax(logp / temperature if temperature != 1 else logp, -1)
-            if epsilon:  # the masked uniform policy mixed in: every allowed action keeps probability >= epsilon / A
-                allowed_now = logp.isfinite().to(probs.dtype)
-                probs = (1 - epsilon) * probs + epsilon * allowed_now / allowed_now.sum(-1, keepdim=True)
-            a = torch.multinomial(probs, 1).squeeze(-1)
-            log_q[:, k] = torch.where(done, 0.0, logp.gather(-1, a[:, None]).squeeze(-1))
+                if decoder is not None:  # [n, A] logits of the action columns
+                    logits = decoder(ids)
+                else:
+                    with self._autocast():
+                        out = net(input_ids=ids, **{cache_name: past}, use_cache=True)
+                    past, logits = getattr(out, cache_name), out.logits[:, -1]
+                a, log_qk = self._draw(logits, k, allowed, None if decoder is None else bias[k], temperature, epsilon)
+            log_q[:, k] = torch.where(done, 0.0, log_qk)
             stopping = (a == self.stop) & ~done
             lengths.masked_fill_(stopping, k)
             done |= stopping
@@ -308,6 +302,36 @@ class Policy:
             ids = tokens[:, k:k + 1]
         self.model.train(was_training)
         return tokens, lengths, log_q
+
+    def _draw(self, logits, k, allowed, bias, temperature, epsilon):
+        """One action per row from the policy's logits at states with k tokens, and its log q. `bias`: the
+        decoder's action-column logits come with the length bounds as 0 / -inf (x + 0 is x, x + -inf is masked),
+        so only the task mask is left to apply."""
+        if bias is not None:
+            logp = logits + bias
+            logp = torch.log_softmax(logp if allowed is None else logp.masked_fill_(~allowed, float("-inf")), -1)
+        else:
+            logp = self.action_log_probs(logits, k, allowed)
+        if allowed is not None and bool(logp.isneginf().all(-1).any()):
+            raise ValueError(f"the task's state mask and L_min leave no action at a state with {k} tokens")
+        probs = torch.softmax(logp / temperature if temperature != 1 else logp, -1)
+        if epsilon:  # the masked uniform policy mixed in: every allowed action keeps probability >= epsilon / A
+            allowed_now = logp.isfinite().to(probs.dtype)
+            probs = (1 - epsilon) * probs + epsilon * allowed_now / allowed_now.sum(-1, keepdim=True)
+        a = torch.multinomial(probs, 1).squeeze(-1)
+        return a, logp.gather(-1, a[:, None]).squeeze(-1)
+
+    def _uniform_draw(self, n, k, allowed):
+        """One action per row uniform over those action_log_probs allows at k tokens, and its log q = -log(count):
+        the largest of independent uniform keys falls on each allowed action equally often (float64 keys: a tie,
+        which argmax would settle by the lower index, has odds of about 1e-14). No softmax, no multinomial."""
+        ok = self._action_mask(torch.zeros(n, len(self.actions), device=self.device), k, allowed)
+        count = ok.sum(-1)
+        if allowed is not None and bool((count == 0).any()):
+            raise ValueError(f"the task's state mask and L_min leave no action at a state with {k} tokens")
+        keys = torch.rand(n, len(self.actions), dtype=torch.float64, device=self.device)
+        a = keys.masked_fill_(~ok, -1.0).argmax(-1)
+        return a, -count.float().log()
 
     sync_ranks = False  # train.py --fsdp: every forward is a collective, so all ranks must stop sampling together
 
@@ -322,7 +346,8 @@ class Policy:
 
     def texts(self, tokens, lengths):
         """The generated string of each row (concatenated token texts, no EOS)."""
-        return ["".join(self.token_texts[t] for t in row[:tau]) for row, tau in zip(tokens.tolist(), lengths.tolist())]
+        text_of = self.token_texts.__getitem__  # map with a bound lookup: 7x a generator on 4,096 rows
+        return ["".join(map(text_of, row[:tau])) for row, tau in zip(tokens.tolist(), lengths.tolist())]
 
 
 def frozen_copy(model):

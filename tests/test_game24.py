@@ -122,6 +122,23 @@ def test_the_exact_meter_on_a_small_listing():
     assert abs(f["log_z_exact"] - np.log(np.exp(log_r).sum())) < 1e-12
 
 
+def test_final_scores_score_each_row_with_its_conditions_task():
+    """final_scores scores the rows of each condition in one call: the scores each row's own task gives it alone."""
+    policy, task = reference()
+    conds = ["1146:", "2468:", "1146:", "3389:", "2468:", "1146:"] * 4
+    torch.manual_seed(0)
+    tokens, lengths, _ = policy.sample(conds)
+    for i in (0, 1):  # a solution in some rows, to tell the conditions' scores apart
+        text = task.given(conds[i]).solutions()[0]
+        tokens[i, :len(text)] = policy.actions[[policy.action_texts.index(ch) for ch in text]]
+        lengths[i] = len(text)
+    texts, final = batches.final_scores(task, policy, tokens, lengths, conds)
+    assert texts == policy.texts(tokens, lengths)
+    alone = [task.given(c).score_batch([x])[0] for c, x in zip(conds, texts)]
+    assert final.tolist() == alone and alone[:2] == [1.0, 1.0] and sum(alone) < len(alone)
+    assert task.given(conds[1]).score_batch([texts[0]])[0] == 0  # 1146's solution does not solve 2468
+
+
 def test_raptb_is_tb_here():
     """No proper prefix can stop, so RapTB's dense term is empty: the same value and gradient as TB."""
     policy, task = reference()
