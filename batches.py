@@ -231,7 +231,7 @@ def local_search(args, task, policy, batch, temperature):
                           lengths=torch.where(better[:, 0], new_lengths, lengths), known=known)
 
 
-def explore_with_reference(args, task, policy, conditions=None):
+def explore_draws(args, task, policy, conditions=None):
     """--explore-ref N: N objects drawn from the reference P_ref (with conditions, the batch's conditions in turn),
     scored, as buffer items. They enter no loss, so no objective's fixed point moves; they only reach the buffer,
     where replay trains on them off-policy, and the seen logZ. The reference keeps drawing what a narrowed policy no

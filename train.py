@@ -35,7 +35,7 @@ import model as modellib
 import oracle
 import rewards
 import rl_losses
-from batches import (buffer_items, by_row, estimate_log_z, explore_with_reference, final_scores, get_batch, linear,
+from batches import (buffer_items, by_row, estimate_log_z, explore_draws, final_scores, get_batch, linear,
                      loss_log_probs, row_tasks, score_rows, scored, to_items)
 from checkpoint import (drop_lines_after, failure, non_finite_loss, restore, resume_due, resume_or_start, run_lock,
                         save_checkpoint, stop_on_ctrl_c, stop_requested)
@@ -222,7 +222,7 @@ def micro_batch(training, frac, coin, knobs, kept):
         training.buffer.add(buffer_items(args, items, scores, log_r, lengths), **by_row(conds))
     cost = scored(batch.source, lengths)
     if args.explore_ref:  # reference draws that only fill the buffer (and the seen logZ), scored like a batch
-        found, rows, scored_rows, drawn, log_u = explore_with_reference(args, task, policy, conds)
+        found, rows, scored_rows, drawn, log_u = explore_draws(args, task, policy, conds)
         training.buffer.add(found, **by_row(rows))
         if args.log_z_mode == "seen":
             training.log_z.add(rows, *scored_rows)

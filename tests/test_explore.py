@@ -182,7 +182,7 @@ def test_reference_draws_score_only_what_can_enter_the_buffer(tiny_gpt2):
     for gated in (True, False):
         args.replay_valid_only = gated
         torch.manual_seed(0)
-        items, _, rows, _, _ = batches.explore_with_reference(args, task, policy)
+        items, _, rows, _, _ = batches.explore_draws(args, task, policy)
         out[gated] = [it for it in items if it.score > 0], rows
     (gated_items, gated_rows), (all_items, all_rows) = out[True], out[False]
     assert 0 < len(gated_items) < len(all_rows[0]) == 48
