@@ -312,7 +312,7 @@ class Policy:
             logp = torch.log_softmax(logp if allowed is None else logp.masked_fill_(~allowed, float("-inf")), -1)
         else:
             logp = self.action_log_probs(logits, k, allowed)
-        if allowed is not None and bool(logp.isneginf().all(-1).any()):
+        if allowed is not None and not bool(logp.isfinite().any(-1).all()):  # a row all masked is NaN, not -inf
             raise ValueError(f"the task's state mask and L_min leave no action at a state with {k} tokens")
         probs = torch.softmax(logp / temperature if temperature != 1 else logp, -1)
         if epsilon:  # the masked uniform policy mixed in: every allowed action keeps probability >= epsilon / A

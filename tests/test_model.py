@@ -51,6 +51,17 @@ def test_samples_respect_mask_and_lengths(policy):
     assert (log_pterm[lengths == policy.max_len, policy.max_len] == 0).all()  # and forced at L_max
 
 
+@pytest.mark.parametrize("uniform", [False, True])
+def test_a_state_mask_that_leaves_no_action_is_one_error(tiny_gpt2, uniform):
+    """A task mask that forbids every token at a state below L_min (where the stop is not allowed either) is
+    reported as such, by the policy's draw and by the masked uniform policy's alike."""
+    policy = make_policy(tiny_gpt2, min_len=2)
+    A = len(policy.actions)
+    policy = policy.with_prompts(policy.prompt, lambda prev, k: torch.full((len(prev), A), k != 1))
+    with pytest.raises(ValueError, match="leave no action at a state with 1 tokens"):
+        policy.sample(8, uniform=uniform)
+
+
 def test_masked_distribution_is_normalised(policy):
     logits = torch.randn(3, len(policy.tokenizer))
     for k in range(policy.max_len + 1):
