@@ -11,6 +11,8 @@ and `latest`, the name of the newest complete checkpoint.
 """
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import math
 import os
@@ -264,6 +266,16 @@ def optimizer_step(args, optimizer, log_z):
 
 # ----------------------------------------------------------------------------- main
 
+def heap_trimmer():
+    """A function that hands the heap's free pages back to the OS (glibc's malloc_trim), or one that does nothing
+    where there is none. Each step frees big transient tensors among small objects that live on (the buffer's
+    items), and glibc keeps those freed pages: 800 steps of Expr24's default peaked at 1.04 GB, trimmed 0.57 GB,
+    at the same CPU time (RESULTS.md, "a step 1.6 times cheaper"); a whole run held 5.7 GB at 17,000 steps."""
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    return (lambda: trim(0)) if trim else (lambda: None)
+
+
 def run(args, explicit=None):
     """Train; `explicit`: the flags the command line gave, which --resume takes over the saved ones."""
     rank, world = setup_distributed(args)  # first: a rank reads the checkpoint once all have finished the last run
@@ -316,9 +328,12 @@ def run(args, explicit=None):
                 track(dict(step=0, **first))
                 print("start (step 0): " + format_fidelity(first))
         kl = {}
+        trim_heap = heap_trimmer()
         with tqdm(initial=step, total=args.steps, dynamic_ncols=True, disable=rank != 0) as bar:
             for step in range(step, args.steps):
                 metrics = train_step(training, step)
+                if step % 10 == 0:
+                    trim_heap()
                 bar.update(1)  # after the step: a bar stopped here reads the step the checkpoint holds
                 if eval_due(args, metrics["step"]):
                     metrics.update(evaluate(args, task, policy, log_z, metrics["step"]))
