@@ -312,8 +312,8 @@ class Policy:
             logp = torch.log_softmax(logp if allowed is None else logp.masked_fill_(~allowed, float("-inf")), -1)
         else:
             logp = self.action_log_probs(logits, k, allowed)
-        if allowed is not None and not bool(logp.isfinite().any(-1).all()):  # a row all masked is NaN, not -inf
-            raise ValueError(f"the task's state mask and L_min leave no action at a state with {k} tokens")
+        if allowed is not None:
+            self._check_some_action(logp.isfinite(), k)  # a row all masked is NaN, not -inf
         probs = torch.softmax(logp / temperature if temperature != 1 else logp, -1)
         if epsilon:  # the masked uniform policy mixed in: every allowed action keeps probability >= epsilon / A
             allowed_now = logp.isfinite().to(probs.dtype)
@@ -321,14 +321,20 @@ class Policy:
         a = torch.multinomial(probs, 1).squeeze(-1)
         return a, logp.gather(-1, a[:, None]).squeeze(-1)
 
+    @staticmethod
+    def _check_some_action(ok, k):
+        """One line, not a sampler's NaN, where the task's mask leaves a row ([n, A] bool `ok`) no action."""
+        if not bool(ok.any(-1).all()):
+            raise ValueError(f"the task's state mask and L_min leave no action at a state with {k} tokens")
+
     def _uniform_draw(self, n, k, allowed):
         """One action per row uniform over those action_log_probs allows at k tokens, and its log q = -log(count):
         the largest of independent uniform keys falls on each allowed action equally often (float64 keys: a tie,
         which argmax would settle by the lower index, has odds of about 1e-14). No softmax, no multinomial."""
         ok = self._action_mask(torch.zeros(n, len(self.actions), device=self.device), k, allowed)
+        if allowed is not None:
+            self._check_some_action(ok, k)
         count = ok.sum(-1)
-        if allowed is not None and bool((count == 0).any()):
-            raise ValueError(f"the task's state mask and L_min leave no action at a state with {k} tokens")
         keys = torch.rand(n, len(self.actions), dtype=torch.float64, device=self.device)
         a = keys.masked_fill_(~ok, -1.0).argmax(-1)
         return a, -count.float().log()
